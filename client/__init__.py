@@ -1,0 +1,5 @@
+"""The fedlora ClientApp: installs received factors on the cached base model, trains, replies."""
+
+from .app import app, handle_train
+
+__all__ = ["app", "handle_train"]

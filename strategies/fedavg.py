@@ -1,0 +1,58 @@
+"""FedIT: federated instruction tuning with LoRA, i.e. FedAvg over A and B separately.
+
+Zhang et al., "Towards Building the Federated GPT: Federated Instruction Tuning", ICASSP 2024
+(arXiv 2305.05644). Each client trains A and B; the server takes the example-weighted mean of
+each factor on its own. Note that mean(B) @ mean(A) is not the mean of the clients' B @ A: the
+aggregate is inexact, which is what FFA-LoRA and the exact strategies fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from .base import ClientUpdate, LoRAStrategy
+
+
+def weighted_mean(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+    """Weighted mean of each tensor across ``states``.
+
+    Parameters
+    ----------
+    states : sequence of mappings from key to Tensor
+        One mapping per client; every mapping has the same keys and shapes.
+    weights : sequence of float
+        Non-negative, not all zero (typically examples per client); normalised here.
+
+    Returns
+    -------
+    dict of str to Tensor
+        ``sum_k w_k * state_k[key] / sum_k w_k`` for every key, accumulated in float64.
+    """
+    if not states:
+        raise ValueError("weighted_mean of no states")
+    if len(states) != len(weights):
+        raise ValueError("one weight per state")
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError("weights must sum to a positive number")
+    out = {}
+    for key in states[0]:
+        acc = torch.zeros(states[0][key].shape, dtype=torch.float64)
+        for state, w in zip(states, weights):
+            acc += state[key].to(torch.float64) * (float(w) / total)
+        out[key] = acc.to(torch.float32)
+    return out
+
+
+class FedAvgLoRA(LoRAStrategy):
+    """``fedavg``: every client trains and sends A, B (and a trained head); the server averages
+    each tensor weighted by the number of examples."""
+
+    name = "fedavg"
+
+    def aggregate(self, server_round: int, state: dict[str, torch.Tensor], updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
+        averaged = weighted_mean([u.state for u in updates], [u.num_examples for u in updates])
+        state.update(averaged)
+        return state

@@ -1,0 +1,68 @@
+"""FFA-LoRA: federated freeze-A LoRA.
+
+Sun et al., "Improving LoRA in Privacy-preserving Federated Learning", ICLR 2024
+(arXiv 2403.12313). Every client's A is the same seeded random init, frozen; only B (and a
+trained head) is trained and sent. Because A is shared, the mean of the clients' updates
+(alpha / r) * B_k @ A equals (alpha / r) * mean(B_k) @ A: averaging B is exact, and each round
+carries half the LoRA bytes of FedIT at the same rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from fedlora.adapters import is_lora_a, seeded_lora_a
+
+from .base import ClientUpdate, LoRAStrategy
+from .fedavg import weighted_mean
+
+
+def ffa_aggregate(
+    state: Mapping[str, torch.Tensor], updates: list[Mapping[str, torch.Tensor]], weights: list[float]
+) -> dict[str, torch.Tensor]:
+    """New global state: the frozen A factors unchanged, every sent tensor (B, head) averaged.
+
+    Parameters
+    ----------
+    state : mapping from key to Tensor
+        Current global state, including the shared A factors.
+    updates : list of mappings
+        The clients' trained tensors (never containing an A factor).
+    weights : list of float
+        Example counts per client.
+    """
+    if any(is_lora_a(k) for u in updates for k in u):
+        raise ValueError("FFA-LoRA clients must not send A factors")
+    out = dict(state)
+    out.update(weighted_mean(updates, weights))
+    return out
+
+
+class FFALoRA(LoRAStrategy):
+    """``ffa``: A frozen at a seeded init shared by all (option ``a_seed``, default the run seed),
+    only B and the head travel."""
+
+    name = "ffa"
+    option_types = {"a_seed": (int, None)}
+
+    @property
+    def a_seed(self) -> int:
+        return self.cfg.seed if self.options["a_seed"] is None else self.options["a_seed"]
+
+    def initialize(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        shapes = {k: tuple(v.shape) for k, v in state.items()}
+        state = dict(state)
+        state.update(seeded_lora_a(shapes, self.a_seed))
+        return state
+
+    def payload(self, node_id: int, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in state.items() if not is_lora_a(k)}
+
+    def client_config(self, node_id: int, server_round: int) -> dict[str, Any]:
+        return {"a-seed": self.a_seed}
+
+    def aggregate(self, server_round: int, state: dict[str, torch.Tensor], updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
+        return ffa_aggregate(state, [u.state for u in updates], [u.num_examples for u in updates])
