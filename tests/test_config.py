@@ -1,0 +1,76 @@
+"""Config loading and validation: every mistake names its key."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedlora.config import RunConfig, apply_overrides, load_config, parse_override
+from fedlora.errors import ConfigError
+from fedlora.simulations import list_presets, preset_path
+
+
+def test_every_packaged_preset_is_valid():
+    assert {"quickstart", "sst2"} <= set(list_presets())
+    for name in list_presets():
+        cfg = load_config(preset_path(name))
+        assert cfg.name and cfg.rounds >= 1
+
+
+def test_quickstart_preset_matches_the_issue():
+    cfg = load_config(preset_path("quickstart"))
+    assert cfg.federation.clients == 8 and cfg.rounds == 3
+    assert cfg.data.partitioner == "dirichlet"
+    assert cfg.model.name == "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def test_overrides_parse_toml_values():
+    assert parse_override("rounds=5") == (["rounds"], 5)
+    assert parse_override("federation.lr=0.01") == (["federation", "lr"], 0.01)
+    assert parse_override("lora.target_modules=['query','key']") == (["lora", "target_modules"], ["query", "key"])
+    assert parse_override("data.path=some/file.csv") == (["data", "path"], "some/file.csv")
+    cfg = load_config(preset_path("quickstart"), ["rounds=5", "lora.rank=16", "lora.target_modules=query,key"])
+    assert cfg.rounds == 5 and cfg.lora.rank == 16 and cfg.lora.target_modules == ["query", "key"]
+
+
+def test_resolved_config_round_trips():
+    cfg = load_config(preset_path("quickstart"), ["strategy.name=ffa", "strategy.a_seed=3"])
+    again = RunConfig.from_dict(cfg.to_dict())
+    assert again == cfg and again.strategy.options == {"a_seed": 3}
+
+
+@pytest.mark.parametrize(
+    ("override", "names"),
+    [
+        ("lora.rnk=4", "lora.rnk"),
+        ("colour=1", "colour"),
+        ("lora.rank=0", "lora.rank"),
+        ("lora.rank='eight'", "lora.rank"),
+        ("federation.clients=0", "federation.clients"),
+        ("federation.fraction=1.5", "federation.fraction"),
+        ("federation.lr=true", "federation.lr"),
+        ("data.partitioner='shards'", "data.partitioner"),
+        ("model.task='translation'", "model.task"),
+        ("federation.transport_dtype='int4'", "federation.transport_dtype"),
+        ("rounds=0", "rounds"),
+        ("name='a b'", "name"),
+    ],
+)
+def test_bad_values_name_the_key(override, names):
+    with pytest.raises(ConfigError) as err:
+        load_config(preset_path("quickstart"), [override])
+    assert names in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_table_expected():
+    with pytest.raises(ConfigError, match="'lora' must be a table"):
+        RunConfig.from_dict(apply_overrides({}, ["lora=3"]))
+
+
+def test_missing_preset_and_bad_toml(tmp_path):
+    with pytest.raises(ConfigError, match="preset not found"):
+        load_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("rounds = = 3\n")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(bad)
