@@ -1,5 +1,5 @@
 """The fedlora ClientApp: installs received factors on the cached base model, trains, replies."""
 
-from .app import app, handle_train
+from .client_app import app, handle_train
 
 __all__ = ["app", "handle_train"]

@@ -167,6 +167,25 @@ class AdapterHost:
                     raise ValueError(f"{key}: shape {tuple(value.shape)} != {tuple(params[key].shape)}")
                 params[key].copy_(value.to(params[key].dtype))
 
+    def initial_state(self, name: str, seed: int) -> dict[str, torch.Tensor]:
+        """Re-initialise adapter ``name`` as peft does (seeded) and return it.
+
+        A run must start from the same adapter whatever ran before it in this process, so the
+        initial state is a function of (spec, seed) alone: LoRA factors re-drawn with peft's own
+        init, trained heads copied back from the base model's untouched head.
+        """
+        from peft.tuners.lora import LoraLayer
+        from peft.utils import ModulesToSaveWrapper
+
+        with self.lock, torch.no_grad():
+            torch.manual_seed(seed)
+            for module in self.peft_model.modules():
+                if isinstance(module, LoraLayer) and name in module.lora_A:
+                    module.reset_lora_parameters(name, True)
+                elif isinstance(module, ModulesToSaveWrapper) and name in module.modules_to_save:
+                    module.modules_to_save[name].load_state_dict(module.original_module.state_dict())
+            return self.state(name)
+
     def shapes(self, name: str) -> dict[str, tuple[int, ...]]:
         return {k: tuple(p.shape) for k, p in self._params[name].items()}
 

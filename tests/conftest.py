@@ -17,9 +17,8 @@ def _tokenizer(directory: Path):
     from fedlora.synthetic import vocabulary
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    vocab_file = directory / "vocab.txt"
-    vocab_file.write_text("\n".join(specials + vocabulary() + list("abcdefghijklmnopqrstuvwxyz0123456789")) + "\n")
-    return BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=True)
+    tokens = specials + vocabulary() + list("abcdefghijklmnopqrstuvwxyz0123456789")
+    return BertTokenizerFast(vocab={t: i for i, t in enumerate(tokens)}, do_lower_case=True)
 
 
 @pytest.fixture(scope="session")

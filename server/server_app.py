@@ -171,7 +171,7 @@ def run_server(grid: Grid, prepared: Prepared, run_dir: RunDirectory, *, progres
     strategy: LoRAStrategy = create(cfg, prepared.spec)
     with host.lock:
         name = host.ensure(prepared.spec, seed=cfg.seed)
-        initial_state = host.state(name)
+        initial_state = host.initial_state(name, cfg.seed)
     state = strategy.initialize(initial_state)
     result = RunResult(run_dir=str(run_dir.path))
     start_round = 1

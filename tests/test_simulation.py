@@ -1,0 +1,142 @@
+"""End to end in one process: tiny random BERT and GPT-2, each backbone strategy, 3 clients,
+2 rounds; the exported adapter reloads in peft and reproduces the federation's predictions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fedlora.config import load_config
+from fedlora.runlog import Progress, RunDirectory
+from fedlora.server import prepare
+from fedlora.simulations.runtime import simulate
+
+ROUND_KEYS = {"round", "train_loss", "eval_loss", "bytes_down", "bytes_up", "seconds", "clients", "dropped"}
+
+
+def federation_logits(cfg, run_dir, input_ids):
+    """Logits of the federation's final global adapter, as the server holds it."""
+    _, state, _ = RunDirectory(run_dir).load_checkpoint()
+    prepared = prepare(cfg)
+    host = prepared.host
+    with host.lock:
+        name = host.ensure(prepared.spec, seed=cfg.seed)
+        host.load_state(name, state)
+        host.peft_model.eval()
+        with torch.no_grad():
+            return host.peft_model(input_ids=input_ids).logits.clone()
+
+
+def peft_logits(model_dir, task, adapter_dir, input_ids):
+    """Logits of a fresh base model with the exported adapter, loaded the way a user would."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    meta = json.loads((adapter_dir / "fedlora.json").read_text())
+    if task == "classification":
+        base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=meta["num_labels"])
+    else:
+        base = AutoModelForCausalLM.from_pretrained(model_dir)
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits
+
+
+@pytest.mark.parametrize("task", ["classification", "causal_lm"])
+@pytest.mark.parametrize("strategy", ["fedavg", "ffa"])
+def test_inprocess_run_and_export(tmp_path, tiny_bert, tiny_gpt2, make_config, task, strategy):
+    model_dir = tiny_bert if task == "classification" else tiny_gpt2
+    cfg = make_config(model_dir, task=task, strategy=strategy)
+    out = tmp_path / "run"
+    result = simulate(cfg, out=out, progress=Progress(quiet=True))
+
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in lines] == [1, 2]
+    for record in lines:
+        assert ROUND_KEYS <= set(record)
+        assert ("eval_accuracy" in record) == (task == "classification")
+        assert ("eval_perplexity" in record) == (task == "causal_lm")
+        assert len(record["clients"]) == 3 and record["dropped"] == []
+        for client in record["clients"]:
+            assert client["bytes_down"] > 0 and client["bytes_up"] > 0 and client["num_examples"] > 0
+    assert load_config(out / "config.toml") == cfg
+    assert (out / "checkpoints" / "round_0001.safetensors").exists()
+    assert (out / "checkpoints" / "round_0002.safetensors").exists()
+    assert result.rounds[-1]["round"] == 2
+
+    tok_ids = torch.tensor([[2, 10, 11, 12, 13, 3], [2, 20, 21, 22, 3, 0]])
+    ours = federation_logits(cfg, out, tok_ids)
+    theirs = peft_logits(model_dir, task, out / "adapter", tok_ids)
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+
+
+def test_ffa_sends_half_the_lora_bytes(tmp_path, tiny_gpt2, make_config):
+    """Causal LM has no trained head, so the payload is LoRA factors alone: FFA sends B only.
+    (Half exactly when A and B have equal size, i.e. a square target such as attn.c_proj.)"""
+    up = {}
+    for strategy in ("fedavg", "ffa"):
+        cfg = make_config(tiny_gpt2, task="causal_lm", strategy=strategy,
+                          sets=("rounds=1", "lora.target_modules=['attn.c_proj']"))
+        result = simulate(cfg, out=tmp_path / strategy, progress=Progress(quiet=True))
+        up[strategy] = result.rounds[0]["bytes_up"]
+        assert result.rounds[0]["bytes_down"] == up[strategy]
+    assert 0.49 < up["ffa"] / up["fedavg"] < 0.51
+
+
+def test_ffa_keeps_a_frozen(tmp_path, tiny_bert, make_config):
+    from fedlora.adapters import is_lora_a
+
+    cfg = make_config(tiny_bert, strategy="ffa")
+    simulate(cfg, out=tmp_path / "r", progress=Progress(quiet=True))
+    _, state, _ = RunDirectory(tmp_path / "r").load_checkpoint()
+    strategy_initial = RunDirectory(tmp_path / "r")
+    from fedlora.adapters import seeded_lora_a
+
+    expected = seeded_lora_a({k: tuple(v.shape) for k, v in state.items()}, cfg.seed)
+    assert expected and all(torch.equal(state[k], v) for k, v in expected.items())
+    assert any(not is_lora_a(k) and v.abs().sum() > 0 for k, v in state.items())
+    assert strategy_initial.read_metrics()[0]["clients"][0]["bytes_up"] > 0
+
+
+def test_same_seed_same_adapter(tmp_path, tiny_bert, make_config):
+    cfg = make_config(tiny_bert, sets=("rounds=1",))
+    simulate(cfg, out=tmp_path / "a", progress=Progress(quiet=True))
+    simulate(cfg, out=tmp_path / "b", progress=Progress(quiet=True))
+    _, a, _ = RunDirectory(tmp_path / "a").load_checkpoint()
+    _, b, _ = RunDirectory(tmp_path / "b").load_checkpoint()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_continues_from_the_checkpoint(tmp_path, tiny_bert, make_config):
+    out = tmp_path / "run"
+    simulate(make_config(tiny_bert, sets=("rounds=1",)), out=out, progress=Progress(quiet=True))
+    result = simulate(make_config(tiny_bert, sets=("rounds=3",)), out=out, resume=True, progress=Progress(quiet=True))
+    rounds = [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == [1, 2, 3] and [r["round"] for r in result.rounds] == [1, 2, 3]
+
+
+def test_partial_participation_samples_a_fraction(tmp_path, tiny_bert, make_config):
+    cfg = make_config(tiny_bert, sets=("federation.clients=4", "federation.fraction=0.5"))
+    result = simulate(cfg, out=tmp_path / "r", progress=Progress(quiet=True))
+    assert [r["clients_sampled"] for r in result.rounds] == [2, 2]
+
+
+def test_a_failing_client_is_dropped_not_fatal(tmp_path, tiny_bert, make_config, monkeypatch):
+    import fedlora.client.client_app as client_module
+
+    real = client_module.handle_train
+    calls = {"n": 0}
+
+    def flaky(msg, context):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("device lost")
+        return real(msg, context)
+
+    monkeypatch.setattr(client_module, "handle_train", flaky)
+    result = simulate(make_config(tiny_bert, sets=("rounds=1",)), out=tmp_path / "r", progress=Progress(quiet=True))
+    record = result.rounds[0]
+    assert record["clients_ok"] == 2 and len(record["dropped"]) == 1
+    assert "device lost" in record["dropped"][0]["reason"]
