@@ -78,7 +78,7 @@ def handle_train(msg: Message, context: Context) -> Message:
             lr=float(config["lr"]),
             pad_id=loaded.tokenizer.pad_token_id,
             causal=run.model.task == "causal_lm",
-            seed=int(config["seed"]),
+            seed=int(config["seed"]) + 7919 * int(context.node_config.get("partition-id", context.node_id % 100_003)),
         )
         trained = {k: params[k].detach().clone() for k in received}
     metrics = MetricRecord({

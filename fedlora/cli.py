@@ -53,6 +53,9 @@ def _quiet_libraries() -> None:
     import datasets
 
     datasets.disable_progress_bars()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     import warnings
 
     warnings.filterwarnings("ignore", category=UserWarning)
