@@ -197,16 +197,13 @@ class RunConfig:
         return cfg
 
 
-_SECTIONS = {"model": ModelConfig, "lora": LoRAConfig, "data": DataConfig, "federation": FederationConfig}
-
-
 def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
     hints = get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         dotted = f"{prefix}{key}"
-        if key not in known or key == "strategy":
+        if key not in known:
             hint = f" (known: {', '.join(sorted(known))})"
             raise ConfigError(f"unknown config key '{dotted}'{hint}")
         typ = hints[key]

@@ -140,3 +140,15 @@ def test_a_failing_client_is_dropped_not_fatal(tmp_path, tiny_bert, make_config,
     record = result.rounds[0]
     assert record["clients_ok"] == 2 and len(record["dropped"]) == 1
     assert "device lost" in record["dropped"][0]["reason"]
+
+
+@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
+def test_quantized_base_trains_and_exports(tmp_path, tiny_bert, make_config, quantization):
+    """QLoRA through transformers' BitsAndBytesConfig; the fresh head stays unquantized."""
+    pytest.importorskip("bitsandbytes")
+    cfg = make_config(tiny_bert, sets=("rounds=1", f"model.quantization='{quantization}'"))
+    result = simulate(cfg, out=tmp_path / "q", progress=Progress(quiet=True))
+    assert result.rounds[0]["clients_ok"] == 3
+    assert (tmp_path / "q" / "adapter" / "adapter_model.safetensors").exists()
+    kinds = {type(m).__name__ for m in prepare(cfg).loaded.model.modules()}
+    assert kinds & {"Linear4bit", "Linear8bitLt"}, kinds
