@@ -17,6 +17,7 @@ flat ``dict[str, Tensor]`` keyed as in :mod:`fedlora.adapters`; the update of a 
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -128,11 +129,11 @@ class LoRAStrategy(Strategy):
     # -- Flower Strategy interface -------------------------------------------------------------
 
     def sample(self, grid: Grid, server_round: int) -> list[int]:
-        """Seeded sample of ``ceil(fraction * N)`` nodes (at least one), reproducible per round."""
+        """Seeded sample of ``round(fraction * N)`` nodes (at least one), reproducible per round."""
         nodes = sorted(grid.get_node_ids())
         if not nodes:
             return []
-        count = max(1, round(self.cfg.federation.fraction * len(nodes)))
+        count = max(1, math.floor(self.cfg.federation.fraction * len(nodes) + 0.5))
         rng = random.Random(self.cfg.seed * 100_003 + server_round)
         return sorted(rng.sample(nodes, min(count, len(nodes))))
 

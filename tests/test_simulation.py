@@ -86,18 +86,14 @@ def test_ffa_sends_half_the_lora_bytes(tmp_path, tiny_gpt2, make_config):
 
 
 def test_ffa_keeps_a_frozen(tmp_path, tiny_bert, make_config):
-    from fedlora.adapters import is_lora_a
+    from fedlora.adapters import is_lora_b, seeded_lora_a
 
     cfg = make_config(tiny_bert, strategy="ffa")
     simulate(cfg, out=tmp_path / "r", progress=Progress(quiet=True))
     _, state, _ = RunDirectory(tmp_path / "r").load_checkpoint()
-    strategy_initial = RunDirectory(tmp_path / "r")
-    from fedlora.adapters import seeded_lora_a
-
     expected = seeded_lora_a({k: tuple(v.shape) for k, v in state.items()}, cfg.seed)
     assert expected and all(torch.equal(state[k], v) for k, v in expected.items())
-    assert any(not is_lora_a(k) and v.abs().sum() > 0 for k, v in state.items())
-    assert strategy_initial.read_metrics()[0]["clients"][0]["bytes_up"] > 0
+    assert all(v.abs().sum() > 0 for k, v in state.items() if is_lora_b(k))  # B trained away from zero
 
 
 def test_same_seed_same_adapter(tmp_path, tiny_bert, make_config):
