@@ -80,7 +80,8 @@ def handle_train(msg: Message, context: Context) -> Message:
             causal=run.model.task == "causal_lm",
             seed=int(config["seed"]) + 7919 * int(context.node_config.get("partition-id", context.node_id % 100_003)),
         )
-        trained = {k: params[k].detach().clone() for k in received}
+        # Serialized under the lock: the next virtual client reuses these parameters.
+        arrays = to_record({k: params[k] for k in received}, str(config["transport-dtype"]))
     metrics = MetricRecord({
         "num-examples": int(len(data)),
         "train-loss": float(result.loss),
@@ -88,7 +89,7 @@ def handle_train(msg: Message, context: Context) -> Message:
         "train-seconds": float(time.perf_counter() - start),
         "rank": int(spec.rank),
     })
-    content = RecordDict({"arrays": to_record(trained, str(config["transport-dtype"])), "metrics": metrics})
+    content = RecordDict({"arrays": arrays, "metrics": metrics})
     return Message(content=content, reply_to=msg)
 
 

@@ -171,11 +171,17 @@ class LoRAStrategy(Strategy):
         self._global = from_record(arrays)
         messages = []
         self.last_sent = {}
+        # Nodes whose payload is the very same tensors share one serialized record.
+        records: dict[tuple, ArrayRecord] = {}
         for node_id in self.sample(grid, server_round):
             entries = dict(config)
             entries.update(self.base_client_config(node_id, server_round))
             entries.update(self.client_config(node_id, server_round))
-            record = to_record(self.payload(node_id, self._global), self.cfg.federation.transport_dtype)
+            payload = self.payload(node_id, self._global)
+            signature = tuple((k, id(v)) for k, v in sorted(payload.items()))
+            if signature not in records:
+                records[signature] = to_record(payload, self.cfg.federation.transport_dtype)
+            record = records[signature]
             self.last_sent[node_id] = record
             content = RecordDict({"arrays": record, "config": ConfigRecord(entries)})
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id,
