@@ -1,53 +1,167 @@
 """Flower ClientApp of fedlora (message API).
 
 A client keeps one base model per process (:func:`fedlora.models.load_model`) and one peft
-adapter per rank on it; a train message only swaps the adapter's tensors, trains the ones it
-received and sends them back (see :mod:`fedlora.strategies.base` for the protocol).
+adapter per (rank, alpha) on it; a train message only swaps the adapter's tensors (and, for the
+strategies that fold updates into the base, the frozen weights' delta), trains the ones it
+received and sends them back. See :mod:`fedlora.strategies.base` for the protocol.
 
 Where the client's data comes from, by ``context.node_config``:
 
 * ``data-path``: a local file on this device (deployment: ``fedlora-client --data``);
 * else ``partition-id`` / ``num-partitions``: its partition of the run's dataset (simulation).
+
+Which rank it trains: ``node_config["rank"]`` (``fedlora-client --rank``), else its device
+profile (``[[federation.profiles]]``, assigned round-robin by partition id), else ``lora.rank``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
+import zlib
 from typing import Any
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedlora.adapters import AdapterSpec, from_record, get_host, seeded_lora_a, to_record
+from fedlora.adapters import (AdapterHost, AdapterSpec, from_record, get_host, is_base_delta, lora_modules, module_of,
+                              seeded_lora_a, to_record)
 from fedlora.config import RunConfig
 from fedlora.data import Encoded, encode, load_partition, load_task_data
+from fedlora.lowrank import svd_init
 from fedlora.models import load_model
+from fedlora.strategies.base import split_task_key, task_key
+from fedlora.strategies.hetlora import self_prune, tail_penalty
 from fedlora.training import steps_for, train_local
 
 app = ClientApp()
 
-_ENCODED: dict[tuple, Encoded] = {}
-_ENCODED_LOCK = threading.Lock()
+_CACHE: dict[tuple, Any] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def _cached(key: tuple, build):
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            _CACHE[key] = build()
+        return _CACHE[key]
+
+
+def client_dataset(run: RunConfig, context: Context) -> Any:
+    """This node's raw training examples (cached per process)."""
+    node_cfg = context.node_config
+    if "data-path" in node_cfg:
+        raw = run.to_dict()
+        raw["data"] = {**raw["data"], "path": str(node_cfg["data-path"]), "eval_path": "", "max_train_examples": 0}
+        local = RunConfig.from_dict(raw)
+        return _cached(("local", repr(local.data), run.model.task), lambda: load_task_data(local).train)
+    pid, num = int(node_cfg["partition-id"]), int(node_cfg["num-partitions"])
+    return _cached(("partition", repr(run.data), run.model.task, run.seed, pid, num),
+                   lambda: load_partition(run, pid, num))
 
 
 def client_data(run: RunConfig, context: Context, tokenizer: Any) -> Encoded:
     """This node's tokenized training examples (cached per process)."""
+    ds = client_dataset(run, context)
+    return _cached(("encoded", id(ds), run.model.name, run.model.max_length),
+                   lambda: encode(ds, tokenizer, run.model.max_length))
+
+
+def client_rank(run: RunConfig, context: Context) -> int:
+    """The rank this node trains (see the module docstring)."""
     node_cfg = context.node_config
-    if "data-path" in node_cfg:
-        local = RunConfig.from_dict({**run.to_dict(), "data": {**run.to_dict()["data"], "path": str(node_cfg["data-path"]),
-                                                                "eval_path": "", "max_train_examples": 0}})
-        key: tuple = ("local", repr(local.data), run.model.name, run.model.max_length)
-        loader = lambda: load_task_data(local).train  # noqa: E731
-    else:
-        pid, num = int(node_cfg["partition-id"]), int(node_cfg["num-partitions"])
-        key = ("partition", repr(run.data), run.seed, pid, num, run.model.name, run.model.max_length)
-        loader = lambda: load_partition(run, pid, num)  # noqa: E731
-    with _ENCODED_LOCK:
-        if key not in _ENCODED:
-            _ENCODED[key] = encode(loader(), tokenizer, run.model.max_length)
-        return _ENCODED[key]
+    if "rank" in node_cfg:
+        return int(node_cfg["rank"])
+    profiles = run.federation.profiles
+    if profiles and "partition-id" in node_cfg:
+        return int(profiles[int(node_cfg["partition-id"]) % len(profiles)].rank)
+    return int(run.lora.rank)
+
+
+def task_rows(ds: Any) -> dict[str, list[int]]:
+    """Row indices per task (multi-task data); empty when the data has no task column."""
+    if "task" not in ds.column_names:
+        return {}
+    out: dict[str, list[int]] = {}
+    for i, task in enumerate(ds["task"]):
+        out.setdefault(str(task), []).append(i)
+    return out
+
+
+def _memory_gb() -> float:
+    if torch.cuda.is_available():
+        return round(torch.cuda.get_device_properties(0).total_memory / 2**30, 2)
+    try:
+        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 2)
+    except (ValueError, OSError, AttributeError):
+        return 0.0
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tell the server what this node has: the rank it trains, device, memory, examples, tasks."""
+    run = RunConfig.from_dict(json.loads(str(msg.content["config"]["run"])))
+    ds = client_dataset(run, context)
+    info = ConfigRecord({
+        "rank": client_rank(run, context),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "memory-gb": _memory_gb(),
+        "num-examples": int(len(ds)),
+        "tasks": json.dumps({t: len(rows) for t, rows in task_rows(ds).items()}),
+    })
+    return Message(content=RecordDict({"info": info}), reply_to=msg)
+
+
+def _subset(enc: Encoded, rows: list[int]) -> Encoded:
+    return Encoded(input_ids=[enc.input_ids[i] for i in rows],
+                   labels=None if enc.labels is None else [enc.labels[i] for i in rows])
+
+
+def _digest(tensors: dict[str, torch.Tensor], extra: str = "") -> str:
+    crc = zlib.crc32(extra.encode())
+    for key in sorted(tensors):
+        crc = zlib.crc32(key.encode(), crc)
+        crc = zlib.crc32(tensors[key].detach().contiguous().numpy().tobytes(), crc)
+    return f"{extra}:{crc:08x}"
+
+
+def base_deltas(host: AdapterHost, modules: list[str], factors: dict[str, torch.Tensor], svd_rank: int) -> tuple[
+        dict[str, torch.Tensor], str]:
+    """Dense per-module deltas for the frozen base, and a token naming them.
+
+    Parameters
+    ----------
+    host : AdapterHost
+        Holds the pretrained weights.
+    modules : list of str
+        The adapter's target modules.
+    factors : dict
+        Received ``<module>.base_delta_A/B`` tensors.
+    svd_rank : int
+        When > 0, each target weight becomes its FeDeRA residual ``W - trunc_r(W)`` (computed
+        here with peft's SVD init, once per process, so it never crosses the network).
+    """
+    dense: dict[str, torch.Tensor] = {}
+    if svd_rank > 0:
+        for module in modules:
+            dense[module] = _cached(("svd", host.loaded.key, module, svd_rank),
+                                    lambda m=module: _svd_delta(host, m, svd_rank))
+    for key, a in factors.items():
+        if key.endswith("_A"):
+            module = module_of(key)
+            prod = factors[f"{module}.base_delta_B"] @ a
+            dense[module] = dense[module] + prod if module in dense else prod
+    token = _digest(factors, f"svd{svd_rank}") if (factors or svd_rank) else ""
+    return dense, token
+
+
+def _svd_delta(host: AdapterHost, module: str, rank: int) -> torch.Tensor:
+    weight = host.base_weight(module)
+    _, _, residual = svd_init(weight, rank, float(rank))
+    return residual - weight
 
 
 def handle_train(msg: Message, context: Context) -> Message:
@@ -57,40 +171,82 @@ def handle_train(msg: Message, context: Context) -> Message:
     labels = json.loads(str(config["labels"]))
     loaded = load_model(run.model, num_labels=max(len(labels), 2), seed=run.seed)
     host = get_host(loaded)
-    spec = AdapterSpec.from_config(run.lora, run.model.task, rank=int(config["rank"]))
+    rank = int(config["rank"])
+    spec = AdapterSpec.from_config(run.lora, run.model.task, rank=rank)
+    if "alpha" in config:
+        spec = AdapterSpec(rank=rank, alpha=float(config["alpha"]), dropout=spec.dropout,
+                           target_modules=spec.target_modules, task=spec.task)
     received = from_record(msg.content["arrays"])
+    factors = {k: v for k, v in received.items() if is_base_delta(k)}
+    trained = {k: v for k, v in received.items() if not is_base_delta(k)}
     data = client_data(run, context, loaded.tokenizer)
-    steps = steps_for(len(data), int(config["batch-size"]), int(config["local-steps"]), float(config["local-epochs"]))
+    # One group of tensors per adapter to train: FL-TAC sends one per task this node holds.
+    if "tasks" in config:
+        rows = task_rows(client_dataset(run, context))
+        groups = []
+        for task in json.loads(str(config["tasks"])):
+            tensors = {split_task_key(k)[1]: v for k, v in trained.items() if split_task_key(k)[0] == task}
+            groups.append((task, tensors, _subset(data, rows.get(task, []))))
+    else:
+        groups = [("", trained, data)]
+    seed = int(config["seed"]) + 7919 * int(context.node_config.get("partition-id", context.node_id % 100_003))
+    pruning = "prune-gamma" in config
     start = time.perf_counter()
+    arrays_out: dict[str, torch.Tensor] = {}
+    metrics: dict[str, Any] = {}
+    loss_sum, examples, steps_total, new_rank = 0.0, 0, 0, rank
     with host.lock:  # one adapter per rank is shared by the virtual clients of this process
         name = host.ensure(spec, seed=run.seed)
-        if "a-seed" in config:
-            frozen = {k: s for k, s in host.shapes(name).items() if k not in received}
-            host.load_state(name, seeded_lora_a(frozen, int(config["a-seed"])))
-        host.load_state(name, received)
-        params = host.params(name)
-        result = train_local(
-            host.peft_model,
-            [params[k] for k in received],
-            data,
-            steps=steps,
-            batch_size=int(config["batch-size"]),
-            lr=float(config["lr"]),
-            pad_id=loaded.tokenizer.pad_token_id,
-            causal=run.model.task == "causal_lm",
-            seed=int(config["seed"]) + 7919 * int(context.node_config.get("partition-id", context.node_id % 100_003)),
-        )
-        # Serialized under the lock: the next virtual client reuses these parameters.
-        arrays = to_record({k: params[k] for k in received}, str(config["transport-dtype"]))
-    metrics = MetricRecord({
-        "num-examples": int(len(data)),
-        "train-loss": float(result.loss),
-        "train-steps": int(result.steps),
+        dense, token = base_deltas(host, lora_modules(host.shapes(name)), factors, int(config.get("svd-rank", 0)))
+        host.set_base_delta(dense, token)
+        for task, tensors, task_data in groups:
+            if len(task_data) == 0:
+                raise ValueError(f"no training examples for task {task!r}")
+            if "a-seed" in config:
+                frozen = {k: s for k, s in host.shapes(name).items() if k not in tensors}
+                host.load_state(name, seeded_lora_a(frozen, int(config["a-seed"])))
+            host.load_state(name, tensors)
+            params = host.params(name)
+            steps = steps_for(len(task_data), int(config["batch-size"]), int(config["local-steps"]),
+                              float(config["local-epochs"]))
+            regularizer = None
+            if pruning and float(config["prune-lambda"]) > 0:
+                keep = max(int(config["min-rank"]), int(float(config["prune-gamma"]) * rank))
+                lam = float(config["prune-lambda"])
+                regularizer = lambda p=params, k=keep, lam=lam: lam * tail_penalty(p, k)  # noqa: E731
+            result = train_local(
+                host.peft_model,
+                [params[k] for k in tensors],
+                task_data,
+                steps=steps,
+                batch_size=int(config["batch-size"]),
+                lr=float(config["lr"]),
+                pad_id=loaded.tokenizer.pad_token_id,
+                causal=run.model.task == "causal_lm",
+                seed=seed,
+                regularizer=regularizer,
+            )
+            out = {k: params[k].detach().clone() for k in tensors}
+            if pruning:
+                out, new_rank = self_prune(out, rank, gamma=float(config["prune-gamma"]),
+                                           threshold=float(config["prune-threshold"]), min_rank=int(config["min-rank"]))
+            for key, value in out.items():
+                arrays_out[task_key(task, key) if task else key] = value
+            if task:
+                metrics[f"num-examples::{task}"] = int(len(task_data))
+                metrics[f"train-loss::{task}"] = float(result.loss)
+            loss_sum += float(result.loss) * len(task_data)
+            examples += len(task_data)
+            steps_total += result.steps
+        arrays = to_record(arrays_out, str(config["transport-dtype"]))
+    metrics.update({
+        "num-examples": int(examples),
+        "train-loss": loss_sum / max(examples, 1),
+        "train-steps": int(steps_total),
         "train-seconds": float(time.perf_counter() - start),
-        "rank": int(spec.rank),
+        "rank": int(new_rank),
     })
-    content = RecordDict({"arrays": arrays, "metrics": metrics})
-    return Message(content=content, reply_to=msg)
+    return Message(content=RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 @app.train()

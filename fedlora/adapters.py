@@ -29,6 +29,8 @@ from fedlora.models import LoadedModel
 
 LORA_A = "lora_A"
 LORA_B = "lora_B"
+DELTA_A = "base_delta_A"
+DELTA_B = "base_delta_B"
 
 
 def is_lora_a(key: str) -> bool:
@@ -39,23 +41,61 @@ def is_lora_b(key: str) -> bool:
     return f".{LORA_B}." in key
 
 
+def is_base_delta(key: str) -> bool:
+    """Factors of a delta folded into the frozen base weight: installed, never trained."""
+    return key.endswith((f".{DELTA_A}", f".{DELTA_B}"))
+
+
+def delta_keys(module: str) -> tuple[str, str]:
+    """(A key, B key) of the base delta of ``module``: ``D = B @ A``, unscaled."""
+    return f"{module}.{DELTA_A}", f"{module}.{DELTA_B}"
+
+
+def lora_keys(module: str) -> tuple[str, str]:
+    """(A key, B key) of the LoRA factors of ``module`` as peft saves them."""
+    return f"{module}.{LORA_A}.weight", f"{module}.{LORA_B}.weight"
+
+
+def rank_dim(key: str) -> int:
+    """The axis of a factor that has the adapter's rank: 0 for A (r x in), 1 for B (out x r)."""
+    if is_lora_a(key) or key.endswith(f".{DELTA_A}"):
+        return 0
+    if is_lora_b(key) or key.endswith(f".{DELTA_B}"):
+        return 1
+    raise ValueError(f"not a low-rank factor key: {key}")
+
+
 def module_of(key: str) -> str:
     """Target module path of a LoRA factor key (the part before ``.lora_A``/``.lora_B``)."""
     for marker in (f".{LORA_A}.", f".{LORA_B}."):
         if marker in key:
             return key.split(marker)[0]
+    for suffix in (f".{DELTA_A}", f".{DELTA_B}"):
+        if key.endswith(suffix):
+            return key[: -len(suffix)]
     raise ValueError(f"not a LoRA factor key: {key}")
+
+
+def lora_modules(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Target modules that have LoRA factors in ``state``, sorted."""
+    return sorted({module_of(k) for k in state if is_lora_a(k) or is_lora_b(k)})
 
 
 @dataclass(frozen=True)
 class AdapterSpec:
-    """What defines one named adapter on a host."""
+    """What defines one named adapter on a host.
+
+    ``rank_pattern``/``alpha_pattern`` are peft's per-module overrides, as (module path, value)
+    pairs; exports use them when a module's adapter needs more rank than the rest.
+    """
 
     rank: int
     alpha: float
     dropout: float
     target_modules: tuple[str, ...]
     task: str
+    rank_pattern: tuple[tuple[str, int], ...] = ()
+    alpha_pattern: tuple[tuple[str, float], ...] = ()
 
     @property
     def scaling(self) -> float:
@@ -106,6 +146,9 @@ class AdapterHost:
         self._params: dict[str, dict[str, torch.nn.Parameter]] = {}
         self.specs: dict[str, AdapterSpec] = {}
         self.lock = threading.RLock()
+        # Pristine copies of base weights that currently carry a delta, and what is applied.
+        self._originals: dict[str, torch.Tensor] = {}
+        self._base_token: str = ""
 
     def _peft_config(self, spec: AdapterSpec):
         from peft import LoraConfig, TaskType
@@ -115,6 +158,8 @@ class AdapterHost:
             lora_alpha=spec.alpha,
             lora_dropout=spec.dropout,
             target_modules=list(spec.target_modules) or None,
+            rank_pattern=dict(spec.rank_pattern),
+            alpha_pattern=dict(spec.alpha_pattern),
             task_type=TaskType.SEQ_CLS if spec.task == "classification" else TaskType.CAUSAL_LM,
         )
 
@@ -188,6 +233,59 @@ class AdapterHost:
 
     def shapes(self, name: str) -> dict[str, tuple[int, ...]]:
         return {k: tuple(p.shape) for k, p in self._params[name].items()}
+
+    # -- the frozen base weights ---------------------------------------------------------------
+
+    def _base_layer(self, module: str) -> tuple[torch.nn.Module, bool]:
+        layer = self.peft_model.get_submodule(module)
+        base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+        return base, bool(getattr(layer, "fan_in_fan_out", False))
+
+    def base_weight(self, module: str) -> torch.Tensor:
+        """The pretrained weight of target ``module`` as (out x in) float32, ignoring any delta.
+
+        Raises
+        ------
+        ConfigError
+            When the weight is quantized (bitsandbytes), where no SVD or merge is exact.
+        """
+        with self.lock:
+            base, transposed = self._base_layer(module)
+            weight = self._originals.get(module, base.weight)
+            if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16) or type(weight).__name__.startswith(
+                    ("Params4bit", "Int8Params")):
+                raise ConfigError(
+                    f"config key 'model.quantization': module {module!r} is quantized "
+                    f"({self.loaded.key[3]}); this strategy needs its float weights (use quantization = 'none')"
+                )
+            weight = weight.detach().to(torch.float32)
+            return (weight.T if transposed else weight).clone()
+
+    def set_base_delta(self, deltas: Mapping[str, torch.Tensor], token: str) -> None:
+        """Make the frozen base ``W0 + deltas[module]`` for every module listed, ``W0`` elsewhere.
+
+        Parameters
+        ----------
+        deltas : mapping from module path to Tensor
+            Dense (out x in) deltas; empty restores the pretrained base.
+        token : str
+            Identifies ``deltas`` (a digest): when it matches what is applied, nothing is redone,
+            so the virtual clients of a round share one application.
+        """
+        with self.lock, torch.no_grad():
+            if token == self._base_token:
+                return
+            for module in list(self._originals):
+                if module not in deltas:
+                    base, _ = self._base_layer(module)
+                    base.weight.copy_(self._originals.pop(module))
+            for module, delta in deltas.items():
+                original = self.base_weight(module)  # also refuses quantized weights
+                base, transposed = self._base_layer(module)
+                self._originals.setdefault(module, base.weight.detach().clone())
+                new = original + delta.to(torch.float32)
+                base.weight.copy_((new.T if transposed else new).to(base.weight.dtype))
+            self._base_token = token
 
 
 _HOSTS: dict[tuple, AdapterHost] = {}

@@ -6,12 +6,50 @@ import json
 import shutil
 import tempfile
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from fedlora.adapters import AdapterHost
+from fedlora.adapters import AdapterHost, AdapterSpec, lora_keys
 from fedlora.config import RunConfig
+
+PEFT_PREFIX = "base_model.model."
+
+
+def fold_base_delta(
+    spec: AdapterSpec, state: Mapping[str, torch.Tensor], base_delta: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[AdapterSpec, dict[str, torch.Tensor]]:
+    """A plain LoRA adapter on the *pretrained* base equal to ``base delta + LoRA``.
+
+    For a module with delta ``D = B_d @ A_d`` and LoRA ``scaling * B @ A`` the exported factors
+    are ``B' = [scaling * B, B_d]`` and ``A' = [A; A_d]`` with rank ``r + R_d`` and alpha equal to
+    that rank (scaling 1), written as peft ``rank_pattern``/``alpha_pattern`` entries. The
+    product is exact; the price is a higher rank where the delta has one.
+
+    Returns
+    -------
+    tuple
+        The export's spec (with per-module patterns) and its tensors.
+    """
+    if not base_delta:
+        return spec, dict(state)
+    out = dict(state)
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    for module, (b_d, a_d) in sorted(base_delta.items()):
+        a_key, b_key = lora_keys(module)
+        if a_key in state:
+            b_new = torch.cat([spec.scaling * state[b_key], b_d], dim=1)
+            a_new = torch.cat([state[a_key], a_d], dim=0)
+        else:
+            b_new, a_new = b_d, a_d
+        out[a_key], out[b_key] = a_new, b_new
+        rel = module[len(PEFT_PREFIX):] if module.startswith(PEFT_PREFIX) else module
+        ranks[rel] = int(a_new.shape[0])
+        alphas[rel] = float(a_new.shape[0])
+    return replace(spec, rank_pattern=tuple(sorted(ranks.items())), alpha_pattern=tuple(sorted(alphas.items()))), out
 
 
 def export_adapter(
@@ -21,6 +59,7 @@ def export_adapter(
     out_dir: str | Path,
     cfg: RunConfig,
     labels: list[str],
+    extra: Mapping[str, Any] | None = None,
 ) -> Path:
     """Install ``state`` into ``adapter`` and write it with ``save_pretrained`` to ``out_dir``.
 
@@ -62,6 +101,7 @@ def export_adapter(
         "alpha": host.specs[adapter].alpha,
         "quantization": cfg.model.quantization,
         "strategy": cfg.strategy.name,
+        **dict(extra or {}),
     }
     (out / "fedlora.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out

@@ -5,6 +5,8 @@ deployment engine): it talks to clients only through the ``Grid`` it is handed.
 
 One round:
 
+0. nodes the server has not heard from are asked what they have (a ``query`` message: rank,
+   device, memory, examples, tasks), which heterogeneous strategies use to shape their payload;
 1. ``strategy.configure_train`` builds one Message per sampled node (its slice of the global
    state and the round config);
 2. replies are pulled as they arrive (progress is printed per client) until all are in or the
@@ -18,21 +20,22 @@ from __future__ import annotations
 
 import json
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from flwr.app import ConfigRecord, Context, Message
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora.adapters import AdapterHost, AdapterSpec, from_record, get_host, record_bytes, to_record
 from fedlora.config import RunConfig
 from fedlora.data import Encoded, TaskData, encode, load_partition, load_task_data, partition_sizes_ok
 from fedlora.errors import DataError
-from fedlora.export import export_adapter
+from fedlora.export import export_adapter, fold_base_delta
 from fedlora.models import LoadedModel, load_model
 from fedlora.runlog import Progress, RunDirectory
-from fedlora.strategies import LoRAStrategy, create
+from fedlora.strategies import GlobalView, LoRAStrategy, NodeInfo, create
 from fedlora.training import evaluate
 
 from .validation import ReplyError, validate_reply
@@ -82,8 +85,10 @@ def prepare(cfg: RunConfig, *, check_partitions: bool = True) -> Prepared:
     """
     from fedlora.strategies import get_strategy_class
 
-    get_strategy_class(cfg.strategy.name)._parse_options(cfg.strategy.options)
+    strategy_cls = get_strategy_class(cfg.strategy.name)
+    strategy_cls._parse_options(cfg.strategy.options)
     data = load_task_data(cfg)
+    strategy_cls.check_setup(cfg, list(getattr(data, "tasks", [])))
     if check_partitions:
         partition_sizes_ok(cfg, data)
         for pid in range(cfg.federation.clients):
@@ -94,8 +99,13 @@ def prepare(cfg: RunConfig, *, check_partitions: bool = True) -> Prepared:
                 )
     loaded = load_model(cfg.model, num_labels=max(len(data.labels), 2), seed=cfg.seed)
     spec = AdapterSpec.from_config(cfg.lora, cfg.model.task)
-    get_host(loaded).ensure(spec, seed=cfg.seed)
-    create(cfg, spec)  # strategy-specific checks against the spec
+    name = get_host(loaded).ensure(spec, seed=cfg.seed)
+    if strategy_cls.needs_float_base:
+        from fedlora.adapters import lora_modules
+
+        for module in lora_modules(get_host(loaded).shapes(name)):
+            get_host(loaded).base_weight(module)  # raises on a quantized weight
+    create(cfg, spec)
     eval_data = encode(data.eval, loaded.tokenizer, cfg.model.max_length)
     return Prepared(cfg=cfg, data=data, loaded=loaded, spec=spec, eval_data=eval_data)
 
@@ -110,19 +120,112 @@ class RunResult:
     adapter_dir: str = ""
 
 
-def evaluate_state(prepared: Prepared, state: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Server-side evaluation of a global adapter state on the held-out split."""
+def _dense_deltas(view: GlobalView) -> tuple[dict[str, torch.Tensor], str]:
+    dense = {m: b @ a for m, (b, a) in view.base_delta.items()}
+    if not dense:
+        return {}, ""
+    crc = 0
+    for module in sorted(view.base_delta):
+        for t in view.base_delta[module]:
+            crc = zlib.crc32(t.detach().contiguous().numpy().tobytes(), crc)
+    return dense, f"server:{crc:08x}"
+
+
+def _eval_rows(prepared: Prepared) -> dict[str, list[int]]:
+    ds = prepared.data.eval
+    if "task" not in ds.column_names:
+        return {}
+    rows: dict[str, list[int]] = {}
+    for i, task in enumerate(ds["task"]):
+        rows.setdefault(str(task), []).append(i)
+    return rows
+
+
+def evaluate_view(prepared: Prepared, view: GlobalView, rows: list[int] | None = None) -> dict[str, float]:
+    """Evaluate one global model on the held-out split (or the given rows of it)."""
     host = prepared.host
+    data = prepared.eval_data
+    if rows is not None:
+        data = Encoded(input_ids=[data.input_ids[i] for i in rows],
+                       labels=None if data.labels is None else [data.labels[i] for i in rows],
+                       **({"task_ids": [data.task_ids[i] for i in rows]} if getattr(data, "task_ids", None) else {}))
+    kwargs: dict[str, Any] = {}
+    tasks = list(getattr(prepared.data, "tasks", []) or [])
+    if tasks and prepared.cfg.model.task == "classification":
+        kwargs = {"task_labels": {i: prepared.data.task_labels[t] for i, t in enumerate(tasks)}, "task_names": tasks}
+    dense, token = _dense_deltas(view)
     with host.lock:
-        name = host.ensure(prepared.spec, seed=prepared.cfg.seed)
-        host.load_state(name, state)
+        name = host.ensure(view.spec, seed=prepared.cfg.seed)
+        host.set_base_delta(dense, token)
+        host.load_state(name, view.state)
         return evaluate(
             host.peft_model,
-            prepared.eval_data,
+            data,
             batch_size=max(prepared.cfg.federation.batch_size, 32),
             pad_id=prepared.loaded.tokenizer.pad_token_id,
             causal=prepared.cfg.model.task == "causal_lm",
+            **kwargs,
         )
+
+
+def evaluate_views(prepared: Prepared, views: list[GlobalView]) -> dict[str, float]:
+    """Metrics of the global state: one model on the whole split, or one per task on its rows.
+
+    With per-task models, ``eval_<metric>/<task>`` is each task's own model on its own rows and
+    ``eval_<metric>`` their mean weighted by rows.
+    """
+    if len(views) == 1 and not views[0].name:
+        return evaluate_view(prepared, views[0])
+    rows = _eval_rows(prepared)
+    out: dict[str, float] = {}
+    totals: dict[str, float] = {}
+    count = 0
+    for view in views:
+        task_rows = rows.get(view.name, [])
+        if not task_rows:
+            continue
+        metrics = evaluate_view(prepared, view, task_rows)
+        for key, value in metrics.items():
+            if "/" in key:
+                continue
+            out[f"{key}/{view.name}"] = value
+            totals[key] = totals.get(key, 0.0) + value * len(task_rows)
+        count += len(task_rows)
+    for key, value in totals.items():
+        out[key] = value / max(count, 1)
+    return dict(sorted(out.items()))
+
+
+def evaluate_state(prepared: Prepared, state: dict[str, torch.Tensor],
+                   strategy: LoRAStrategy | None = None) -> dict[str, float]:
+    """Server-side evaluation of a global state on the held-out split."""
+    if strategy is None:
+        strategy = create(prepared.cfg, prepared.spec)
+        strategy.tasks = list(getattr(prepared.data, "tasks", []) or [])
+    return evaluate_views(prepared, strategy.views(state))
+
+
+def query_nodes(grid: Grid, strategy: LoRAStrategy, shared: dict[str, str], timeout: float) -> None:
+    """Ask nodes the strategy has not heard from what they have; record it in ``node_info``."""
+    unknown = [n for n in sorted(grid.get_node_ids()) if n not in strategy.node_info]
+    if not unknown:
+        return
+    messages = [Message(content=RecordDict({"config": ConfigRecord(dict(shared))}), message_type=MessageType.QUERY,
+                        dst_node_id=node, group_id="query") for node in unknown]
+    replies = _collect(grid, messages, timeout, lambda *_: None)
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        if reply.has_error() or "info" not in reply.content.config_records:
+            continue
+        info = reply.content.config_records["info"]
+        try:
+            strategy.node_info[node] = NodeInfo(
+                node_id=node, rank=int(info["rank"]), device=str(info.get("device", "cpu")),
+                memory_gb=float(info.get("memory-gb", 0.0)), num_examples=int(info.get("num-examples", 0)),
+                tasks={str(k): int(v) for k, v in json.loads(str(info.get("tasks", "{}"))).items()},
+            )
+        except (KeyError, TypeError, ValueError):
+            continue
 
 
 def _collect(grid: Grid, messages: list[Message], timeout: float, on_reply) -> list[Message]:
@@ -169,10 +272,11 @@ def run_server(grid: Grid, prepared: Prepared, run_dir: RunDirectory, *, progres
     progress = progress or Progress()
     host = prepared.host
     strategy: LoRAStrategy = create(cfg, prepared.spec)
+    strategy.tasks = list(getattr(prepared.data, "tasks", []) or [])
     with host.lock:
         name = host.ensure(prepared.spec, seed=cfg.seed)
         initial_state = host.initial_state(name, cfg.seed)
-    state = strategy.initialize(initial_state)
+    state = strategy.initialize(initial_state, host)
     result = RunResult(run_dir=str(run_dir.path))
     start_round = 1
     if resume:
@@ -185,13 +289,14 @@ def run_server(grid: Grid, prepared: Prepared, run_dir: RunDirectory, *, progres
         progress.line(f"resuming {cfg.name} after round {last}/{cfg.rounds}")
     else:
         run_dir.write_config(cfg)
-        result.initial = evaluate_state(prepared, state)
+        result.initial = evaluate_state(prepared, state, strategy)
         progress.line(f"round 0/{cfg.rounds}  initial global adapter  {_fmt(result.initial)}")
 
     shared = {"run": cfg.to_json(), "labels": json.dumps(prepared.data.labels)}
     max_bytes = int(cfg.federation.max_reply_mb * 1024 * 1024)
     for server_round in range(start_round, cfg.rounds + 1):
         started = time.perf_counter()
+        query_nodes(grid, strategy, shared, cfg.federation.round_timeout)
         messages = list(strategy.configure_train(server_round, to_record(state), ConfigRecord(dict(shared)), grid))
         sent = dict(strategy.last_sent)
         clients: dict[int, dict[str, Any]] = {
@@ -220,6 +325,9 @@ def run_server(grid: Grid, prepared: Prepared, run_dir: RunDirectory, *, progres
                 "seconds": round(float(metrics.get("train-seconds", 0.0)), 4),
                 "rank": int(metrics.get("rank", prepared.spec.rank)),
             })
+            tasks = {k.split("::", 1)[1]: int(v) for k, v in metrics.items() if k.startswith("num-examples::")}
+            if tasks:
+                entry["tasks"] = tasks
             valid.append(reply)
             progress.line(
                 f"round {server_round}/{cfg.rounds}  client {count}/{total}  node {node}  "
@@ -234,12 +342,15 @@ def run_server(grid: Grid, prepared: Prepared, run_dir: RunDirectory, *, progres
         arrays, agg = strategy.aggregate_train(server_round, valid)
         if arrays is not None:
             state = from_record(arrays)
-        eval_metrics = evaluate_state(prepared, state)
+        for node, facts in strategy.client_report.items():
+            clients.setdefault(node, {"node_id": node}).update(facts)
+        eval_metrics = evaluate_state(prepared, state, strategy)
         record: dict[str, Any] = {
             "round": server_round,
             "strategy": cfg.strategy.name,
             "train_loss": float(agg["train-loss"]) if agg is not None else None,
             **eval_metrics,
+            **strategy.round_metrics(),
             "bytes_down": int(sum(c.get("bytes_down", 0) for c in clients.values())),
             "bytes_up": int(sum(c.get("bytes_up", 0) for c in clients.values())),
             "clients_sampled": len(sent),
@@ -256,8 +367,16 @@ def run_server(grid: Grid, prepared: Prepared, run_dir: RunDirectory, *, progres
             f"bytes down {record['bytes_down']:,} up {record['bytes_up']:,}  {record['seconds']:.1f}s"
         )
 
-    adapter_dir = export_adapter(host, host.ensure(prepared.spec, seed=cfg.seed), state, run_dir.adapter_dir,
-                                 cfg, prepared.data.labels)
+    adapter_dir = run_dir.adapter_dir
+    for view in strategy.views(state):
+        spec, tensors = fold_base_delta(view.spec, view.state, view.base_delta)
+        extra: dict[str, Any] = {}
+        if view.name:
+            extra = {"task": view.name, "task_label_ids": prepared.data.task_labels.get(view.name, [])}
+        with host.lock:
+            host.set_base_delta({}, "")
+            export_adapter(host, host.ensure(spec, seed=cfg.seed), tensors,
+                           adapter_dir / view.name if view.name else adapter_dir, cfg, prepared.data.labels, extra)
     result.adapter_dir = str(adapter_dir)
     run_dir.write_json("summary.json", {
         "name": cfg.name,

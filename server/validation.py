@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
+from fedlora.adapters import is_base_delta
+
 
 class ReplyError(ValueError):
     """Why one reply was rejected (one line)."""
@@ -23,7 +25,8 @@ def validate_reply(reply: Message, sent: ArrayRecord, *, dtype: str, max_bytes: 
     reply : Message
         The node's reply to a train message.
     sent : ArrayRecord
-        The tensors that were sent to that node (the reply must mirror their keys and shapes).
+        The tensors that were sent to that node (the reply must mirror the keys and shapes of
+        all but the base-delta factors).
     dtype : str
         The transport dtype the config names.
     max_bytes : int
@@ -41,13 +44,15 @@ def validate_reply(reply: Message, sent: ArrayRecord, *, dtype: str, max_bytes: 
     size = arrays.count_bytes()
     if size > max_bytes:
         raise ReplyError(f"reply of {size} bytes exceeds the limit of {max_bytes}")
-    missing = sorted(set(sent.keys()) - set(arrays.keys()))
-    extra = sorted(set(arrays.keys()) - set(sent.keys()))
+    # Base-delta factors are folded into the client's frozen weights, never sent back.
+    expected = [k for k in sent.keys() if not is_base_delta(k)]
+    missing = sorted(set(expected) - set(arrays.keys()))
+    extra = sorted(set(arrays.keys()) - set(expected))
     if missing:
         raise ReplyError(f"reply lacks {len(missing)} tensor(s), e.g. {missing[0]}")
     if extra:
         raise ReplyError(f"reply has {len(extra)} unexpected tensor(s), e.g. {extra[0]}")
-    for key in sent.keys():
+    for key in expected:
         got, want = arrays[key], sent[key]
         if tuple(got.shape) != tuple(want.shape):
             raise ReplyError(f"{key}: shape {tuple(got.shape)} != assigned {tuple(want.shape)}")

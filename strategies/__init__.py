@@ -10,9 +10,14 @@ from fedlora.adapters import AdapterSpec
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
 
-from .base import ClientUpdate, LoRAStrategy
+from .base import ClientUpdate, GlobalView, LoRAStrategy, NodeInfo
 from .fedavg import FedAvgLoRA, weighted_mean
 from .ffa import FFALoRA, ffa_aggregate
+from .federa import FeDeRA, federa_init
+from .fedex import FedExLoRA, fedex_aggregate
+from .flora import FLoRA, flora_aggregate
+from .fltac import FLTAC, cluster_purity, fltac_aggregate, kmeans
+from .hetlora import HetLoRA, hetlora_aggregate
 
 STRATEGIES: dict[str, type[LoRAStrategy]] = {}
 
@@ -25,7 +30,7 @@ def register(cls: type[LoRAStrategy]) -> type[LoRAStrategy]:
     return cls
 
 
-for _cls in (FedAvgLoRA, FFALoRA):
+for _cls in (FedAvgLoRA, FFALoRA, FeDeRA, HetLoRA, FLTAC, FLoRA, FedExLoRA):
     register(_cls)
 
 
@@ -44,6 +49,8 @@ def create(cfg: RunConfig, spec: AdapterSpec) -> LoRAStrategy:
 
 
 __all__ = [
-    "STRATEGIES", "ClientUpdate", "LoRAStrategy", "FedAvgLoRA", "FFALoRA", "create", "ffa_aggregate",
-    "get_strategy_class", "register", "weighted_mean",
+    "STRATEGIES", "ClientUpdate", "GlobalView", "LoRAStrategy", "NodeInfo", "FedAvgLoRA", "FFALoRA", "FeDeRA",
+    "FedExLoRA", "FLoRA", "FLTAC", "HetLoRA", "cluster_purity", "create", "federa_init", "fedex_aggregate",
+    "ffa_aggregate", "flora_aggregate", "fltac_aggregate", "get_strategy_class", "hetlora_aggregate", "kmeans",
+    "register", "weighted_mean",
 ]

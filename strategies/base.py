@@ -2,12 +2,19 @@
 
 Protocol between a strategy and the ClientApp (both sides read this):
 
-* Down (message type ``train``): ``content["arrays"]`` holds exactly the tensors the client
-  must install *and train*; ``content["config"]`` holds the round's settings (``rank``,
+* Query (message type ``query``, once per node): the client answers what it has in
+  ``content["info"]`` (``rank`` it will train, ``device``, ``memory-gb``, ``num-examples``,
+  ``tasks``); the server keeps it in :attr:`LoRAStrategy.node_info`.
+* Down (message type ``train``): ``content["arrays"]`` holds the tensors the client must install
+  *and train*, plus base-delta factors (``<module>.base_delta_A/B``, ``D = B @ A``) that it folds
+  into its frozen weights; ``content["config"]`` holds the round's settings (``rank``, ``alpha``,
   ``local-steps``, ``lr``, ...). Adapter tensors that were not sent are reset by the client from
-  the config (``a-seed``: FFA-LoRA's shared frozen A) and stay frozen.
-* Up: ``content["arrays"]`` with the same keys and shapes as were sent, trained;
-  ``content["metrics"]`` with ``num-examples``, ``train-loss`` and ``train-seconds``.
+  the config (``a-seed``: FFA-LoRA's shared frozen A) and stay frozen; ``svd-rank`` asks the
+  client to replace each target weight by its FeDeRA residual; ``tasks`` (FL-TAC) lists the task
+  adapters in the arrays, keyed ``<task>::<key>``, each trained on that task's examples.
+* Up: ``content["arrays"]`` with the same keys and shapes as the trained tensors sent;
+  ``content["metrics"]`` with ``num-examples``, ``train-loss``, ``train-seconds``, ``rank`` (after
+  any self-pruning) and, per task, ``num-examples::<task>``.
 
 Subclasses override the hooks (:meth:`initialize`, :meth:`payload`, :meth:`client_config`,
 :meth:`aggregate`); the message plumbing, sampling and metrics stay here. The global state is a
@@ -30,9 +37,87 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedlora.adapters import AdapterSpec, from_record, to_record
+from fedlora.adapters import AdapterHost, AdapterSpec, from_record, is_base_delta, module_of, to_record
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
+
+TASK_SEP = "::"
+
+
+@dataclass
+class NodeInfo:
+    """What a node said about itself in its query reply.
+
+    Attributes
+    ----------
+    node_id : int
+        The node.
+    rank : int
+        The LoRA rank it trains (its device profile, ``fedlora-client --rank``, or ``lora.rank``).
+    device : str
+        ``cpu``, ``cuda``, ...
+    memory_gb : float
+        Memory the device reports (0 when unknown).
+    num_examples : int
+        Its training examples.
+    tasks : dict of str to int
+        Examples per task (multi-task data), else empty.
+    """
+
+    node_id: int
+    rank: int
+    device: str = "cpu"
+    memory_gb: float = 0.0
+    num_examples: int = 0
+    tasks: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class GlobalView:
+    """One model that the global state describes, as the server evaluates and exports it.
+
+    Attributes
+    ----------
+    name : str
+        ``""`` for the single global adapter; a task name for FL-TAC's per-task adapters.
+    spec : AdapterSpec
+        Shape of the adapter (rank, alpha, targets).
+    state : dict of str to Tensor
+        LoRA factors and trained head, keyed as in :mod:`fedlora.adapters`.
+    base_delta : dict of str to (Tensor, Tensor)
+        Per target module, factors ``(B_d, A_d)`` of a delta folded into the frozen weight:
+        the model is ``W0 + B_d @ A_d + scaling * B @ A``.
+    """
+
+    name: str
+    spec: AdapterSpec
+    state: dict[str, torch.Tensor]
+    base_delta: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+def split_base_delta(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
+                                                                 dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """(adapter tensors, {module: (B_d, A_d)}) from a state that may hold base-delta factors."""
+    adapter = {k: v for k, v in state.items() if not is_base_delta(k)}
+    deltas: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for key in state:
+        if is_base_delta(key) and key.endswith("_A"):
+            module = module_of(key)
+            deltas[module] = (state[f"{module}.base_delta_B"], state[key])
+    return adapter, deltas
+
+
+def task_key(task: str, key: str) -> str:
+    """Key of tensor ``key`` of task ``task``'s adapter inside one flat state."""
+    return f"{task}{TASK_SEP}{key}"
+
+
+def split_task_key(key: str) -> tuple[str, str]:
+    """Inverse of :func:`task_key`; ``("", key)`` for keys of no task."""
+    if TASK_SEP in key:
+        task, _, rest = key.partition(TASK_SEP)
+        return task, rest
+    return "", key
 
 
 @dataclass
@@ -72,6 +157,10 @@ class LoRAStrategy(Strategy):
     name: ClassVar[str] = ""
     #: Strategy options accepted under ``[strategy]``, with their types and defaults.
     option_types: ClassVar[dict[str, tuple[type, Any]]] = {}
+    #: Whether clients may train different ranks (device profiles); others need all at lora.rank.
+    heterogeneous_ranks: ClassVar[bool] = False
+    #: Whether the strategy rewrites the frozen base weights (SVD init, merges): needs float weights.
+    needs_float_base: ClassVar[bool] = False
 
     def __init__(self, cfg: RunConfig, spec: AdapterSpec) -> None:
         self.cfg = cfg
@@ -79,6 +168,48 @@ class LoRAStrategy(Strategy):
         self.options = self._parse_options(cfg.strategy.options)
         self._global: dict[str, torch.Tensor] = {}
         self.last_sent: dict[int, ArrayRecord] = {}
+        self.node_info: dict[int, NodeInfo] = {}
+        #: Task names of multi-task data, in order (set by the server before initialisation).
+        self.tasks: list[str] = []
+        #: Per-node facts from the last aggregation, merged into metrics.jsonl's client entries.
+        self.client_report: dict[int, dict[str, Any]] = {}
+
+    @classmethod
+    def check_setup(cls, cfg: RunConfig, tasks: list[str]) -> None:
+        """Raise ConfigError when this strategy cannot run ``cfg`` (checked before any training).
+
+        Parameters
+        ----------
+        cfg : RunConfig
+            The run.
+        tasks : list of str
+            Task names of multi-task data (empty otherwise).
+        """
+        cls._parse_options(cfg.strategy.options)
+        if cls.needs_float_base and cfg.model.quantization != "none":
+            raise ConfigError(
+                f"config key 'model.quantization': strategy '{cls.name}' folds updates into the frozen base "
+                f"weights, which cannot be done exactly on a {cfg.model.quantization} base; use quantization = 'none'"
+            )
+        ranks = {p.rank for p in cfg.federation.profiles}
+        if not cls.heterogeneous_ranks and ranks - {cfg.lora.rank}:
+            raise ConfigError(
+                f"config key 'federation.profiles': strategy '{cls.name}' trains every client at lora.rank = "
+                f"{cfg.lora.rank}; profiles with ranks {sorted(ranks)} need a heterogeneous-rank strategy (hetlora, flora)"
+            )
+
+    def node_rank(self, node_id: int) -> int:
+        """The rank node ``node_id`` trains this round."""
+        return self.spec.rank
+
+    def node_spec(self, node_id: int) -> AdapterSpec:
+        """The adapter shape node ``node_id`` trains (the global one unless ranks differ)."""
+        return self.spec
+
+    def views(self, state: Mapping[str, torch.Tensor]) -> list[GlobalView]:
+        """The model(s) ``state`` describes, for evaluation and export."""
+        adapter, deltas = split_base_delta(state)
+        return [GlobalView(name="", spec=self.spec, state=adapter, base_delta=deltas)]
 
     # -- options -------------------------------------------------------------------------------
 
@@ -101,9 +232,22 @@ class LoRAStrategy(Strategy):
 
     # -- hooks for subclasses ------------------------------------------------------------------
 
-    def initialize(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Turn the freshly initialised adapter into the round-0 global state."""
+    def initialize(self, state: dict[str, torch.Tensor], host: AdapterHost | None = None) -> dict[str, torch.Tensor]:
+        """Turn the freshly initialised adapter into the round-0 global state.
+
+        Parameters
+        ----------
+        state : dict of str to Tensor
+            peft's seeded init of the global adapter.
+        host : AdapterHost, optional
+            Gives access to the pretrained weights (:meth:`AdapterHost.base_weight`) for
+            strategies that initialise from them.
+        """
         return state
+
+    def round_metrics(self) -> dict[str, Any]:
+        """Strategy-level facts about the last aggregation for metrics.jsonl (e.g. cluster purity)."""
+        return {}
 
     def payload(self, node_id: int, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The tensors node ``node_id`` receives, installs and trains this round."""
@@ -141,7 +285,8 @@ class LoRAStrategy(Strategy):
         fed = self.cfg.federation
         return {
             "server-round": server_round,
-            "rank": self.spec.rank,
+            "rank": self.node_spec(node_id).rank,
+            "alpha": float(self.node_spec(node_id).alpha),
             "local-steps": fed.local_steps,
             "local-epochs": float(fed.local_epochs),
             "batch-size": fed.batch_size,
@@ -200,6 +345,7 @@ class LoRAStrategy(Strategy):
             when no reply carried content.
         """
         updates = [decode_reply(msg) for msg in replies if not msg.has_error()]
+        self.client_report = {}
         if not updates:
             return None, None
         new_state = self.aggregate(server_round, dict(self._global), updates)

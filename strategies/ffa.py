@@ -52,7 +52,7 @@ class FFALoRA(LoRAStrategy):
     def a_seed(self) -> int:
         return self.cfg.seed if self.options["a_seed"] is None else self.options["a_seed"]
 
-    def initialize(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def initialize(self, state: dict[str, torch.Tensor], host=None) -> dict[str, torch.Tensor]:
         shapes = {k: tuple(v.shape) for k, v in state.items()}
         state = dict(state)
         state.update(seeded_lora_a(shapes, self.a_seed))

@@ -1,0 +1,87 @@
+"""FedEx-LoRA: averaged factors plus the exact residual folded into the frozen weight.
+
+Singhal et al., "FedEx-LoRA: Exact Aggregation for Federated and Efficient Fine-Tuning of
+Foundation Models" (arXiv 2410.09432). The server averages A and B as FedIT does, and adds
+the error of that average, ``sum_k p_k s B_k @ A_k - s mean(B) @ mean(A)``, to the frozen
+weight, so the global model is exactly the mean of the clients' models while the adapter
+keeps its rank. Clients of lower rank (device profiles) are zero-padded before averaging, as
+HetLoRA does; the residual keeps the result exact.
+
+The residual is kept as base-delta factors (cumulative, compacted to their numerical rank:
+:func:`fedlora.lowrank.compact`) and sent to clients with the adapter, since stateless clients
+must rebuild the frozen weight every round; its bytes grow with the residual's rank up to
+those of the dense matrices. The exported adapter folds it in: ``B' = [s B, B_d]``,
+``A' = [A; A_d]`` per module, rank ``r + rank(residual)`` with scaling 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+
+import torch
+
+from fedlora.adapters import AdapterSpec, lora_keys, lora_modules
+from fedlora.lowrank import stack
+
+from .base import ClientUpdate, LoRAStrategy
+from .fedavg import weighted_mean
+from .flora import accumulate_delta
+from .hetlora import pad, truncate
+
+
+def fedex_aggregate(
+    state: Mapping[str, torch.Tensor], updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float],
+    scaling: float,
+) -> dict[str, torch.Tensor]:
+    """Averaged (zero-padded) factors and head, plus the exact residual added to the base delta.
+
+    After this, for every module ``D' + s B_mean @ A_mean = D + sum_k p_k s B_k @ A_k``.
+    """
+    a_key0 = next(k for k in state if k.endswith(".lora_A.weight"))
+    r_max = state[a_key0].shape[0]
+    padded = [pad(u, r_max) for u in updates]
+    mean = weighted_mean(padded, weights)
+    out = dict(state)
+    out.update(mean)
+    total = float(sum(weights))
+    for module in lora_modules(mean):
+        a_key, b_key = lora_keys(module)
+        terms = [(u[b_key], u[a_key], scaling * float(w) / total) for u, w in zip(updates, weights)]
+        terms.append((mean[b_key], mean[a_key], -scaling))
+        b_r, a_r = stack(terms)
+        out.update(accumulate_delta(out, module, b_r, a_r))
+    return out
+
+
+class FedExLoRA(LoRAStrategy):
+    """``fedex``: FedAvg of A and B plus the exact residual in the frozen weight."""
+
+    name = "fedex"
+    heterogeneous_ranks = True
+    needs_float_base = True
+
+    def __init__(self, cfg, spec: AdapterSpec) -> None:
+        super().__init__(cfg, spec)
+        self._truncated: dict[int, dict[str, torch.Tensor]] = {}
+
+    def node_rank(self, node_id: int) -> int:
+        info = self.node_info.get(node_id)
+        return min(info.rank, self.spec.rank) if info is not None else self.spec.rank
+
+    def node_spec(self, node_id: int) -> AdapterSpec:
+        rank = self.node_rank(node_id)
+        return replace(self.spec, rank=rank, alpha=self.spec.alpha * rank / self.spec.rank)
+
+    def configure_train(self, server_round, arrays, config, grid):
+        self._truncated = {}
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def payload(self, node_id: int, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        rank = self.node_rank(node_id)
+        if rank not in self._truncated:
+            self._truncated[rank] = truncate(state, rank)
+        return self._truncated[rank]
+
+    def aggregate(self, server_round: int, state: dict[str, torch.Tensor], updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
+        return fedex_aggregate(state, [u.state for u in updates], [u.num_examples for u in updates], self.spec.scaling)

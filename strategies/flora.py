@@ -1,0 +1,122 @@
+"""FLoRA: exact aggregation of heterogeneous-rank LoRA by stacking.
+
+Wang et al., "FLoRA: Federated Fine-Tuning Large Language Models with Heterogeneous Low-Rank
+Adaptations", NeurIPS 2024 (arXiv 2409.05976). Averaging A and B separately is inexact
+(mean(B) @ mean(A) != mean(B @ A)). FLoRA instead stacks the clients' factors,
+``B_s = [p_1 s_1 B_1, ..., p_K s_K B_K]`` and ``A_s = [A_1; ...; A_K]``, whose product is exactly
+``sum_k p_k s_k B_k @ A_k`` for any mix of ranks, merges it into the frozen base and starts
+every client on a fresh LoRA next round.
+
+Here the merged part is the global state's base delta ``D = B_d @ A_d`` (cumulative over
+rounds), sent to clients as factors and re-compressed to its numerical rank every round
+(:func:`fedlora.lowrank.compact`), so its bytes are at most those of the dense matrices. The
+fresh LoRA of each round is peft's init drawn from a per-round seed. Weights ``p_k`` are
+example counts; each client's scaling is the global ``alpha / r_max`` (see :mod:`.hetlora`).
+The exported adapter is the delta itself as a LoRA of rank ``rank(D)`` per module (alpha equal
+to that rank), exact on the original base model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+
+import torch
+
+from fedlora.adapters import AdapterHost, AdapterSpec, delta_keys, is_lora_a, is_lora_b, lora_keys, lora_modules, seeded_lora_a
+from fedlora.lowrank import compact, stack
+
+from .base import ClientUpdate, GlobalView, LoRAStrategy, split_base_delta
+from .fedavg import weighted_mean
+from .hetlora import truncate
+
+
+def stacked_update(
+    updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], scaling: float, module: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B_s, A_s) with ``B_s @ A_s = sum_k w_k * scaling * B_k @ A_k / sum_k w_k`` for ``module``."""
+    total = float(sum(weights))
+    a_key, b_key = lora_keys(module)
+    return stack([(u[b_key], u[a_key], scaling * float(w) / total) for u, w in zip(updates, weights)])
+
+
+def accumulate_delta(
+    state: Mapping[str, torch.Tensor], module: str, b: torch.Tensor, a: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The module's base-delta factors after adding ``b @ a`` (compacted)."""
+    da_key, db_key = delta_keys(module)
+    terms = [(b, a, 1.0)]
+    if da_key in state:
+        terms.insert(0, (state[db_key], state[da_key], 1.0))
+    new_b, new_a = compact(*stack(terms))
+    return {da_key: new_a, db_key: new_b}
+
+
+def flora_aggregate(
+    state: Mapping[str, torch.Tensor], updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float],
+    scaling: float,
+) -> dict[str, torch.Tensor]:
+    """Merge the exact weighted mean of the clients' updates into the base delta; average the rest.
+
+    LoRA factors of the returned state are left as they were: the caller re-initialises them.
+    """
+    out = dict(state)
+    for module in lora_modules(updates[0]):
+        b_s, a_s = stacked_update(updates, weights, scaling, module)
+        out.update(accumulate_delta(out, module, b_s, a_s))
+    others = [{k: v for k, v in u.items() if not (is_lora_a(k) or is_lora_b(k))} for u in updates]
+    if others[0]:
+        out.update(weighted_mean(others, weights))
+    return out
+
+
+class FLoRA(LoRAStrategy):
+    """``flora``: stacking aggregation, merged into the base each round; ranks may differ."""
+
+    name = "flora"
+    heterogeneous_ranks = True
+    needs_float_base = True
+
+    def __init__(self, cfg, spec: AdapterSpec) -> None:
+        super().__init__(cfg, spec)
+        self._truncated: dict[int, dict[str, torch.Tensor]] = {}
+
+    def node_rank(self, node_id: int) -> int:
+        info = self.node_info.get(node_id)
+        return min(info.rank, self.spec.rank) if info is not None else self.spec.rank
+
+    def node_spec(self, node_id: int) -> AdapterSpec:
+        rank = self.node_rank(node_id)
+        return replace(self.spec, rank=rank, alpha=self.spec.alpha * rank / self.spec.rank)
+
+    def _fresh_lora(self, state: dict[str, torch.Tensor], server_round: int) -> dict[str, torch.Tensor]:
+        shapes = {k: tuple(v.shape) for k, v in state.items() if is_lora_a(k)}
+        state = dict(state)
+        state.update(seeded_lora_a(shapes, self.cfg.seed * 1_000_003 + 7_777 + server_round))
+        for key in [k for k in state if is_lora_b(k)]:
+            state[key] = torch.zeros_like(state[key])
+        return state
+
+    def initialize(self, state: dict[str, torch.Tensor], host: AdapterHost | None = None) -> dict[str, torch.Tensor]:
+        return self._fresh_lora(state, 0)
+
+    def configure_train(self, server_round, arrays, config, grid):
+        self._truncated = {}
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def payload(self, node_id: int, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        rank = self.node_rank(node_id)
+        if rank not in self._truncated:
+            self._truncated[rank] = truncate(state, rank)
+        return self._truncated[rank]
+
+    def aggregate(self, server_round: int, state: dict[str, torch.Tensor], updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
+        merged = flora_aggregate(state, [u.state for u in updates], [u.num_examples for u in updates], self.spec.scaling)
+        return self._fresh_lora(merged, server_round)
+
+    def views(self, state: Mapping[str, torch.Tensor]) -> list[GlobalView]:
+        adapter, deltas = split_base_delta(state)
+        # B is zero after every merge: the model is W0 + D, exported as D alone.
+        adapter = {k: v for k, v in adapter.items() if not ((is_lora_a(k) or is_lora_b(k)) and
+                                                             any(k.startswith(m + ".") for m in deltas))}
+        return [GlobalView(name="", spec=self.spec, state=adapter, base_delta=deltas)]

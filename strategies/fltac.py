@@ -1,0 +1,224 @@
+"""FL-TAC: one low-rank adapter per task, clustered and aggregated within clusters.
+
+Ping et al., "FL-TAC: Enhanced Fine-Tuning in Federated Learning via Low-Rank, Task-Specific
+Adapter Clustering" (arXiv 2404.15384). A client holding data of several tasks trains one
+adapter per task it has. The server does not average across tasks: it clusters every received
+adapter with k-means on its flattened LoRA factors (k = number of tasks unless set) and
+averages (example-weighted, each factor on its own, as FedIT) within each cluster. Each task's
+next global adapter is the aggregate of the cluster holding most of that task's adapters;
+cluster purity (the share of adapters whose cluster's majority task is their own) says how well
+the tasks separate. Each task's adapter is exported on its own (``adapter/<task>/``).
+
+The global state holds every task's adapter under ``<task>::<key>``; scaling is peft's
+``alpha / r`` for all.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from fedlora.adapters import AdapterSpec, is_lora_a, is_lora_b
+from fedlora.errors import ConfigError
+
+from .base import ClientUpdate, GlobalView, LoRAStrategy, split_task_key, task_key
+from .fedavg import weighted_mean
+
+
+def flatten_factors(state: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """One vector of all LoRA factors of an adapter, keys in sorted order (heads excluded)."""
+    parts = [state[k].reshape(-1).to(torch.float32) for k in sorted(state) if is_lora_a(k) or is_lora_b(k)]
+    return torch.cat(parts)
+
+
+def kmeans(x: torch.Tensor, k: int, *, seed: int = 0, iters: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded k-means (k-means++ init, Lloyd iterations) on the rows of ``x``.
+
+    Parameters
+    ----------
+    x : Tensor
+        (n x d) points.
+    k : int
+        Clusters; at most n.
+    seed : int
+        Seeds the k-means++ draws.
+    iters : int
+        Maximum Lloyd iterations (stops early when assignments settle).
+
+    Returns
+    -------
+    tuple of Tensor
+        Cluster index per row (n,) and centres (k x d).
+    """
+    n = x.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"k = {k} must be in [1, {n}]")
+    x = x.to(torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    centres = [x[int(torch.randint(n, (1,), generator=gen))]]
+    for _ in range(1, k):
+        dist = torch.cdist(x, torch.stack(centres)).min(dim=1).values ** 2
+        if float(dist.sum()) == 0.0:
+            centres.append(x[int(torch.randint(n, (1,), generator=gen))])
+        else:
+            centres.append(x[int(torch.multinomial(dist / dist.sum(), 1, generator=gen))])
+    c = torch.stack(centres)
+    labels = torch.full((n,), -1, dtype=torch.long)
+    for _ in range(iters):
+        new = torch.cdist(x, c).argmin(dim=1)
+        if torch.equal(new, labels):
+            break
+        labels = new
+        for j in range(k):
+            members = x[labels == j]
+            if len(members):
+                c[j] = members.mean(dim=0)
+    return labels, c.to(torch.float32)
+
+
+def cluster_purity(labels: Sequence[int], tags: Sequence[str]) -> float:
+    """Share of items whose cluster's most common tag is their own tag."""
+    if not labels:
+        return 1.0
+    by_cluster: dict[int, Counter] = {}
+    for label, tag in zip(labels, tags):
+        by_cluster.setdefault(int(label), Counter())[tag] += 1
+    return sum(c.most_common(1)[0][1] for c in by_cluster.values()) / len(labels)
+
+
+def task_clusters(labels: Sequence[int], tags: Sequence[str]) -> dict[str, int]:
+    """For each tag, the cluster holding most of its items (ties: the lowest cluster index)."""
+    out = {}
+    for tag in dict.fromkeys(tags):
+        counts = Counter(int(label) for label, t in zip(labels, tags) if t == tag)
+        out[tag] = min(counts, key=lambda c: (-counts[c], c))
+    return out
+
+
+def fltac_aggregate(
+    adapters: Sequence[Mapping[str, torch.Tensor]], tags: Sequence[str], weights: Sequence[float], k: int, seed: int = 0
+) -> tuple[dict[str, dict[str, torch.Tensor]], list[int], float]:
+    """Cluster the adapters, average within clusters, and give each task its cluster's average.
+
+    Parameters
+    ----------
+    adapters : sequence of mappings
+        Every adapter received this round (one per client per task), same keys and shapes.
+    tags : sequence of str
+        The task each adapter was trained on (used to name clusters and score purity only).
+    weights : sequence of float
+        Example counts.
+    k : int
+        Number of clusters (capped at the number of adapters).
+    seed : int
+        Seeds k-means.
+
+    Returns
+    -------
+    tuple
+        ``{task: aggregated adapter}``, the cluster of each adapter, and the purity.
+    """
+    k = min(k, len(adapters))
+    features = torch.stack([flatten_factors(a) for a in adapters])
+    labels, _ = kmeans(features, k, seed=seed)
+    labels_list = [int(v) for v in labels]
+    clusters: dict[int, dict[str, torch.Tensor]] = {}
+    for c in sorted(set(labels_list)):
+        members = [i for i, v in enumerate(labels_list) if v == c]
+        clusters[c] = weighted_mean([adapters[i] for i in members], [weights[i] for i in members])
+    per_task = {task: clusters[c] for task, c in task_clusters(labels_list, tags).items()}
+    return per_task, labels_list, cluster_purity(labels_list, tags)
+
+
+class FLTAC(LoRAStrategy):
+    """``fltac``: one adapter per task; k-means clustering of all received adapters, FedAvg within
+    each cluster (options ``clusters``: k, 0 = number of tasks; ``min_task_examples``: a client
+    trains a task's adapter only with at least this many examples of it)."""
+
+    name = "fltac"
+    option_types = {"clusters": (int, 0), "min_task_examples": (int, 1)}
+
+    def __init__(self, cfg, spec: AdapterSpec) -> None:
+        super().__init__(cfg, spec)
+        self.purity: float | None = None
+        self.cluster_sizes: list[dict[str, int]] = []
+        self._payloads: dict[tuple, dict[str, torch.Tensor]] = {}
+
+    @classmethod
+    def check_setup(cls, cfg, tasks: list[str]) -> None:
+        super().check_setup(cfg, tasks)
+        if not tasks:
+            raise ConfigError(
+                "config key 'data.task_column': strategy 'fltac' needs multi-task data; "
+                "set data.task_column or list [[data.tasks]]"
+            )
+        opts = cls._parse_options(cfg.strategy.options)
+        if opts["clusters"] < 0:
+            raise ConfigError(f"config key 'strategy.clusters' must be >= 0, got {opts['clusters']}")
+        if opts["min_task_examples"] < 1:
+            raise ConfigError(f"config key 'strategy.min_task_examples' must be >= 1, got {opts['min_task_examples']}")
+
+    def initialize(self, state: dict[str, torch.Tensor], host=None) -> dict[str, torch.Tensor]:
+        if not self.tasks:
+            raise ValueError("FL-TAC needs the task names before initialisation")
+        return {task_key(t, k): v.clone() for t in self.tasks for k, v in state.items()}
+
+    def node_tasks(self, node_id: int) -> list[str]:
+        info = self.node_info.get(node_id)
+        have = info.tasks if info is not None else {}
+        return [t for t in self.tasks if have.get(t, 0) >= self.options["min_task_examples"]]
+
+    def configure_train(self, server_round, arrays, config, grid):
+        self._payloads = {}
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def sample(self, grid, server_round):
+        return [n for n in super().sample(grid, server_round) if self.node_tasks(n)]
+
+    def payload(self, node_id: int, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        tasks = tuple(self.node_tasks(node_id))
+        if tasks not in self._payloads:
+            self._payloads[tasks] = {k: v for k, v in state.items() if split_task_key(k)[0] in tasks}
+        return self._payloads[tasks]
+
+    def client_config(self, node_id: int, server_round: int) -> dict[str, Any]:
+        import json
+
+        return {"tasks": json.dumps(self.node_tasks(node_id))}
+
+    def aggregate(self, server_round: int, state: dict[str, torch.Tensor], updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
+        adapters, tags, weights, owners = [], [], [], []
+        for update in updates:
+            for task in self.tasks:
+                part = {split_task_key(k)[1]: v for k, v in update.state.items() if split_task_key(k)[0] == task}
+                if part:
+                    adapters.append(part)
+                    tags.append(task)
+                    weights.append(int(update.metrics.get(f"num-examples::{task}", update.num_examples)))
+                    owners.append(update.node_id)
+        k = self.options["clusters"] or len(self.tasks)
+        per_task, labels, purity = fltac_aggregate(adapters, tags, weights, k, seed=self.cfg.seed + server_round)
+        for task, adapter in per_task.items():
+            state.update({task_key(task, key): v for key, v in adapter.items()})
+        self.purity = purity
+        sizes: dict[int, Counter] = {}
+        for label, tag, owner in zip(labels, tags, owners):
+            sizes.setdefault(label, Counter())[tag] += 1
+            self.client_report.setdefault(owner, {}).setdefault("clusters", {})[tag] = label
+        self.cluster_sizes = [dict(sizes[c]) for c in sorted(sizes)]
+        return state
+
+    def round_metrics(self) -> dict[str, Any]:
+        if self.purity is None:
+            return {}
+        return {"cluster_purity": self.purity, "cluster_tasks": self.cluster_sizes}
+
+    def views(self, state: Mapping[str, torch.Tensor]) -> list[GlobalView]:
+        out = []
+        for task in self.tasks:
+            part = {split_task_key(k)[1]: v for k, v in state.items() if split_task_key(k)[0] == task}
+            out.append(GlobalView(name=task, spec=self.spec, state=part))
+        return out

@@ -1,0 +1,232 @@
+"""HetLoRA: heterogeneous-rank LoRA with zero-padding, sparsity-weighted aggregation and
+local rank self-pruning.
+
+Cho et al., "Heterogeneous LoRA for Federated Fine-tuning of On-Device Foundation Models",
+EMNLP 2024 (arXiv 2401.06432). The server keeps the global adapter at the largest rank
+``r_max`` (``lora.rank``); client k trains rank ``r_k <= r_max`` (its device profile) on the
+first ``r_k`` components: A[:r_k, :] and B[:, :r_k]. Replies are zero-padded back to ``r_max``
+and combined with weights proportional to the Frobenius norm of each client's update
+``||scaling * B_k @ A_k||_F`` (the paper's sparsity weights: clients whose update is larger
+carry more information). During local training a client penalises the norm of its tail
+components ``[floor(gamma * r_k), r_k)``; when, after training, the tail carries less than
+``threshold`` of the update's norm, the client prunes its rank to ``floor(gamma * r_k)`` (never
+below ``min_rank``) and keeps it for later rounds.
+
+Scaling convention: every client uses the global scaling ``alpha / r_max`` (its adapter's alpha
+is ``alpha * r_k / r_max``), so a truncated adapter is exactly the first components of the
+global one and padding changes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from fedlora.adapters import AdapterSpec, is_lora_a, is_lora_b, lora_keys, lora_modules, rank_dim
+from fedlora.errors import ConfigError
+from fedlora.lowrank import pad_rank, truncate_rank
+
+from .base import ClientUpdate, LoRAStrategy
+from .fedavg import weighted_mean
+
+
+def truncate(state: Mapping[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """The rank-``rank`` truncation of every LoRA factor (other tensors unchanged)."""
+    return {k: truncate_rank(v, rank, rank_dim(k)) if is_lora_a(k) or is_lora_b(k) else v for k, v in state.items()}
+
+
+def pad(state: Mapping[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """Zero-pad every LoRA factor up to ``rank`` (other tensors unchanged)."""
+    return {k: pad_rank(v, rank, rank_dim(k)) if is_lora_a(k) or is_lora_b(k) else v for k, v in state.items()}
+
+
+def update_norm(state: Mapping[str, torch.Tensor], scaling: float) -> float:
+    """Frobenius norm of the whole update: sqrt(sum over modules ||scaling * B @ A||_F^2)."""
+    total = 0.0
+    for module in lora_modules(state):
+        a_key, b_key = lora_keys(module)
+        prod = scaling * state[b_key].to(torch.float64) @ state[a_key].to(torch.float64)
+        total += float((prod * prod).sum())
+    return math.sqrt(total)
+
+
+def sparsity_weights(states: Sequence[Mapping[str, torch.Tensor]], scaling: float) -> list[float]:
+    """HetLoRA's aggregation weights: each client's update norm over the sum of all (sum to 1).
+
+    All-zero updates fall back to equal weights.
+    """
+    norms = [update_norm(s, scaling) for s in states]
+    total = sum(norms)
+    if total <= 0:
+        return [1.0 / len(states)] * len(states)
+    return [n / total for n in norms]
+
+
+def hetlora_aggregate(
+    state: Mapping[str, torch.Tensor], updates: Sequence[Mapping[str, torch.Tensor]], scaling: float
+) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """Pad every client's factors to the global rank and take their sparsity-weighted sum.
+
+    Parameters
+    ----------
+    state : mapping
+        The current global state at rank ``r_max``.
+    updates : sequence of mappings
+        The clients' trained tensors, each at its own rank.
+    scaling : float
+        The common scaling ``alpha / r_max``.
+
+    Returns
+    -------
+    tuple
+        New global state and the weights used (in the order of ``updates``).
+    """
+    a_key = next(k for k in state if is_lora_a(k))
+    r_max = state[a_key].shape[0]
+    weights = sparsity_weights(updates, scaling)
+    padded = [pad(u, r_max) for u in updates]
+    out = dict(state)
+    out.update(weighted_mean(padded, weights))
+    return out, weights
+
+
+def tail_penalty(params: Mapping[str, torch.Tensor], keep: int) -> torch.Tensor:
+    """Differentiable sum over modules of ``||B[:, keep:] @ A[keep:, :]||_F`` (the tail's update)."""
+    total = None
+    for module in lora_modules(params):
+        a_key, b_key = lora_keys(module)
+        tail = params[b_key][:, keep:] @ params[a_key][keep:, :]
+        term = torch.linalg.matrix_norm(tail)
+        total = term if total is None else total + term
+    return total if total is not None else torch.zeros(())
+
+
+def tail_ratio(state: Mapping[str, torch.Tensor], keep: int) -> float:
+    """Share of the update's Frobenius norm carried by components ``[keep, r)``."""
+    full = update_norm(state, 1.0)
+    if full == 0.0:
+        return 0.0
+    tail = {k: (v[keep:] if is_lora_a(k) else v[:, keep:]) for k, v in state.items() if is_lora_a(k) or is_lora_b(k)}
+    return update_norm(tail, 1.0) / full
+
+
+def self_prune(
+    state: Mapping[str, torch.Tensor], rank: int, *, gamma: float, threshold: float, min_rank: int
+) -> tuple[dict[str, torch.Tensor], int]:
+    """HetLoRA's local rank self-pruning after a round of training.
+
+    Parameters
+    ----------
+    state : mapping
+        The client's trained tensors at ``rank``.
+    rank : int
+        Its current rank.
+    gamma : float
+        Decay factor in (0, 1): a pruned rank is ``floor(gamma * rank)``.
+    threshold : float
+        Prune when the tail ``[floor(gamma * rank), rank)`` carries less than this share of the
+        update's norm.
+    min_rank : int
+        Never prune below this.
+
+    Returns
+    -------
+    tuple
+        The state (tail components zeroed when pruned, shapes unchanged) and the new rank.
+    """
+    keep = max(min_rank, int(math.floor(gamma * rank)))
+    if keep >= rank or tail_ratio(state, keep) >= threshold:
+        return dict(state), rank
+    out = {}
+    for key, value in state.items():
+        if is_lora_a(key):
+            value = value.clone()
+            value[keep:] = 0
+        elif is_lora_b(key):
+            value = value.clone()
+            value[:, keep:] = 0
+        out[key] = value
+    return out, keep
+
+
+class HetLoRA(LoRAStrategy):
+    """``hetlora``: per-client ranks from ``[[federation.profiles]]`` (or ``fedlora-client --rank``),
+    global adapter at ``lora.rank``, sparsity-weighted aggregation of zero-padded replies, local
+    rank self-pruning (options ``prune_gamma``, ``prune_threshold``, ``prune_lambda``,
+    ``min_rank``; ``prune_gamma = 1`` turns pruning off)."""
+
+    name = "hetlora"
+    heterogeneous_ranks = True
+    option_types = {
+        "prune_gamma": (float, 0.75),
+        "prune_threshold": (float, 0.05),
+        "prune_lambda": (float, 0.01),
+        "min_rank": (int, 1),
+    }
+
+    def __init__(self, cfg, spec: AdapterSpec) -> None:
+        super().__init__(cfg, spec)
+        self.ranks: dict[int, int] = {}
+        self._truncated: dict[int, dict[str, torch.Tensor]] = {}
+
+    @classmethod
+    def check_setup(cls, cfg, tasks: list[str]) -> None:
+        super().check_setup(cfg, tasks)
+        opts = cls._parse_options(cfg.strategy.options)
+        if not 0 < opts["prune_gamma"] <= 1:
+            raise ConfigError(f"config key 'strategy.prune_gamma' must be in (0, 1], got {opts['prune_gamma']}")
+        if not 0 <= opts["prune_threshold"] < 1:
+            raise ConfigError(f"config key 'strategy.prune_threshold' must be in [0, 1), got {opts['prune_threshold']}")
+        if opts["prune_lambda"] < 0:
+            raise ConfigError(f"config key 'strategy.prune_lambda' must be >= 0, got {opts['prune_lambda']}")
+        if not 1 <= opts["min_rank"] <= cfg.lora.rank:
+            raise ConfigError(f"config key 'strategy.min_rank' must be in [1, lora.rank], got {opts['min_rank']}")
+
+    def node_rank(self, node_id: int) -> int:
+        if node_id in self.ranks:
+            return self.ranks[node_id]
+        info = self.node_info.get(node_id)
+        return min(info.rank, self.spec.rank) if info is not None else self.spec.rank
+
+    def node_spec(self, node_id: int) -> AdapterSpec:
+        rank = self.node_rank(node_id)
+        return replace(self.spec, rank=rank, alpha=self.spec.alpha * rank / self.spec.rank)
+
+    def configure_train(self, server_round, arrays, config, grid):
+        self._truncated = {}
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def payload(self, node_id: int, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        rank = self.node_rank(node_id)
+        if rank not in self._truncated:  # one truncation per rank, shared by its nodes' messages
+            self._truncated[rank] = truncate(state, rank)
+        return self._truncated[rank]
+
+    def client_config(self, node_id: int, server_round: int) -> dict[str, Any]:
+        return {
+            "prune-gamma": float(self.options["prune_gamma"]),
+            "prune-threshold": float(self.options["prune_threshold"]),
+            "prune-lambda": float(self.options["prune_lambda"]),
+            "min-rank": int(self.options["min_rank"]),
+        }
+
+    def aggregate(self, server_round: int, state: dict[str, torch.Tensor], updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
+        new_state, weights = hetlora_aggregate(state, [u.state for u in updates], self.spec.scaling)
+        for update, weight in zip(updates, weights):
+            trained = self.node_rank(update.node_id)
+            reported = int(update.metrics.get("rank", trained))
+            self.ranks[update.node_id] = max(1, min(reported, trained))
+            self.client_report[update.node_id] = {
+                "aggregation_weight": round(weight, 6), "rank_trained": trained, "rank_next": self.ranks[update.node_id],
+            }
+        return new_state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ranks": {str(k): v for k, v in self.ranks.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.ranks = {int(k): int(v) for k, v in state.get("ranks", {}).items()}
