@@ -157,7 +157,11 @@ def evaluate_view(prepared: Prepared, view: GlobalView, rows: list[int] | None =
     with host.lock:
         name = host.ensure(view.spec, seed=prepared.cfg.seed)
         host.set_base_delta(dense, token)
-        host.load_state(name, view.state)
+        # A view may leave out LoRA factors whose product is zero (FLoRA after a merge): zero
+        # their B so nothing a client left in the shared adapter leaks into the evaluation.
+        missing_b = {k: torch.zeros(shape) for k, shape in host.shapes(name).items()
+                     if k not in view.state and ".lora_B." in k}
+        host.load_state(name, {**view.state, **missing_b})
         return evaluate(
             host.peft_model,
             data,

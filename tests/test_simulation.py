@@ -148,3 +148,79 @@ def test_quantized_base_trains_and_exports(tmp_path, tiny_bert, make_config, qua
     assert (tmp_path / "q" / "adapter" / "adapter_model.safetensors").exists()
     kinds = {type(m).__name__ for m in prepare(cfg).loaded.model.modules()}
     assert kinds & {"Linear4bit", "Linear8bitLt"}, kinds
+
+
+def view_logits(cfg, run_dir, input_ids):
+    """{view name: logits} of the final global model(s), as the server evaluates them."""
+    from fedlora.server.server_app import _dense_deltas
+    from fedlora.strategies import create
+
+    _, state, extra = RunDirectory(run_dir).load_checkpoint()
+    prepared = prepare(cfg)
+    strategy = create(cfg, prepared.spec)
+    strategy.tasks = list(prepared.data.tasks)
+    strategy.load_state_dict(extra.get("strategy", {}))
+    host = prepared.host
+    out = {}
+    for view in strategy.views(state):
+        dense, token = _dense_deltas(view)
+        with host.lock:
+            name = host.ensure(view.spec, seed=cfg.seed)
+            host.set_base_delta(dense, token)
+            zeros = {k: torch.zeros(v) for k, v in host.shapes(name).items() if k not in view.state and ".lora_B." in k}
+            host.load_state(name, {**view.state, **zeros})
+            host.peft_model.eval()
+            with torch.no_grad():
+                out[view.name] = host.peft_model(input_ids=input_ids).logits.clone()
+            host.set_base_delta({}, "")
+    return out
+
+
+PROFILES = "federation.profiles=[{name='phone',rank=1},{name='tablet',rank=2},{name='laptop',rank=4}]"
+STRATEGY_RUNS = {
+    "federa": (),
+    "hetlora": (PROFILES, "strategy.prune_threshold=0.5"),
+    "flora": (PROFILES,),
+    "fedex": (PROFILES,),
+    "fltac": ("data.max_train_examples=0", "data.max_eval_examples=0", "data.partition_column=task",
+              "data.dirichlet_alpha=0.3",
+              "data.tasks=[{name='topics',path='synthetic:topics',max_train_examples=90,max_eval_examples=30},"
+              "{name='sentiment',path='synthetic:sentiment',max_train_examples=90,max_eval_examples=30}]"),
+}
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGY_RUNS))
+def test_every_strategy_runs_and_exports_a_faithful_adapter(tmp_path, tiny_bert, make_config, strategy):
+    cfg = make_config(tiny_bert, strategy=strategy, sets=STRATEGY_RUNS[strategy])
+    out = tmp_path / "run"
+    simulate(cfg, out=out, progress=Progress(quiet=True))
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in lines] == [1, 2]
+    assert all(r["clients_ok"] == r["clients_sampled"] > 0 for r in lines)
+
+    input_ids = torch.randint(5, 200, (4, 12), generator=torch.Generator().manual_seed(0))
+    expected = view_logits(cfg, out, input_ids)
+    for name, logits in expected.items():
+        adapter_dir = out / "adapter" / name if name else out / "adapter"
+        assert torch.allclose(peft_logits(tiny_bert, "classification", adapter_dir, input_ids), logits, atol=1e-5)
+
+    if strategy in ("hetlora", "flora", "fedex"):
+        ranks = [c.get("rank_trained", c["rank"]) for c in lines[0]["clients"]]
+        assert sorted(ranks) == [1, 2, 4]
+        by_rank = {c.get("rank_trained", c["rank"]): c["bytes_up"] for c in lines[0]["clients"]}
+        assert by_rank[1] < by_rank[2] < by_rank[4]  # bytes follow the rank
+    if strategy == "hetlora":
+        assert all("aggregation_weight" in c and "rank_next" in c for c in lines[0]["clients"])
+        assert sum(c["aggregation_weight"] for c in lines[0]["clients"]) == pytest.approx(1.0, abs=1e-4)
+        # A high threshold makes clients prune; the server then sends them the smaller rank.
+        assert any(c["rank_next"] < c["rank_trained"] for c in lines[0]["clients"])
+        pruned = {c["node_id"]: c["rank_next"] for c in lines[0]["clients"]}
+        assert all(c["rank_trained"] == pruned[c["node_id"]] for c in lines[1]["clients"])
+    if strategy == "fltac":
+        assert sorted(expected) == ["sentiment", "topics"]
+        assert all(0 < r["cluster_purity"] <= 1 for r in lines)
+        assert {"eval_accuracy/topics", "eval_accuracy/sentiment"} <= set(lines[-1])
+    if strategy == "federa":
+        # Round 0: the SVD-initialised model computes what the pretrained model computes.
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["initial"]["eval_accuracy"] >= 0
