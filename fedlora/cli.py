@@ -26,12 +26,14 @@ class _Parser(argparse.ArgumentParser):
 def _absolute_local_paths(raw: dict) -> dict:
     """Make local data paths absolute so worker processes with another cwd find them."""
     data = raw.get("data", {})
-    for key in ("path", "eval_path"):
-        value = data.get(key)
-        if isinstance(value, str) and value and not value.startswith("synthetic:"):
-            p = Path(value).expanduser()
-            if p.exists():
-                data[key] = str(p.resolve())
+    sources = [data] + [t for t in data.get("tasks", []) if isinstance(t, dict)]
+    for source in sources:
+        for key in ("path", "eval_path"):
+            value = source.get(key)
+            if isinstance(value, str) and value and not value.startswith("synthetic:"):
+                p = Path(value).expanduser()
+                if p.exists():
+                    source[key] = str(p.resolve())
     return raw
 
 

@@ -70,6 +70,38 @@ class LoRAConfig:
 
 
 @dataclass
+class TaskSource:
+    """One dataset of a multi-task run, tagged with its task name (a ``[[data.tasks]]`` table).
+
+    Each source is loaded exactly as a single ``data.path`` would be; its rows get the task's
+    name in a ``task`` column and its labels become ``<name>:<label>``.
+
+    Attributes
+    ----------
+    name : str
+        Task name: letters, digits, '_' or '-', unique within ``data.tasks``.
+    path : str
+        Anything ``data.path`` accepts (a file, a directory, a hub name, ``synthetic:...``).
+    text_column, label_column : str
+        Column names in this source. ``label_column`` is unused for ``causal_lm``.
+    eval_path, eval_split : str
+        This source's held-out file or hub split, as ``data.eval_path``/``data.eval_split``;
+        without either, ``data.eval_fraction`` of its training rows is held out.
+    max_train_examples, max_eval_examples : int
+        Caps on this source (0 = no cap), taken as a seeded random subset.
+    """
+
+    name: str
+    path: str
+    text_column: str = "text"
+    label_column: str = "label"
+    eval_path: str = ""
+    eval_split: str = ""
+    max_train_examples: int = 0
+    max_eval_examples: int = 0
+
+
+@dataclass
 class DataConfig:
     """Where the examples come from and how they are split across clients.
 
@@ -77,8 +109,10 @@ class DataConfig:
     ----------
     path : str
         A local csv/tsv/json/jsonl/parquet file, a directory holding ``train.*`` (and
-        ``dev.*``/``validation.*``/``test.*``), a hub dataset name, or ``synthetic:topics``
-        (a deterministic, offline topic-classification task made of real English words).
+        ``dev.*``/``validation.*``/``test.*``), a hub dataset name, ``synthetic:topics`` (a
+        deterministic, offline topic-classification task made of real English words) or
+        ``synthetic:sentiment`` (positive/negative reviews, likewise). Ignored when ``tasks``
+        is set.
     text_column, label_column : str
         Column names. ``label_column`` is unused for ``causal_lm``.
     eval_path : str
@@ -89,14 +123,26 @@ class DataConfig:
     eval_fraction : float
         Fraction held out when no evaluation set exists.
     max_train_examples, max_eval_examples : int
-        Caps (0 = no cap), taken as a seeded random subset.
+        Caps (0 = no cap), taken as a seeded random subset; with ``tasks``, of the combined
+        sets (each source also has its own caps).
     partitioner : str
-        ``iid``, ``dirichlet`` (over labels, concentration ``dirichlet_alpha``) or ``column``
-        (by the values of ``partition_column``, such as a task column).
+        ``iid``, ``dirichlet`` (over labels, or over ``partition_column`` when it is set;
+        concentration ``dirichlet_alpha``) or ``column`` (by the values of
+        ``partition_column``, such as a task column).
     dirichlet_alpha : float
         Concentration of the Dirichlet partitioner; smaller is more skewed.
     partition_column : str
-        Column for the ``column`` partitioner.
+        Column for the ``column`` partitioner, or for the ``dirichlet`` one instead of the
+        labels. With tasks, ``task`` (or the ``task_column``) names each row's task, so
+        ``dirichlet`` over ``task`` gives clients skewed mixes of tasks.
+    task_column : str
+        A column naming each row's task (multi-task data in one file); it must exist in the
+        training and evaluation data. Labels become ``<task>:<label>``.
+    tasks : list of TaskSource
+        Several datasets, each tagged as a task (``[[data.tasks]]`` tables in a preset, at
+        least two). Their rows are concatenated, with a ``task`` column naming the source;
+        ``path``, ``text_column``, ``label_column``, ``eval_path`` and ``eval_split`` are then
+        set per task instead.
     """
 
     path: str = "synthetic:topics"
@@ -110,6 +156,29 @@ class DataConfig:
     partitioner: str = "dirichlet"
     dirichlet_alpha: float = 0.5
     partition_column: str = ""
+    task_column: str = ""
+    tasks: list[TaskSource] = field(default_factory=list)
+
+
+def has_tasks(data: DataConfig) -> bool:
+    """Whether the data is multi-task: several tagged sources, or a task column."""
+    return bool(data.tasks) or bool(data.task_column)
+
+
+@dataclass
+class ClientProfile:
+    """A kind of device in the federation (``[[federation.profiles]]``).
+
+    Attributes
+    ----------
+    name : str
+        Label for reports (``phone``, ``laptop``, ``gpu-server``).
+    rank : int
+        LoRA rank this kind of device trains; at most ``lora.rank`` (the global adapter's).
+    """
+
+    name: str = "device"
+    rank: int = 8
 
 
 @dataclass
@@ -136,6 +205,9 @@ class FederationConfig:
         Seconds the server waits for replies each round.
     max_reply_mb : float
         Replies larger than this are dropped.
+    profiles : list of ClientProfile
+        Device profiles assigned round-robin by partition id in simulation (client ``i`` gets
+        ``profiles[i % len(profiles)]``); empty means every client trains ``lora.rank``.
     """
 
     clients: int = 8
@@ -147,6 +219,7 @@ class FederationConfig:
     transport_dtype: str = "float32"
     round_timeout: float = 3600.0
     max_reply_mb: float = 512.0
+    profiles: list[ClientProfile] = field(default_factory=list)
 
 
 @dataclass
@@ -199,7 +272,8 @@ class RunConfig:
 
 def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
     hints = get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    fields = dataclasses.fields(cls)
+    known = {f.name for f in fields}
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         dotted = f"{prefix}{key}"
@@ -213,6 +287,9 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
             kwargs[key] = _build(typ, value, prefix=f"{dotted}.")
         else:
             kwargs[key] = _coerce(dotted, value, typ)
+    for f in fields:  # fields with no default (a task's name and path) must be given
+        if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"config key '{prefix}{f.name}' is required")
     return cls(**kwargs)
 
 
@@ -221,10 +298,17 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     origin = get_origin(typ)
     if origin is list:
         (item,) = get_args(typ)
-        if isinstance(value, str):  # --set lora.target_modules=query,value
+        if isinstance(value, str) and not dataclasses.is_dataclass(item):  # --set lora.target_modules=query,value
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        if dataclasses.is_dataclass(item):  # [[data.tasks]]: tables named data.tasks[i]
+            out = []
+            for i, v in enumerate(value):
+                if not isinstance(v, dict):
+                    raise ConfigError(f"config key '{key}[{i}]' must be a table, got {v!r}")
+                out.append(_build(item, v, prefix=f"{key}[{i}]."))
+            return out
         return [_coerce(key, v, item) for v in value]
     if typ is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -272,6 +356,7 @@ def validate(cfg: RunConfig) -> None:
     _check(0 < cfg.data.eval_fraction < 1, "data.eval_fraction", f"must be in (0, 1), got {cfg.data.eval_fraction}")
     _check(cfg.data.max_train_examples >= 0, "data.max_train_examples", "must be >= 0")
     _check(cfg.data.max_eval_examples >= 0, "data.max_eval_examples", "must be >= 0")
+    _validate_tasks(cfg.data)
     fed = cfg.federation
     _check(fed.clients >= 1, "federation.clients", f"must be >= 1, got {fed.clients}")
     _check(0 < fed.fraction <= 1, "federation.fraction", f"must be in (0, 1], got {fed.fraction}")
@@ -283,6 +368,30 @@ def validate(cfg: RunConfig) -> None:
            f"must be one of {', '.join(TRANSPORT_DTYPES)}, got {fed.transport_dtype!r}")
     _check(fed.round_timeout > 0, "federation.round_timeout", "must be > 0")
     _check(fed.max_reply_mb > 0, "federation.max_reply_mb", "must be > 0")
+    for i, profile in enumerate(fed.profiles):
+        _check(profile.rank >= 1, f"federation.profiles[{i}].rank", f"must be >= 1, got {profile.rank}")
+        _check(profile.rank <= cfg.lora.rank, f"federation.profiles[{i}].rank",
+               f"= {profile.rank} exceeds lora.rank = {cfg.lora.rank}, the global adapter's rank")
+
+
+def _validate_tasks(data: DataConfig) -> None:
+    if not data.tasks:
+        return
+    _check(not data.task_column, "data.task_column", "cannot be used together with data.tasks")
+    _check(len(data.tasks) >= 2, "data.tasks", f"needs at least 2 tasks, got {len(data.tasks)}")
+    # Per-source settings live in each task; silently ignoring the top-level ones would surprise.
+    _check(not data.eval_path, "data.eval_path", "cannot be used with data.tasks (set eval_path per task)")
+    _check(not data.eval_split, "data.eval_split", "cannot be used with data.tasks (set eval_split per task)")
+    seen: set[str] = set()
+    for i, task in enumerate(data.tasks):
+        key = f"data.tasks[{i}]"
+        _check(bool(re.fullmatch(r"[A-Za-z0-9_-]+", task.name)), f"{key}.name",
+               f"must be letters, digits, '_' or '-', got {task.name!r}")
+        _check(task.name not in seen, f"{key}.name", f"duplicates an earlier task name {task.name!r}")
+        seen.add(task.name)
+        _check(bool(task.path), f"{key}.path", "must not be empty")
+        _check(task.max_train_examples >= 0, f"{key}.max_train_examples", "must be >= 0")
+        _check(task.max_eval_examples >= 0, f"{key}.max_eval_examples", "must be >= 0")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

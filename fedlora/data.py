@@ -1,5 +1,6 @@
-"""Datasets: local csv/tsv/json/parquet, a hub name, or the built-in synthetic task; partitions
-across clients with flwr-datasets; tokenized batches for training.
+"""Datasets: local csv/tsv/json/parquet, a hub name, or a built-in synthetic task; several of
+them tagged as tasks (or one with a task column); partitions across clients with
+flwr-datasets; tokenized batches for training.
 
 Everything a client needs is cached per process by the data config, so a hundred virtual
 clients in one process read and partition the data once.
@@ -8,13 +9,14 @@ clients in one process read and partition the data once.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fedlora.config import DataConfig, RunConfig
+from fedlora.config import DataConfig, RunConfig, has_tasks
 from fedlora.errors import DataError
 
 LOCAL_SUFFIXES = {".csv", ".tsv", ".json", ".jsonl", ".parquet"}
@@ -29,17 +31,27 @@ class TaskData:
     Attributes
     ----------
     train, eval : datasets.Dataset
-        Columns ``text`` and, for classification, ``label`` (int ids into ``labels``).
+        Columns ``text`` and, for classification, ``labels`` (int ids into ``labels``). With
+        tasks, also ``task`` (the task's name) and ``task_id`` (int index into ``tasks``).
     labels : list of str
-        Class names in id order (empty for causal LM).
+        Class names in id order (empty for causal LM). With tasks they are qualified,
+        ``<task>:<label>``, grouped by task in the order of ``tasks``, so equal label values of
+        two tasks are different classes.
     source : str
         What was read, for messages and reports.
+    tasks : list of str
+        Task names in id order: the order of ``data.tasks``, or the sorted values of
+        ``data.task_column``. Empty when the data has no tasks.
+    task_labels : dict of str to list of int
+        For each task, the ids of its labels in ``labels`` (empty for causal LM).
     """
 
     train: Any
     eval: Any
     labels: list[str]
     source: str
+    tasks: list[str] = field(default_factory=list)
+    task_labels: dict[str, list[int]] = field(default_factory=dict)
 
 
 def _read_local(path: Path) -> Any:
@@ -81,33 +93,35 @@ def _looks_local(path: str) -> bool:
     return p.suffix.lower() in LOCAL_SUFFIXES or path.startswith((".", "/", "~")) or p.exists()
 
 
-def _load_raw(cfg: DataConfig, seed: int) -> tuple[Any, Any | None, str]:
-    """(train, eval or None, description) before column checks."""
+def _load_raw(cfg: DataConfig, seed: int, prefix: str = "data.") -> tuple[Any, Any | None, str]:
+    """(train, eval or None, description) before column checks; messages name ``{prefix}path``."""
     from datasets import Dataset
 
     if cfg.path.startswith(SYNTHETIC_PREFIX):
-        from fedlora.synthetic import generate_topics
+        from fedlora.synthetic import GENERATORS
 
         kind = cfg.path[len(SYNTHETIC_PREFIX):]
-        if kind != "topics":
-            raise DataError(f"data.path: unknown synthetic task {kind!r} (known: synthetic:topics)")
+        if kind not in GENERATORS:
+            known = ", ".join(SYNTHETIC_PREFIX + name for name in sorted(GENERATORS))
+            raise DataError(f"{prefix}path: unknown synthetic task {kind!r} (known: {known})")
+        generate = GENERATORS[kind]
         n_train = cfg.max_train_examples or 2400
         n_eval = cfg.max_eval_examples or 400
-        train = Dataset.from_dict(generate_topics(n_train, seed=seed))
-        evals = Dataset.from_dict(generate_topics(n_eval, seed=seed + 7919))
+        train = Dataset.from_dict(generate(n_train, seed=seed))
+        evals = Dataset.from_dict(generate(n_eval, seed=seed + 7919))
         return train, evals, cfg.path
     if _looks_local(cfg.path):
         path = Path(cfg.path).expanduser()
         if path.is_dir():
             train_file = _find_in_dir(path, ("train",))
             if train_file is None:
-                raise DataError(f"data.path: directory {path} has no train.csv/.tsv/.json/.jsonl/.parquet")
+                raise DataError(f"{prefix}path: directory {path} has no train.csv/.tsv/.json/.jsonl/.parquet")
             eval_file = _find_in_dir(path, EVAL_STEMS)
             train = _read_local(train_file)
             evals = _read_local(eval_file) if eval_file and not cfg.eval_path else None
             return train, evals, str(train_file)
         if not path.is_file():
-            raise DataError(f"data.path: file not found: {path}")
+            raise DataError(f"{prefix}path: file not found: {path}")
         return _read_local(path), None, str(path)
     # A hub dataset name: the real loading code, which needs network access to the hub.
     try:
@@ -115,12 +129,12 @@ def _load_raw(cfg: DataConfig, seed: int) -> tuple[Any, Any | None, str]:
 
         splits = load_dataset(cfg.path)
     except Exception as err:  # noqa: BLE001
-        raise DataError(f"data.path: cannot load hub dataset {cfg.path!r}: {str(err).splitlines()[0]}") from None
+        raise DataError(f"{prefix}path: cannot load hub dataset {cfg.path!r}: {str(err).splitlines()[0]}") from None
     if "train" not in splits:
-        raise DataError(f"data.path: hub dataset {cfg.path!r} has no 'train' split ({', '.join(splits)})")
+        raise DataError(f"{prefix}path: hub dataset {cfg.path!r} has no 'train' split ({', '.join(splits)})")
     eval_name = cfg.eval_split or next((s for s in ("validation", "test") if s in splits), "")
     if cfg.eval_split and cfg.eval_split not in splits:
-        raise DataError(f"data.eval_split: {cfg.path!r} has no split {cfg.eval_split!r} ({', '.join(splits)})")
+        raise DataError(f"{prefix}eval_split: {cfg.path!r} has no split {cfg.eval_split!r} ({', '.join(splits)})")
     return splits["train"], (splits[eval_name] if eval_name else None), cfg.path
 
 
@@ -141,53 +155,171 @@ def load_task_data(cfg: RunConfig) -> TaskData:
         return _TASK_CACHE[key]
 
 
+# A column to load: (config key naming it, column in the source, name after loading, whether the
+# evaluation data must have it too).
+_Column = tuple[str, str, str, bool]
+
+
+def _load_source(src: DataConfig, seed: int, columns: list[_Column], prefix: str) -> tuple[Any, Any, str]:
+    """One source read, checked, split and capped, with only ``columns``, renamed.
+
+    ``src`` is ``data`` itself or one ``data.tasks[i]`` (as a DataConfig); messages name config
+    keys with ``prefix``.
+    """
+    train, evals, source = _load_raw(src, seed, prefix)
+    if src.eval_path:
+        path = Path(src.eval_path).expanduser()
+        if not path.is_file():
+            raise DataError(f"{prefix}eval_path: file not found: {path}")
+        evals = _read_local(path)
+    _require_columns(train, [(key, col) for key, col, _, _ in columns], f"data file {source}")
+    if evals is not None:
+        _require_columns(evals, [(key, col) for key, col, _, in_eval in columns if in_eval], "evaluation data")
+    else:
+        split = train.train_test_split(test_size=src.eval_fraction, seed=seed, shuffle=True)
+        train, evals = split["train"], split["test"]
+    train, evals = _cap(train, src.max_train_examples, seed), _cap(evals, src.max_eval_examples, seed)
+
+    keep = list(dict.fromkeys(col for _, col, _, _ in columns))
+    train = train.select_columns(keep)
+    evals = evals.select_columns([c for c in keep if c in evals.column_names])
+    renames = {col: new for _, col, new, _ in columns if col != new}
+    train = train.rename_columns(renames)
+    evals = evals.rename_columns({c: n for c, n in renames.items() if c in evals.column_names})
+    return train, evals, source
+
+
+def _cap(ds: Any, cap: int, seed: int) -> Any:
+    if cap and len(ds) > cap:
+        return ds.shuffle(seed=seed).select(range(cap))
+    return ds
+
+
+def _derived_columns(cfg: RunConfig) -> set[str]:
+    """Columns made while loading, which ``partition_column`` may name without the data having them."""
+    derived = {"labels"} if cfg.model.task == "classification" else set()
+    if has_tasks(cfg.data):
+        derived |= {"task", "task_id"}
+    return derived
+
+
+def partition_by(cfg: RunConfig) -> str:
+    """The loaded column that ``data.partition_column`` names ("" when unset).
+
+    The task column is loaded as ``task`` and the label column as ``labels``, so naming either by
+    its name in the source means the loaded column.
+    """
+    d = cfg.data
+    column = d.partition_column
+    if not column:
+        return ""
+    if has_tasks(d) and column == d.task_column:
+        return "task"
+    if cfg.model.task == "classification" and not d.tasks and column == d.label_column:
+        return "labels"
+    return column
+
+
+def _source_columns(cfg: RunConfig, prefix: str, text_column: str, label_column: str) -> list[_Column]:
+    d = cfg.data
+    columns: list[_Column] = [(f"{prefix}text_column", text_column, "text", True)]
+    if cfg.model.task == "classification":
+        columns.append((f"{prefix}label_column", label_column, "label", True))
+    if d.task_column:
+        columns.append(("data.task_column", d.task_column, "task", True))
+    by = partition_by(cfg)
+    if by and by not in _derived_columns(cfg):
+        # A column of the source itself: kept under its own name, which must not be one we make.
+        if by in {new for _, _, new, _ in columns}:
+            raise DataError(f"data.partition_column: column {by!r} clashes with a column made while loading; "
+                            f"rename it in the data")
+        columns.append(("data.partition_column", by, by, False))
+    return columns
+
+
+def _as_str(ds: Any, column: str) -> Any:
+    """``column`` as strings, so sources whose labels are ints and strings combine."""
+    return ds.map(lambda batch: {column: [str(v) for v in batch[column]]}, batched=True)
+
+
+def _with_task(ds: Any, name: str, classification: bool) -> Any:
+    if classification:
+        ds = _as_str(ds, "label")
+    return ds.add_column("task", [name] * len(ds))
+
+
+def _concatenate(parts: list[Any], what: str) -> Any:
+    from datasets import concatenate_datasets
+
+    try:
+        return concatenate_datasets(parts)
+    except ValueError as err:  # differing column types between sources
+        raise DataError(f"data.tasks: cannot combine the {what} sets: {str(err).splitlines()[0]}") from None
+
+
 def _load_task_data(cfg: RunConfig) -> TaskData:
     d = cfg.data
     classification = cfg.model.task == "classification"
-    train, evals, source = _load_raw(d, cfg.seed)
-    if d.eval_path:
-        path = Path(d.eval_path).expanduser()
-        if not path.is_file():
-            raise DataError(f"data.eval_path: file not found: {path}")
-        evals = _read_local(path)
-    needed = [("data.text_column", d.text_column)]
-    if classification:
-        needed.append(("data.label_column", d.label_column))
-    if d.partitioner == "column":
-        needed.append(("data.partition_column", d.partition_column))
-    _require_columns(train, needed, f"data file {source}")
-    if evals is not None:
-        _require_columns(evals, needed[:2], "evaluation data")
+    tasks: list[str] = []
+    if d.tasks:
+        trains, evals_list, sources = [], [], []
+        for i, task in enumerate(d.tasks):
+            prefix = f"data.tasks[{i}]."
+            src = DataConfig(path=task.path, text_column=task.text_column, label_column=task.label_column,
+                             eval_path=task.eval_path, eval_split=task.eval_split, eval_fraction=d.eval_fraction,
+                             max_train_examples=task.max_train_examples, max_eval_examples=task.max_eval_examples)
+            columns = _source_columns(cfg, prefix, task.text_column, task.label_column)
+            train, evals, source = _load_source(src, cfg.seed, columns, prefix)
+            if len(train) == 0:
+                raise DataError(f"data file {source} ({prefix}path): no training examples")
+            # Sources' eval sets may differ in optional columns; evaluation needs only these.
+            evals = evals.select_columns([new for _, _, new, in_eval in columns if in_eval])
+            trains.append(_with_task(train, task.name, classification))
+            evals_list.append(_with_task(evals, task.name, classification))
+            sources.append(f"{task.name}={source}")
+            tasks.append(task.name)
+        train, evals = _concatenate(trains, "training"), _concatenate(evals_list, "evaluation")
+        train, evals = _cap(train, d.max_train_examples, cfg.seed), _cap(evals, d.max_eval_examples, cfg.seed)
+        source = ", ".join(sources)
     else:
-        split = train.train_test_split(test_size=d.eval_fraction, seed=cfg.seed, shuffle=True)
-        train, evals = split["train"], split["test"]
-    if d.max_train_examples and len(train) > d.max_train_examples:
-        train = train.shuffle(seed=cfg.seed).select(range(d.max_train_examples))
-    if d.max_eval_examples and len(evals) > d.max_eval_examples:
-        evals = evals.shuffle(seed=cfg.seed).select(range(d.max_eval_examples))
-
-    keep = [d.text_column] + ([d.label_column] if classification else [])
-    if d.partitioner == "column" and d.partition_column not in keep:
-        keep.append(d.partition_column)
-    train = train.select_columns(keep)
-    evals = evals.select_columns([c for c in keep if c in evals.column_names])
-    if d.text_column != "text":
-        train = train.rename_column(d.text_column, "text")
-        evals = evals.rename_column(d.text_column, "text")
-    labels: list[str] = []
-    if classification:
-        labels = sorted({str(v) for v in train[d.label_column]}, key=_label_sort_key)
-        if len(labels) < 2:
-            raise DataError(f"data file {source}: column {d.label_column!r} has fewer than 2 distinct labels")
-        index = {name: i for i, name in enumerate(labels)}
-        unknown = sorted({str(v) for v in evals[d.label_column]} - set(index))
-        if unknown:
-            raise DataError(f"evaluation data: labels not seen in training: {', '.join(unknown[:5])}")
-        train = _encode_labels(train, d.label_column, index)
-        evals = _encode_labels(evals, d.label_column, index)
+        columns = _source_columns(cfg, "data.", d.text_column, d.label_column)
+        train, evals, source = _load_source(d, cfg.seed, columns, "data.")
+        if d.task_column:
+            train, evals = _as_str(train, "task"), _as_str(evals, "task")
+            tasks = sorted(set(train["task"]), key=_label_sort_key)
+            unseen = sorted(set(evals["task"]) - set(tasks))
+            if unseen:
+                raise DataError(
+                    f"evaluation data: tasks (data.task_column) not seen in training: {', '.join(unseen[:5])}")
     if len(train) == 0:
         raise DataError(f"data file {source}: no training examples")
-    return TaskData(train=train, eval=evals, labels=labels, source=source)
+
+    labels: list[str] = []
+    task_labels: dict[str, list[int]] = {}
+    if classification and tasks:
+        # Qualified names: SST-2's "1" and AG News's "1" are different classes.
+        for name in tasks:
+            values = sorted({str(v) for v, t in zip(train["label"], train["task"]) if t == name}, key=_label_sort_key)
+            if len(values) < 2:
+                raise DataError(f"data file {source}: task {name!r} has fewer than 2 distinct labels")
+            task_labels[name] = list(range(len(labels), len(labels) + len(values)))
+            labels += [f"{name}:{v}" for v in values]
+    elif classification:
+        labels = sorted({str(v) for v in train["label"]}, key=_label_sort_key)
+        if len(labels) < 2:
+            raise DataError(f"data file {source}: column {d.label_column!r} has fewer than 2 distinct labels")
+    if classification:
+        index = {name: i for i, name in enumerate(labels)}
+        unknown = sorted(set(_label_names(evals, bool(tasks))) - set(index))
+        if unknown:
+            raise DataError(f"evaluation data: labels not seen in training: {', '.join(unknown[:5])}")
+        train = _encode_labels(train, bool(tasks), index)
+        evals = _encode_labels(evals, bool(tasks), index)
+    if tasks:
+        task_index = {name: i for i, name in enumerate(tasks)}
+        train = train.add_column("task_id", [task_index[t] for t in train["task"]])
+        evals = evals.add_column("task_id", [task_index[t] for t in evals["task"]])
+    return TaskData(train=train, eval=evals, labels=labels, source=source, tasks=tasks, task_labels=task_labels)
 
 
 def _label_sort_key(value: str) -> tuple:
@@ -197,9 +329,17 @@ def _label_sort_key(value: str) -> tuple:
         return (1, 0.0, value)
 
 
-def _encode_labels(ds: Any, column: str, index: dict[str, int]) -> Any:
-    ds = ds.map(lambda row: {"labels": index[str(row[column])]}, remove_columns=[column])
-    return ds
+def _label_names(ds: Any, qualified: bool) -> list[str]:
+    """Each row's class name: its label, or ``<task>:<label>`` with tasks."""
+    if qualified:
+        return [f"{t}:{v}" for t, v in zip(ds["task"], ds["label"])]
+    return [str(v) for v in ds["label"]]
+
+
+def _encode_labels(ds: Any, qualified: bool, index: dict[str, int]) -> Any:
+    """Replace the loaded ``label`` column by ``labels``, the class ids."""
+    ids = [index[name] for name in _label_names(ds, qualified)]
+    return ds.remove_columns("label").add_column("labels", ids)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,16 +353,19 @@ def make_partitioner(cfg: RunConfig, num_partitions: int):
     d = cfg.data
     if d.partitioner == "iid":
         return IidPartitioner(num_partitions=num_partitions)
+    by = partition_by(cfg)
     if d.partitioner == "dirichlet":
-        by = "labels" if cfg.model.task == "classification" else None
-        if by is None:
-            raise DataError("data.partitioner: 'dirichlet' splits over labels; causal LM data has none (use iid or column)")
+        # Over the labels unless a column is named: partition_column = "task" skews the mix of tasks.
+        by = by or ("labels" if cfg.model.task == "classification" else "")
+        if not by:
+            raise DataError("data.partitioner: 'dirichlet' splits over labels; causal LM data has none "
+                            "(use iid or column, or set data.partition_column)")
         return DirichletPartitioner(
             num_partitions=num_partitions, partition_by=by, alpha=d.dirichlet_alpha,
             min_partition_size=1, self_balancing=False, shuffle=True, seed=cfg.seed,
         )
     return PathologicalPartitioner(
-        num_partitions=num_partitions, partition_by=d.partition_column,
+        num_partitions=num_partitions, partition_by=by,
         num_classes_per_partition=1, class_assignment_mode="deterministic", shuffle=True, seed=cfg.seed,
     )
 
@@ -264,10 +407,12 @@ _PARTITIONERS: dict[tuple, Any] = {}
 
 @dataclass
 class Encoded:
-    """Token ids of a dataset, unpadded, plus labels (classification) for batching."""
+    """Token ids of a dataset, unpadded, plus labels (classification) and task ids (multi-task)
+    for batching."""
 
     input_ids: list[list[int]]
     labels: list[int] | None
+    task_ids: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -277,7 +422,34 @@ def encode(ds: Any, tokenizer: Any, max_length: int) -> Encoded:
     """Tokenize the ``text`` column once; batches pad dynamically."""
     ids = tokenizer(list(ds["text"]), truncation=True, max_length=max_length)["input_ids"]
     labels = list(ds["labels"]) if "labels" in ds.column_names else None
-    return Encoded(input_ids=ids, labels=labels)
+    task_ids = list(ds["task_id"]) if "task_id" in ds.column_names else None
+    return Encoded(input_ids=ids, labels=labels, task_ids=task_ids)
+
+
+def subset(enc: Encoded, indices: Iterable[int]) -> Encoded:
+    """The rows ``indices`` of ``enc``, in that order (the lists are new, the rows shared)."""
+    indices = list(indices)
+    return Encoded(
+        input_ids=[enc.input_ids[i] for i in indices],
+        labels=None if enc.labels is None else [enc.labels[i] for i in indices],
+        task_ids=None if enc.task_ids is None else [enc.task_ids[i] for i in indices],
+    )
+
+
+def split_by_task(enc: Encoded) -> dict[int, Encoded]:
+    """``enc``'s rows grouped by task id (ascending), for training one adapter per task.
+
+    Raises
+    ------
+    ValueError
+        When ``enc`` has no task ids (the data has no tasks).
+    """
+    if enc.task_ids is None:
+        raise ValueError("split_by_task: the encoded data has no task ids (data.tasks and data.task_column unset)")
+    rows: dict[int, list[int]] = {}
+    for i, task_id in enumerate(enc.task_ids):
+        rows.setdefault(task_id, []).append(i)
+    return {task_id: subset(enc, rows[task_id]) for task_id in sorted(rows)}
 
 
 def collate(enc: Encoded, indices: list[int], pad_id: int, causal: bool) -> dict[str, torch.Tensor]:

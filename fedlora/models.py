@@ -116,9 +116,26 @@ def load_model(cfg: ModelConfig, num_labels: int = 2, seed: int = 0) -> LoadedMo
             model.config.pad_token_id = tokenizer.pad_token_id
         for param in model.parameters():
             param.requires_grad_(False)
+        if qconfig is not None:
+            _guard_cpu_repacking(model)
         loaded = LoadedModel(model=model, tokenizer=tokenizer, source=source, key=key)
         _CACHE[key] = loaded
         return loaded
+
+
+def _guard_cpu_repacking(model: torch.nn.Module) -> None:
+    """Keep bitsandbytes from repacking 4-bit weights for CPU inference.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks a Linear4bit's weight on its first
+    evaluation-mode forward and never unpacks it. fedlora evaluates and trains the same frozen
+    base in one process (the server's evaluation, then the clients' rounds), and training on a
+    repacked weight fails inside bitsandbytes ("a view of a leaf Variable ... in-place"), as does
+    repacking a layer whose width is not a multiple of the quantization block. The generic path
+    serves both.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def clear_cache() -> None:

@@ -1,10 +1,12 @@
-"""A deterministic, offline text-classification task made of real English words.
+"""Deterministic, offline text-classification tasks made of real English words.
 
-It exists so the quickstart runs on a machine with no dataset hub: four topics (sports,
-cooking, weather, technology), each sentence built from a topic's own nouns and verbs mixed
-with shared filler and a sprinkle of words from other topics. A pretrained encoder already
-knows these words, which is what lets a few federated rounds of LoRA climb far above chance.
-It is synthetic: say so wherever its numbers are reported.
+They exist so the quickstart runs on a machine with no dataset hub. ``topics``: four topics
+(sports, cooking, weather, technology), each sentence built from a topic's own nouns and verbs
+mixed with shared filler and a sprinkle of words from other topics. ``sentiment``: positive or
+negative reviews of products and restaurants, with a vocabulary of their own so that a
+multi-task run (one adapter per task) has two genuinely different tasks. A pretrained encoder
+already knows these words, which is what lets a few federated rounds of LoRA climb far above
+chance. They are synthetic: say so wherever their numbers are reported.
 """
 
 from __future__ import annotations
@@ -87,13 +89,76 @@ def generate_topics(num_examples: int, seed: int = 0, noise: float = 0.15) -> di
     return {"text": texts, "label": labels}
 
 
+# Reviews: the subject is neutral, the opinion and the verdict carry the polarity. No word is
+# shared with TOPICS beyond "the", "a", "of" and the like, so the two tasks need different adapters.
+REVIEWS: dict[str, list[str]] = {
+    "subjects": ["the headset", "the blender", "the vacuum cleaner", "the mattress", "the backpack",
+                 "the umbrella", "the espresso machine", "the desk lamp", "the jacket", "the suitcase",
+                 "the restaurant", "the hospitality", "the dessert", "the buffet", "the menu",
+                 "the atmosphere", "the bartender", "the wine list", "the delivery", "the hotel room"],
+}
+SENTIMENT: dict[str, dict[str, list[str]]] = {
+    "positive": {
+        "opinions": ["was absolutely wonderful", "exceeded all expectations", "felt sturdy and reliable",
+                     "was a delight", "looked gorgeous", "was worth every penny", "impressed everyone",
+                     "was friendly and attentive", "felt comfortable", "was excellent"],
+        "verdicts": ["highly recommended", "five stars", "i will definitely return", "i love it",
+                     "i would purchase another", "a pleasant surprise", "great value", "simply perfect"],
+    },
+    "negative": {
+        "opinions": ["was terribly disappointing", "broke within days", "felt cheap and flimsy",
+                     "was a nightmare", "looked shabby", "was a waste of money", "annoyed everyone",
+                     "was rude and careless", "felt uncomfortable", "was awful"],
+        "verdicts": ["avoid it", "one star", "i will never return", "i hate it", "i want a refund",
+                     "a total letdown", "poor value", "simply useless"],
+    },
+}
+REVIEW_FILLERS = ["honestly", "overall", "to be fair", "in my opinion", "frankly", "all things considered"]
+
+
+def generate_sentiment(num_examples: int, seed: int = 0, noise: float = 0.15) -> dict[str, list]:
+    """Generate ``num_examples`` positive or negative reviews, deterministically from ``seed``.
+
+    Parameters
+    ----------
+    num_examples : int
+        Rows to produce; labels are balanced in expectation.
+    seed : int
+        Same seed, same rows, on every machine.
+    noise : float
+        Probability that a review's opinion has the other polarity (its verdict still decides),
+        which keeps the task from being solvable by one keyword.
+
+    Returns
+    -------
+    dict
+        Columns ``text`` (str) and ``label`` (``positive`` or ``negative``), as
+        :func:`generate_topics`.
+    """
+    rng = random.Random(seed)
+    names = sorted(SENTIMENT)
+    texts, labels = [], []
+    for _ in range(num_examples):
+        label = rng.choice(names)
+        other = names[1 - names.index(label)]
+        opinion_bank = SENTIMENT[other] if rng.random() < noise else SENTIMENT[label]
+        words = [rng.choice(REVIEWS["subjects"]), rng.choice(opinion_bank["opinions"]),
+                 rng.choice(SENTIMENT[label]["verdicts"])]
+        if rng.random() < 0.5:
+            words.insert(0, rng.choice(REVIEW_FILLERS))
+        texts.append(" ".join(words))
+        labels.append(label)
+    return {"text": texts, "label": labels}
+
+
+# ``synthetic:<name>`` in data.path: the generators by name.
+GENERATORS = {"topics": generate_topics, "sentiment": generate_sentiment}
+
+
 def vocabulary() -> list[str]:
-    """Every word the generator can emit (for building tiny test tokenizers)."""
-    words: set[str] = set()
-    for bank in TOPICS.values():
-        for phrases in bank.values():
-            for phrase in phrases:
-                words.update(phrase.split())
-    for phrase in FILLERS:
-        words.update(phrase.split())
-    return sorted(words)
+    """Every word the generators can emit (for building tiny test tokenizers)."""
+    phrases: list[str] = list(FILLERS) + list(REVIEW_FILLERS) + REVIEWS["subjects"]
+    for bank in list(TOPICS.values()) + list(SENTIMENT.values()):
+        for group in bank.values():
+            phrases += group
+    return sorted({word for phrase in phrases for word in phrase.split()})

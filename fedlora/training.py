@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +48,7 @@ def train_local(
     causal: bool,
     seed: int,
     on_step: Callable[[int, float], None] | None = None,
+    regularizer: Callable[[], torch.Tensor] | None = None,
 ) -> TrainResult:
     """Run ``steps`` AdamW steps on ``params`` (all other parameters stay frozen).
 
@@ -69,6 +70,9 @@ def train_local(
         Seeds dropout and the batch order, so a client's round is reproducible.
     on_step : callable, optional
         Called with (step, loss) after every step, for progress display.
+    regularizer : callable, optional
+        Returns a penalty added to each step's loss (HetLoRA's rank regulariser); the reported
+        loss excludes it.
     """
     params = list(params)
     for p in params:
@@ -85,7 +89,7 @@ def train_local(
             out = model(**batch)
             loss = out.loss
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss + regularizer() if regularizer is not None else loss).backward()
             optimizer.step()
             value = float(loss.detach())
             total += value * len(idx)
@@ -101,11 +105,42 @@ def train_local(
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, data: Encoded, *, batch_size: int, pad_id: int, causal: bool
+    model: torch.nn.Module,
+    data: Encoded,
+    *,
+    batch_size: int,
+    pad_id: int,
+    causal: bool,
+    task_labels: Mapping[int, Sequence[int]] | None = None,
+    task_names: Sequence[str] | None = None,
 ) -> dict[str, float]:
-    """Mean loss and accuracy (classification) or perplexity (causal LM) over ``data``."""
+    """Mean loss and accuracy (classification) or perplexity (causal LM) over ``data``.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model to evaluate, with the adapter to judge active.
+    data : Encoded
+        Tokenized held-out examples.
+    batch_size, pad_id : int
+        Batching.
+    causal : bool
+        Next-token loss and perplexity instead of classification.
+    task_labels : mapping of int to sequence of int, optional
+        For multi-task classification, each task id's label ids. With ``data.task_ids`` set, a
+        row's prediction is the argmax over its own task's labels only (a task's classifier never
+        answers with another task's class), and ``eval_accuracy/<task>`` is added for every task
+        present. ``eval_accuracy`` is then the overall accuracy of these predictions; the loss
+        stays the model's own.
+    task_names : sequence of str, optional
+        Names by task id for the per-task keys (default: the task ids).
+    """
     model.eval()
+    masked = not causal and task_labels is not None and data.task_ids is not None
     loss_sum, weight, correct = 0.0, 0, 0
+    task_correct: dict[int, int] = {}
+    task_count: dict[int, int] = {}
+    allowed: torch.Tensor | None = None  # (task id, label id) -> may be predicted; built on first batch
     for start in range(0, len(data), batch_size):
         idx = list(range(start, min(start + batch_size, len(data))))
         batch = collate(data, idx, pad_id, causal)
@@ -114,11 +149,37 @@ def evaluate(
             tokens = int((batch["labels"][:, 1:] != -100).sum())
             loss_sum += float(out.loss) * tokens
             weight += tokens
-        else:
-            loss_sum += float(out.loss) * len(idx)
-            weight += len(idx)
-            correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+            continue
+        loss_sum += float(out.loss) * len(idx)
+        weight += len(idx)
+        logits = out.logits
+        labels = batch["labels"].to(logits.device)
+        if not masked:
+            correct += int((logits.argmax(-1) == labels).sum())
+            continue
+        if allowed is None:
+            allowed = _allowed_labels(task_labels, max(data.task_ids) + 1, logits.shape[-1]).to(logits.device)
+        tids = torch.tensor([data.task_ids[i] for i in idx], dtype=torch.long, device=logits.device)
+        hits = logits.masked_fill(~allowed[tids], float("-inf")).argmax(-1) == labels
+        correct += int(hits.sum())
+        for tid, hit in zip(tids.tolist(), hits.tolist()):
+            task_count[tid] = task_count.get(tid, 0) + 1
+            task_correct[tid] = task_correct.get(tid, 0) + int(hit)
     loss = loss_sum / max(weight, 1)
     if causal:
         return {"eval_loss": loss, "eval_perplexity": float(math.exp(min(loss, 50.0)))}
-    return {"eval_loss": loss, "eval_accuracy": correct / max(len(data), 1)}
+    result = {"eval_loss": loss, "eval_accuracy": correct / max(len(data), 1)}
+    for tid in sorted(task_count):
+        name = task_names[tid] if task_names is not None and tid < len(task_names) else str(tid)
+        result[f"eval_accuracy/{name}"] = task_correct[tid] / task_count[tid]
+    return result
+
+
+def _allowed_labels(task_labels: Mapping[int, Sequence[int]], num_tasks: int, num_labels: int) -> torch.Tensor:
+    """Boolean (task, label) mask; a task missing from ``task_labels`` may predict any label."""
+    allowed = torch.ones((max(num_tasks, 1), num_labels), dtype=torch.bool)
+    for tid in range(num_tasks):
+        if tid in task_labels:
+            allowed[tid] = False
+            allowed[tid, [i for i in task_labels[tid] if 0 <= i < num_labels]] = True
+    return allowed
