@@ -53,6 +53,14 @@ def test_bad_inputs_exit_2_and_write_nothing(in_tmp, capsys, tiny_bert):
         (["--set", f"data.path={csv}", "--set", "federation.clients=50"], "federation.clients"),
         (["--set", "strategy.name=nope"], "fedavg"),
         (["--set", "novalue"], "key=value"),
+        # Strategy-specific mistakes, all before any training.
+        (["--set", "strategy.name=nope"], "hetlora"),  # the known names are listed
+        (["--set", "strategy.name=hetlora", "--set", "federation.profiles=[{rank=4}]"], "federation.profiles[0].rank"),
+        (["--set", "strategy.name=fltac"], "data.task_column"),
+        (["--set", "strategy.name=federa", "--set", "model.quantization='4bit'"], "model.quantization"),
+        (["--set", "strategy.name=fedavg", "--set", "federation.profiles=[{rank=1},{rank=2}]"], "hetlora"),
+        (["--set", "strategy.name=hetlora", "--set", "strategy.prune_gamma=2"], "strategy.prune_gamma"),
+        (["--set", "strategy.name=ffa", "--set", "strategy.clusters=2"], "strategy.clusters"),
     ]
     for extra, needle in cases:
         _fails(capsys, ["simulate", str(preset), *extra], needle)
