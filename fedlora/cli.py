@@ -72,7 +72,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     progress = Progress(quiet=args.quiet)
     progress.line(
         f"fedlora simulate: {cfg.name}  strategy {cfg.strategy.name}  {cfg.federation.clients} clients  "
-        f"{cfg.rounds} rounds  model {cfg.model.name}  data {cfg.data.path}  backend {args.backend}"
+        f"{cfg.rounds} rounds  model {cfg.model.name}  data "
+        f"{', '.join(f'{t.name}={t.path}' for t in cfg.data.tasks) if cfg.data.tasks else cfg.data.path}  "
+        f"backend {args.backend}"
     )
     result = simulate(cfg, out=args.out, backend=args.backend, resume=args.resume, progress=progress,
                       ray_address=args.ray_address)
