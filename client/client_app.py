@@ -21,6 +21,7 @@ import os
 import threading
 import time
 import zlib
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -164,18 +165,37 @@ def _svd_delta(host: AdapterHost, module: str, rank: int) -> torch.Tensor:
     return residual - weight
 
 
-def handle_train(msg: Message, context: Context) -> Message:
-    """Train the received factors on this node's data and reply with them."""
+LOCAL_STATE = "fedlora-local"
+
+
+def _setup(msg: Message) -> tuple[RunConfig, list[str], Any, AdapterHost, AdapterSpec]:
+    """(run, labels, loaded model, adapter host, adapter spec) a message asks for."""
     config = msg.content["config"]
     run = RunConfig.from_dict(json.loads(str(config["run"])))
     labels = json.loads(str(config["labels"]))
     loaded = load_model(run.model, num_labels=max(len(labels), 2), seed=run.seed)
-    host = get_host(loaded)
     rank = int(config["rank"])
     spec = AdapterSpec.from_config(run.lora, run.model.task, rank=rank)
     if "alpha" in config:
         spec = AdapterSpec(rank=rank, alpha=float(config["alpha"]), dropout=spec.dropout,
                            target_modules=spec.target_modules, task=spec.task)
+    return run, labels, loaded, get_host(loaded), spec
+
+
+def local_tensors(context: Context, host: AdapterHost, name: str, marker: str, sent: dict) -> dict[str, torch.Tensor]:
+    """The tensors this node keeps for itself (FedSA-LoRA's B): from ``context.state``, which
+    persists across rounds, else peft's init for B (zeros)."""
+    keys = [k for k in host.shapes(name) if f".{marker}." in k and k not in sent]
+    stored = from_record(context.state[LOCAL_STATE]) if LOCAL_STATE in context.state else {}
+    shapes = host.shapes(name)
+    return {k: stored[k] if k in stored and tuple(stored[k].shape) == shapes[k] else torch.zeros(shapes[k]) for k in keys}
+
+
+def handle_train(msg: Message, context: Context) -> Message:
+    """Train the received factors on this node's data and reply with them."""
+    config = msg.content["config"]
+    run, labels, loaded, host, spec = _setup(msg)
+    rank = spec.rank
     received = from_record(msg.content["arrays"])
     factors = {k: v for k, v in received.items() if is_base_delta(k)}
     trained = {k: v for k, v in received.items() if not is_base_delta(k)}
@@ -206,6 +226,8 @@ def handle_train(msg: Message, context: Context) -> Message:
                 frozen = {k: s for k, s in host.shapes(name).items() if k not in tensors}
                 host.load_state(name, seeded_lora_a(frozen, int(config["a-seed"])))
             host.load_state(name, tensors)
+            local = local_tensors(context, host, name, str(config["keep-local"]), tensors) if "keep-local" in config else {}
+            host.load_state(name, local)
             params = host.params(name)
             steps = steps_for(len(task_data), int(config["batch-size"]), int(config["local-steps"]),
                               float(config["local-epochs"]))
@@ -216,7 +238,7 @@ def handle_train(msg: Message, context: Context) -> Message:
                 regularizer = lambda p=params, k=keep, lam=lam: lam * tail_penalty(p, k)  # noqa: E731
             result = train_local(
                 host.peft_model,
-                [params[k] for k in tensors],
+                [params[k] for k in tensors] + [params[k] for k in local],
                 task_data,
                 steps=steps,
                 batch_size=int(config["batch-size"]),
@@ -227,6 +249,8 @@ def handle_train(msg: Message, context: Context) -> Message:
                 regularizer=regularizer,
             )
             out = {k: params[k].detach().clone() for k in tensors}
+            if local:  # kept on this node for the next round, never sent
+                context.state[LOCAL_STATE] = to_record({k: params[k] for k in local})
             if pruning:
                 out, new_rank = self_prune(out, rank, gamma=float(config["prune-gamma"]),
                                            threshold=float(config["prune-threshold"]), min_rank=int(config["min-rank"]))
@@ -249,6 +273,54 @@ def handle_train(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
+def client_eval_data(run: RunConfig, context: Context, tokenizer: Any) -> tuple[Encoded, Any]:
+    """This node's held-out examples and their TaskData: the run's evaluation split in simulation,
+    the held-out part of ``data-path`` on a device."""
+    if "data-path" in context.node_config:
+        raw = run.to_dict()
+        raw["data"] = {**raw["data"], "path": str(context.node_config["data-path"]), "eval_path": "",
+                       "max_train_examples": 0}
+        run = RunConfig.from_dict(raw)
+    data = load_task_data(run)
+    enc = _cached(("eval", repr(run.data), run.model.task, run.seed, run.model.name, run.model.max_length),
+                  lambda: encode(data.eval, tokenizer, run.model.max_length))
+    return enc, data
+
+
+def handle_evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate this node's own model (received shared tensors + what it keeps); export it if asked."""
+    from fedlora.export import export_adapter
+    from fedlora.training import evaluate
+
+    config = msg.content["config"]
+    run, labels, loaded, host, spec = _setup(msg)
+    received = from_record(msg.content["arrays"])
+    enc, data = client_eval_data(run, context, loaded.tokenizer)
+    kwargs: dict[str, Any] = {}
+    if data.tasks and run.model.task == "classification":
+        kwargs = {"task_labels": {i: data.task_labels[t] for i, t in enumerate(data.tasks)}, "task_names": data.tasks}
+    with host.lock:
+        name = host.ensure(spec, seed=run.seed)
+        host.set_base_delta({}, "")
+        host.load_state(name, received)
+        local = local_tensors(context, host, name, str(config["keep-local"]), received) if "keep-local" in config else {}
+        host.load_state(name, local)
+        metrics = evaluate(host.peft_model, enc, batch_size=max(int(config["batch-size"]), 32),
+                           pad_id=loaded.tokenizer.pad_token_id, causal=run.model.task == "causal_lm", **kwargs)
+        if bool(config.get("export", False)) and "export-dir" in context.node_config:
+            node = context.node_config.get("partition-id", context.node_id)
+            export_adapter(host, name, {**received, **local}, Path(str(context.node_config["export-dir"])) / str(node)
+                           / "adapter", run, labels, {"personalized": True, "node": str(node)})
+    metrics = {k: float(v) for k, v in metrics.items()}
+    metrics["num-examples"] = int(len(enc))
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     return handle_train(msg, context)
+
+
+@app.evaluate()
+def evaluate_(msg: Message, context: Context) -> Message:
+    return handle_evaluate(msg, context)

@@ -209,6 +209,25 @@ def evaluate_state(prepared: Prepared, state: dict[str, torch.Tensor],
     return evaluate_views(prepared, strategy.views(state))
 
 
+def federated_evaluate(grid: Grid, strategy: LoRAStrategy, state: dict[str, torch.Tensor], shared: dict[str, str],
+                       server_round: int, clients: dict[int, dict[str, Any]], timeout: float) -> dict[str, float]:
+    """Personalized strategies: every node evaluates its own model; the mean is the round's metric.
+
+    Each node's accuracy/loss lands in its ``clients`` entry; nodes that fail are skipped.
+    """
+    messages = list(strategy.configure_evaluate(server_round, to_record(state), ConfigRecord(dict(shared)), grid))
+    replies = _collect(grid, messages, timeout, lambda *_: None)
+    for reply in replies:
+        if reply.has_error() or "metrics" not in reply.content.metric_records:
+            continue
+        node = reply.metadata.src_node_id
+        got = dict(reply.content.metric_records["metrics"])
+        clients.setdefault(node, {"node_id": node}).update(
+            {k: float(v) for k, v in got.items() if k in ("eval_accuracy", "eval_loss", "eval_perplexity")})
+    agg = strategy.aggregate_evaluate(server_round, replies)
+    return {k: float(v) for k, v in dict(agg).items()} if agg is not None else {}
+
+
 def query_nodes(grid: Grid, strategy: LoRAStrategy, shared: dict[str, str], timeout: float) -> None:
     """Ask nodes the strategy has not heard from what they have; record it in ``node_info``."""
     unknown = [n for n in sorted(grid.get_node_ids()) if n not in strategy.node_info]
@@ -349,6 +368,10 @@ def run_server(grid: Grid, prepared: Prepared, run_dir: RunDirectory, *, progres
         for node, facts in strategy.client_report.items():
             clients.setdefault(node, {"node_id": node}).update(facts)
         eval_metrics = evaluate_state(prepared, state, strategy)
+        if strategy.personalized:
+            shared_eval = {f"global_{k}": v for k, v in eval_metrics.items()}
+            eval_metrics = {**federated_evaluate(grid, strategy, state, shared, server_round, clients,
+                                                 cfg.federation.round_timeout), **shared_eval}
         record: dict[str, Any] = {
             "round": server_round,
             "strategy": cfg.strategy.name,

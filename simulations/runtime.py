@@ -62,7 +62,9 @@ def simulate(
         from flwr.common.constant import SUPERLINK_NODE_ID
         from flwr.supercore.task_identity import TaskIdentity
 
-        grid = InProcessGrid(client_app, cfg.federation.clients)
+        # Personalized strategies' clients write their own adapters under the run directory.
+        grid = InProcessGrid(client_app, cfg.federation.clients,
+                             node_config={"export-dir": str(Path(run_dir.path) / "clients")})
         # Message() stamps the sender's identity from TaskIdentity, as the SuperLink runtime sets it.
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, grid.run.run_id, SUPERLINK_NODE_ID
         server_app(grid, Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={}))

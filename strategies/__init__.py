@@ -15,6 +15,7 @@ from .fedavg import FedAvgLoRA, weighted_mean
 from .ffa import FFALoRA, ffa_aggregate
 from .federa import FeDeRA, federa_init
 from .fedex import FedExLoRA, fedex_aggregate
+from .fedsa import FedSALoRA
 from .flora import FLoRA, flora_aggregate
 from .fltac import FLTAC, cluster_purity, fltac_aggregate, kmeans
 from .hetlora import HetLoRA, hetlora_aggregate
@@ -30,7 +31,7 @@ def register(cls: type[LoRAStrategy]) -> type[LoRAStrategy]:
     return cls
 
 
-for _cls in (FedAvgLoRA, FFALoRA, FeDeRA, HetLoRA, FLTAC, FLoRA, FedExLoRA):
+for _cls in (FedAvgLoRA, FFALoRA, FeDeRA, HetLoRA, FLTAC, FLoRA, FedSALoRA, FedExLoRA):
     register(_cls)
 
 
@@ -50,7 +51,7 @@ def create(cfg: RunConfig, spec: AdapterSpec) -> LoRAStrategy:
 
 __all__ = [
     "STRATEGIES", "ClientUpdate", "GlobalView", "LoRAStrategy", "NodeInfo", "FedAvgLoRA", "FFALoRA", "FeDeRA",
-    "FedExLoRA", "FLoRA", "FLTAC", "HetLoRA", "cluster_purity", "create", "federa_init", "fedex_aggregate",
+    "FedExLoRA", "FedSALoRA", "FLoRA", "FLTAC", "HetLoRA", "cluster_purity", "create", "federa_init", "fedex_aggregate",
     "ffa_aggregate", "flora_aggregate", "fltac_aggregate", "get_strategy_class", "hetlora_aggregate", "kmeans",
     "register", "weighted_mean",
 ]

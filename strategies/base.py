@@ -161,6 +161,8 @@ class LoRAStrategy(Strategy):
     heterogeneous_ranks: ClassVar[bool] = False
     #: Whether the strategy rewrites the frozen base weights (SVD init, merges): needs float weights.
     needs_float_base: ClassVar[bool] = False
+    #: Whether each client ends with its own model (evaluated on the clients: configure_evaluate).
+    personalized: ClassVar[bool] = False
 
     def __init__(self, cfg: RunConfig, spec: AdapterSpec) -> None:
         self.cfg = cfg

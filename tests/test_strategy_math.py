@@ -168,3 +168,30 @@ def test_kmeans_purity_and_cluster_naming():
     assert centres.shape == (2, 3)
     assert cluster_purity([0, 0, 1, 1], ["a", "b", "b", "b"]) == 0.75
     assert task_clusters([0, 0, 1, 1], ["a", "a", "b", "a"]) == {"a": 0, "b": 1}
+
+
+# -- FedSA-LoRA -----------------------------------------------------------------------------------
+
+def test_fedsa_never_sends_b():
+    from flwr.app import ConfigRecord
+
+    from fedlora.adapters import AdapterSpec, from_record, to_record
+    from fedlora.config import RunConfig
+    from fedlora.strategies import create
+
+    cfg = RunConfig.from_dict({"strategy": {"name": "fedsa"}, "rounds": 2})
+    strategy = create(cfg, AdapterSpec(rank=2, alpha=4.0, dropout=0.0, target_modules=("query",), task="classification"))
+    state = {**adapter(2), "base_model.model.classifier.modules_to_save.weight": torch.randn(4, 12)}
+    assert not [k for k in strategy.payload(1, state) if ".lora_B." in k]
+    assert "base_model.model.classifier.modules_to_save.weight" in strategy.payload(1, state)
+
+    class TwoNodes:
+        def get_node_ids(self):
+            return [7, 8]
+
+    messages = list(strategy.configure_evaluate(2, to_record(state), ConfigRecord({"run": "{}", "labels": "[]"}),
+                                                TwoNodes()))
+    assert len(messages) == 2
+    for msg in messages:
+        assert not [k for k in from_record(msg.content["arrays"]) if ".lora_B." in k]
+        assert msg.content["config"]["export"] is True  # the last round asks clients to export

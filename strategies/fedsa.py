@@ -1,0 +1,95 @@
+"""FedSA-LoRA: share A, keep B on the client.
+
+Guo et al., "Selective Aggregation for Low-Rank Adaptation in Federated Learning", ICLR 2025
+(arXiv 2410.01463). The paper finds that A factors learn what clients have in common and B
+factors what is specific to each; so only A (and a trained head) is sent, averaged and sent
+back, while each client keeps its own B across rounds. B never crosses the network, in either
+direction.
+
+The result is a personalized model per client: ``W0 + scaling * B_k @ A``. Clients keep B in
+Flower's per-node ``Context.state`` (which persists across rounds in simulation and on a
+deployed SuperNode). Evaluation is therefore federated: after each round every node evaluates
+its own model (the new shared A, its own B) on its held-out data and the server reports the
+mean (``eval_*``) next to the shared part alone on the server's split (``global_eval_*``, B
+zero). The run's ``adapter/`` is the shared part (A, head, B zero); on the last round each
+simulated client writes its personalized adapter to ``clients/<partition>/adapter/`` (a
+deployed client writes it on its own device), each loadable with ``PeftModel.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from fedlora.adapters import is_lora_b, to_record
+
+from .base import ClientUpdate, LoRAStrategy
+from .fedavg import weighted_mean
+
+
+def shared_part(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What FedSA-LoRA sends: every tensor except the B factors."""
+    return {k: v for k, v in state.items() if not is_lora_b(k)}
+
+
+def mean_metrics(metrics: list[Mapping[str, Any]], weights: list[float]) -> dict[str, float]:
+    """Weighted mean of the numeric ``eval_*`` entries of each node's evaluation."""
+    total = float(sum(weights))
+    keys = sorted({k for m in metrics for k in m if k.startswith("eval_")})
+    out = {}
+    for key in keys:
+        pairs = [(float(m[key]), w) for m, w in zip(metrics, weights) if key in m]
+        if pairs:
+            out[key] = sum(v * w for v, w in pairs) / sum(w for _, w in pairs) if total > 0 else 0.0
+    return out
+
+
+class FedSALoRA(LoRAStrategy):
+    """``fedsa``: A (and head) averaged; every client keeps its own B; personalized evaluation."""
+
+    name = "fedsa"
+    personalized = True
+
+    def payload(self, node_id: int, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return shared_part(state)
+
+    def client_config(self, node_id: int, server_round: int) -> dict[str, Any]:
+        return {"keep-local": "lora_B"}
+
+    def aggregate(self, server_round: int, state: dict[str, torch.Tensor], updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
+        state.update(weighted_mean([u.state for u in updates], [u.num_examples for u in updates]))
+        return state
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Every node evaluates its personalized model; on the last round it also exports it."""
+        from fedlora.adapters import from_record
+
+        record = to_record(shared_part(from_record(arrays)), self.cfg.federation.transport_dtype)
+        messages = []
+        for node_id in sorted(grid.get_node_ids()):
+            entries = dict(config)
+            entries.update(self.base_client_config(node_id, server_round))
+            entries.update(self.client_config(node_id, server_round))
+            entries["export"] = server_round == self.cfg.rounds
+            content = RecordDict({"arrays": record, "config": ConfigRecord(entries)})
+            messages.append(Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node_id,
+                                    group_id=f"eval-{server_round}"))
+        return messages
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        metrics, weights = [], []
+        for reply in replies:
+            if reply.has_error() or "metrics" not in reply.content.metric_records:
+                continue
+            m = dict(reply.content.metric_records["metrics"])
+            metrics.append(m)
+            weights.append(float(m.get("num-examples", 1)))
+        if not metrics:
+            return None
+        return MetricRecord(mean_metrics(metrics, weights))
