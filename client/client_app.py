@@ -60,8 +60,28 @@ def client_dataset(run: RunConfig, context: Context) -> Any:
         local = RunConfig.from_dict(raw)
         return _cached(("local", repr(local.data), run.model.task), lambda: load_task_data(local).train)
     pid, num = int(node_cfg["partition-id"]), int(node_cfg["num-partitions"])
-    return _cached(("partition", repr(run.data), run.model.task, run.seed, pid, num),
+    part = _cached(("partition", repr(run.data), run.model.task, run.seed, pid, num),
                    lambda: load_partition(run, pid, num))
+    if _personalized(run):
+        return _local_split(run, part, pid)["train"]
+    return part
+
+
+def _personalized(run: RunConfig) -> bool:
+    from fedlora.strategies import STRATEGIES
+
+    cls = STRATEGIES.get(run.strategy.name)
+    return bool(cls is not None and cls.personalized)
+
+
+def _local_split(run: RunConfig, part: Any, pid: int) -> dict[str, Any]:
+    """A personalized model is judged on its own distribution: a seeded ``data.eval_fraction`` of
+    the node's partition is held out (all of it is used for both when it has one example)."""
+    def build():
+        if len(part) < 2:
+            return {"train": part, "test": part}
+        return part.train_test_split(test_size=run.data.eval_fraction, seed=run.seed + pid, shuffle=True)
+    return _cached(("local-split", repr(run.data), run.model.task, run.seed, pid, id(part)), build)
 
 
 def client_data(run: RunConfig, context: Context, tokenizer: Any) -> Encoded:
@@ -274,16 +294,22 @@ def handle_train(msg: Message, context: Context) -> Message:
 
 
 def client_eval_data(run: RunConfig, context: Context, tokenizer: Any) -> tuple[Encoded, Any]:
-    """This node's held-out examples and their TaskData: the run's evaluation split in simulation,
-    the held-out part of ``data-path`` on a device."""
-    if "data-path" in context.node_config:
+    """This node's held-out examples and the run's TaskData (labels, tasks): a seeded held-out part
+    of its partition in simulation, the held-out part of ``data-path`` on a device."""
+    node_cfg = context.node_config
+    if "data-path" in node_cfg:
         raw = run.to_dict()
-        raw["data"] = {**raw["data"], "path": str(context.node_config["data-path"]), "eval_path": "",
-                       "max_train_examples": 0}
+        raw["data"] = {**raw["data"], "path": str(node_cfg["data-path"]), "eval_path": "", "max_train_examples": 0}
         run = RunConfig.from_dict(raw)
+        held_out = load_task_data(run).eval
+    else:
+        pid, num = int(node_cfg["partition-id"]), int(node_cfg["num-partitions"])
+        part = _cached(("partition", repr(run.data), run.model.task, run.seed, pid, num),
+                       lambda: load_partition(run, pid, num))
+        held_out = _local_split(run, part, pid)["test"]
     data = load_task_data(run)
-    enc = _cached(("eval", repr(run.data), run.model.task, run.seed, run.model.name, run.model.max_length),
-                  lambda: encode(data.eval, tokenizer, run.model.max_length))
+    enc = _cached(("eval", id(held_out), run.model.name, run.model.max_length),
+                  lambda: encode(held_out, tokenizer, run.model.max_length))
     return enc, data
 
 

@@ -86,6 +86,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     for record in result.rounds:
         print(f"  round {record['round']}: {record[metric]:.4f}")
     print(f"Load the adapter: PeftModel.from_pretrained(base, {str(result.adapter_dir)!r})")
+    clients_dir = Path(result.run_dir) / "clients"
+    if clients_dir.is_dir():
+        print(f"Each client's own (personalized) adapter: {clients_dir}/<partition>/adapter")
     return 0
 
 

@@ -6,7 +6,8 @@ factors what is specific to each; so only A (and a trained head) is sent, averag
 back, while each client keeps its own B across rounds. B never crosses the network, in either
 direction.
 
-The result is a personalized model per client: ``W0 + scaling * B_k @ A``. Clients keep B in
+The result is a personalized model per client: ``W0 + scaling * B_k @ A`` with peft's
+``scaling = alpha / r`` for every client. Clients keep B in
 Flower's per-node ``Context.state`` (which persists across rounds in simulation and on a
 deployed SuperNode). Evaluation is therefore federated: after each round every node evaluates
 its own model (the new shared A, its own B) on its held-out data and the server reports the
