@@ -17,17 +17,16 @@ those of the dense matrices. The exported adapter folds it in: ``B' = [s B, B_d]
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 
 import torch
 
-from fedlora.adapters import AdapterSpec, lora_keys, lora_modules
+from fedlora.adapters import lora_keys, lora_modules
 from fedlora.lowrank import stack
 
-from .base import ClientUpdate, LoRAStrategy
+from .base import ClientUpdate
 from .fedavg import weighted_mean
 from .flora import accumulate_delta
-from .hetlora import pad, truncate
+from .ranks import HeterogeneousRankStrategy, pad
 
 
 def fedex_aggregate(
@@ -54,34 +53,11 @@ def fedex_aggregate(
     return out
 
 
-class FedExLoRA(LoRAStrategy):
+class FedExLoRA(HeterogeneousRankStrategy):
     """``fedex``: FedAvg of A and B plus the exact residual in the frozen weight."""
 
     name = "fedex"
-    heterogeneous_ranks = True
     needs_float_base = True
-
-    def __init__(self, cfg, spec: AdapterSpec) -> None:
-        super().__init__(cfg, spec)
-        self._truncated: dict[int, dict[str, torch.Tensor]] = {}
-
-    def node_rank(self, node_id: int) -> int:
-        info = self.node_info.get(node_id)
-        return min(info.rank, self.spec.rank) if info is not None else self.spec.rank
-
-    def node_spec(self, node_id: int) -> AdapterSpec:
-        rank = self.node_rank(node_id)
-        return replace(self.spec, rank=rank, alpha=self.spec.alpha * rank / self.spec.rank)
-
-    def configure_train(self, server_round, arrays, config, grid):
-        self._truncated = {}
-        return super().configure_train(server_round, arrays, config, grid)
-
-    def payload(self, node_id: int, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        rank = self.node_rank(node_id)
-        if rank not in self._truncated:
-            self._truncated[rank] = truncate(state, rank)
-        return self._truncated[rank]
 
     def aggregate(self, server_round: int, state: dict[str, torch.Tensor], updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
         return fedex_aggregate(state, [u.state for u in updates], [u.num_examples for u in updates], self.spec.scaling)

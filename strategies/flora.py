@@ -19,16 +19,15 @@ to that rank), exact on the original base model.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 
 import torch
 
-from fedlora.adapters import AdapterHost, AdapterSpec, delta_keys, is_lora_a, is_lora_b, lora_keys, lora_modules, seeded_lora_a
+from fedlora.adapters import AdapterHost, delta_keys, is_lora_a, is_lora_b, lora_keys, lora_modules, seeded_lora_a
 from fedlora.lowrank import compact, stack
 
-from .base import ClientUpdate, GlobalView, LoRAStrategy, split_base_delta
+from .base import ClientUpdate, GlobalView, split_base_delta
 from .fedavg import weighted_mean
-from .hetlora import truncate
+from .ranks import HeterogeneousRankStrategy
 
 
 def stacked_update(
@@ -70,24 +69,11 @@ def flora_aggregate(
     return out
 
 
-class FLoRA(LoRAStrategy):
+class FLoRA(HeterogeneousRankStrategy):
     """``flora``: stacking aggregation, merged into the base each round; ranks may differ."""
 
     name = "flora"
-    heterogeneous_ranks = True
     needs_float_base = True
-
-    def __init__(self, cfg, spec: AdapterSpec) -> None:
-        super().__init__(cfg, spec)
-        self._truncated: dict[int, dict[str, torch.Tensor]] = {}
-
-    def node_rank(self, node_id: int) -> int:
-        info = self.node_info.get(node_id)
-        return min(info.rank, self.spec.rank) if info is not None else self.spec.rank
-
-    def node_spec(self, node_id: int) -> AdapterSpec:
-        rank = self.node_rank(node_id)
-        return replace(self.spec, rank=rank, alpha=self.spec.alpha * rank / self.spec.rank)
 
     def _fresh_lora(self, state: dict[str, torch.Tensor], server_round: int) -> dict[str, torch.Tensor]:
         shapes = {k: tuple(v.shape) for k, v in state.items() if is_lora_a(k)}
@@ -99,16 +85,6 @@ class FLoRA(LoRAStrategy):
 
     def initialize(self, state: dict[str, torch.Tensor], host: AdapterHost | None = None) -> dict[str, torch.Tensor]:
         return self._fresh_lora(state, 0)
-
-    def configure_train(self, server_round, arrays, config, grid):
-        self._truncated = {}
-        return super().configure_train(server_round, arrays, config, grid)
-
-    def payload(self, node_id: int, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        rank = self.node_rank(node_id)
-        if rank not in self._truncated:
-            self._truncated[rank] = truncate(state, rank)
-        return self._truncated[rank]
 
     def aggregate(self, server_round: int, state: dict[str, torch.Tensor], updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
         merged = flora_aggregate(state, [u.state for u in updates], [u.num_examples for u in updates], self.spec.scaling)

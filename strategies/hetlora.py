@@ -12,36 +12,25 @@ components ``[floor(gamma * r_k), r_k)``; when, after training, the tail carries
 ``threshold`` of the update's norm, the client prunes its rank to ``floor(gamma * r_k)`` (never
 below ``min_rank``) and keeps it for later rounds.
 
-Scaling convention: every client uses the global scaling ``alpha / r_max`` (its adapter's alpha
-is ``alpha * r_k / r_max``), so a truncated adapter is exactly the first components of the
-global one and padding changes nothing.
+Scaling convention: every client uses the global scaling ``alpha / r_max`` (see
+:mod:`.ranks`), so a truncated adapter is exactly the first components of the global one and
+padding changes nothing.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from typing import Any
 
 import torch
 
-from fedlora.adapters import AdapterSpec, is_lora_a, is_lora_b, lora_keys, lora_modules, rank_dim
+from fedlora.adapters import AdapterSpec, is_lora_a, is_lora_b, lora_keys, lora_modules
 from fedlora.errors import ConfigError
-from fedlora.lowrank import pad_rank, truncate_rank
 
-from .base import ClientUpdate, LoRAStrategy
+from .base import ClientUpdate
 from .fedavg import weighted_mean
-
-
-def truncate(state: Mapping[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
-    """The rank-``rank`` truncation of every LoRA factor (other tensors unchanged)."""
-    return {k: truncate_rank(v, rank, rank_dim(k)) if is_lora_a(k) or is_lora_b(k) else v for k, v in state.items()}
-
-
-def pad(state: Mapping[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
-    """Zero-pad every LoRA factor up to ``rank`` (other tensors unchanged)."""
-    return {k: pad_rank(v, rank, rank_dim(k)) if is_lora_a(k) or is_lora_b(k) else v for k, v in state.items()}
+from .ranks import HeterogeneousRankStrategy, pad
 
 
 def update_norm(state: Mapping[str, torch.Tensor], scaling: float) -> float:
@@ -153,14 +142,13 @@ def self_prune(
     return out, keep
 
 
-class HetLoRA(LoRAStrategy):
+class HetLoRA(HeterogeneousRankStrategy):
     """``hetlora``: per-client ranks from ``[[federation.profiles]]`` (or ``fedlora-client --rank``),
     global adapter at ``lora.rank``, sparsity-weighted aggregation of zero-padded replies, local
     rank self-pruning (options ``prune_gamma``, ``prune_threshold``, ``prune_lambda``,
     ``min_rank``; ``prune_gamma = 1`` turns pruning off)."""
 
     name = "hetlora"
-    heterogeneous_ranks = True
     option_types = {
         "prune_gamma": (float, 0.75),
         "prune_threshold": (float, 0.05),
@@ -170,8 +158,7 @@ class HetLoRA(LoRAStrategy):
 
     def __init__(self, cfg, spec: AdapterSpec) -> None:
         super().__init__(cfg, spec)
-        self.ranks: dict[int, int] = {}
-        self._truncated: dict[int, dict[str, torch.Tensor]] = {}
+        self.ranks: dict[int, int] = {}  # ranks the clients pruned themselves to
 
     @classmethod
     def check_setup(cls, cfg, tasks: list[str]) -> None:
@@ -187,24 +174,7 @@ class HetLoRA(LoRAStrategy):
             raise ConfigError(f"config key 'strategy.min_rank' must be in [1, lora.rank], got {opts['min_rank']}")
 
     def node_rank(self, node_id: int) -> int:
-        if node_id in self.ranks:
-            return self.ranks[node_id]
-        info = self.node_info.get(node_id)
-        return min(info.rank, self.spec.rank) if info is not None else self.spec.rank
-
-    def node_spec(self, node_id: int) -> AdapterSpec:
-        rank = self.node_rank(node_id)
-        return replace(self.spec, rank=rank, alpha=self.spec.alpha * rank / self.spec.rank)
-
-    def configure_train(self, server_round, arrays, config, grid):
-        self._truncated = {}
-        return super().configure_train(server_round, arrays, config, grid)
-
-    def payload(self, node_id: int, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        rank = self.node_rank(node_id)
-        if rank not in self._truncated:  # one truncation per rank, shared by its nodes' messages
-            self._truncated[rank] = truncate(state, rank)
-        return self._truncated[rank]
+        return self.ranks.get(node_id, super().node_rank(node_id))
 
     def client_config(self, node_id: int, server_round: int) -> dict[str, Any]:
         return {

@@ -11,7 +11,8 @@ from fedlora.strategies.fedex import fedex_aggregate
 from fedlora.strategies.federa import federa_init
 from fedlora.strategies.flora import flora_aggregate
 from fedlora.strategies.fltac import cluster_purity, fltac_aggregate, kmeans, task_clusters
-from fedlora.strategies.hetlora import hetlora_aggregate, pad, self_prune, sparsity_weights, truncate, update_norm
+from fedlora.strategies.hetlora import hetlora_aggregate, self_prune, sparsity_weights, update_norm
+from fedlora.strategies.ranks import pad, truncate
 
 MOD = "base_model.model.enc.layer.0.query"
 MOD2 = "base_model.model.enc.layer.0.value"
@@ -174,6 +175,8 @@ def test_kmeans_purity_and_cluster_naming():
 
 def test_fedsa_never_sends_b():
     from flwr.app import ConfigRecord
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
 
     from fedlora.adapters import AdapterSpec, from_record, to_record
     from fedlora.config import RunConfig
@@ -189,6 +192,8 @@ def test_fedsa_never_sends_b():
         def get_node_ids(self):
             return [7, 8]
 
+    # Messages are stamped with the sender's identity, which a runtime sets; this test is the runtime.
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
     messages = list(strategy.configure_evaluate(2, to_record(state), ConfigRecord({"run": "{}", "labels": "[]"}),
                                                 TwoNodes()))
     assert len(messages) == 2
