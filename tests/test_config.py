@@ -10,10 +10,21 @@ from fedlora.simulations import list_presets, preset_path
 
 
 def test_every_packaged_preset_is_valid():
-    assert {"quickstart", "sst2"} <= set(list_presets())
+    assert {"quickstart", "sst2", "hetlora", "fltac", "sst2_agnews"} <= set(list_presets())
     for name in list_presets():
         cfg = load_config(preset_path(name))
         assert cfg.name and cfg.rounds >= 1
+
+
+def test_strategy_presets_say_what_the_issue_asks():
+    het = load_config(preset_path("hetlora"))
+    assert het.strategy.name == "hetlora" and sorted(p.rank for p in het.federation.profiles) == [4, 8, 16]
+    assert het.lora.rank == 16
+    tac = load_config(preset_path("fltac"))
+    assert tac.strategy.name == "fltac" and [t.path for t in tac.data.tasks] == ["synthetic:topics", "synthetic:sentiment"]
+    assert tac.data.partition_column == "task"
+    real = load_config(preset_path("sst2_agnews"))
+    assert [t.name for t in real.data.tasks] == ["sst2", "agnews"]
 
 
 def test_quickstart_preset_matches_the_issue():

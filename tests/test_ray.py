@@ -12,12 +12,20 @@ from fedlora.simulations.runtime import simulate
 pytestmark = pytest.mark.ray
 
 
-@pytest.mark.parametrize(("task", "strategy"), [("classification", "fedavg"), ("causal_lm", "ffa")])
-def test_ray_backend_matches_inprocess(tmp_path, tiny_bert, tiny_gpt2, make_config, task, strategy):
+PROFILES = "federation.profiles=[{name='phone',rank=1},{name='tablet',rank=2},{name='laptop',rank=4}]"
+
+
+@pytest.mark.parametrize(("task", "strategy", "sets"), [
+    ("classification", "fedavg", ()),
+    ("causal_lm", "ffa", ()),
+    # Ranks come from the clients' query replies, whatever node ids Ray assigns.
+    ("classification", "hetlora", (PROFILES,)),
+])
+def test_ray_backend_matches_inprocess(tmp_path, tiny_bert, tiny_gpt2, make_config, task, strategy, sets):
     import torch
 
     model_dir = tiny_bert if task == "classification" else tiny_gpt2
-    cfg = make_config(model_dir, task=task, strategy=strategy)
+    cfg = make_config(model_dir, task=task, strategy=strategy, sets=sets)
     simulate(cfg, out=tmp_path / "ray", backend="ray", progress=Progress(quiet=True), ray_cpus_per_client=1.0)
     simulate(cfg, out=tmp_path / "local", progress=Progress(quiet=True))
     lines = [json.loads(x) for x in (tmp_path / "ray" / "metrics.jsonl").read_text().splitlines()]
