@@ -70,3 +70,9 @@ def validate_reply(reply: Message, sent: ArrayRecord, *, dtype: str, max_bytes: 
     loss = metrics.get("train-loss")
     if not isinstance(loss, (int, float)) or not np.isfinite(loss):
         raise ReplyError(f"train-loss must be a finite number, got {loss!r}")
+    # Strategies act on these (HetLoRA's next rank, FL-TAC's per-task weights): whole numbers only.
+    for key in ["rank"] + [k for k in metrics.keys() if k.startswith("num-examples::")]:
+        if key in metrics:
+            value = metrics[key]
+            if not isinstance(value, int) or isinstance(value, bool) or value < (1 if key == "rank" else 0):
+                raise ReplyError(f"{key} must be a {'positive' if key == 'rank' else 'non-negative'} integer, got {value!r}")

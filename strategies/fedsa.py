@@ -19,6 +19,7 @@ deployed client writes it on its own device), each loadable with ``PeftModel.fro
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -88,7 +89,8 @@ class FedSALoRA(LoRAStrategy):
         for reply in replies:
             if reply.has_error() or "metrics" not in reply.content.metric_records:
                 continue
-            m = dict(reply.content.metric_records["metrics"])
+            m = {k: v for k, v in dict(reply.content.metric_records["metrics"]).items()
+                 if isinstance(v, (int, float)) and math.isfinite(v)}  # a faulty node's NaN is left out
             metrics.append(m)
             weights.append(float(m.get("num-examples", 1)))
         if not metrics:

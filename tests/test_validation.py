@@ -32,6 +32,16 @@ def test_good_reply_passes():
     _check(_reply())
 
 
+def test_base_delta_factors_are_sent_but_not_returned():
+    sent = to_record({"m.q.lora_A.weight": torch.ones(2, 4), "m.q.lora_B.weight": torch.zeros(4, 2),
+                      "m.q.base_delta_A": torch.ones(3, 4), "m.q.base_delta_B": torch.ones(4, 3)})
+    validate_reply(_reply(), sent, dtype="float32", max_bytes=10_000)
+    echoed = to_record({"m.q.lora_A.weight": torch.ones(2, 4), "m.q.lora_B.weight": torch.zeros(4, 2),
+                        "m.q.base_delta_A": torch.ones(3, 4), "m.q.base_delta_B": torch.ones(4, 3)})
+    with pytest.raises(ReplyError, match="unexpected"):
+        validate_reply(_reply(echoed), sent, dtype="float32", max_bytes=10_000)
+
+
 @pytest.mark.parametrize(
     ("arrays", "metrics", "reason"),
     [
@@ -48,6 +58,9 @@ def test_good_reply_passes():
         (None, {"num-examples": 0, "train-loss": 0.5}, "num-examples"),
         (None, {"num-examples": 3, "train-loss": float("inf")}, "train-loss"),
         (None, {"train-loss": 0.5}, "num-examples"),
+        (None, {"num-examples": 3, "train-loss": 0.5, "rank": 0}, "rank"),
+        (None, {"num-examples": 3, "train-loss": 0.5, "rank": 2.5}, "rank"),
+        (None, {"num-examples": 3, "train-loss": 0.5, "num-examples::sst2": -1}, "num-examples::sst2"),
     ],
 )
 def test_bad_replies_are_rejected(arrays, metrics, reason):
