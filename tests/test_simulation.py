@@ -266,3 +266,15 @@ def test_federa_round_zero_computes_what_the_pretrained_model_computes(tiny_bert
             federa = host.peft_model(input_ids=input_ids).logits.clone()
         host.set_base_delta({}, "")
     assert torch.allclose(federa, pretrained, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["federa", "fedex"])
+def test_base_changing_strategies_on_conv1d_targets(tmp_path, tiny_gpt2, make_config, strategy):
+    """GPT-2 stores its attention weights transposed (Conv1D): the SVD and the folded residual
+    must still reproduce the federation in peft."""
+    cfg = make_config(tiny_gpt2, task="causal_lm", strategy=strategy)
+    out = tmp_path / "run"
+    simulate(cfg, out=out, progress=Progress(quiet=True))
+    input_ids = torch.randint(5, 200, (2, 10), generator=torch.Generator().manual_seed(2))
+    expected = view_logits(cfg, out, input_ids)[""]
+    assert torch.allclose(peft_logits(tiny_gpt2, "causal_lm", out / "adapter", input_ids), expected, atol=1e-5)
