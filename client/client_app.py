@@ -34,6 +34,7 @@ from fedlora.config import RunConfig
 from fedlora.data import Encoded, encode, load_partition, load_task_data
 from fedlora.lowrank import svd_init
 from fedlora.models import load_model
+from fedlora.runlog import status
 from fedlora.strategies.base import split_task_key, task_key
 from fedlora.strategies.hetlora import self_prune, tail_penalty
 from fedlora.training import steps_for, train_local
@@ -267,6 +268,9 @@ def handle_train(msg: Message, context: Context) -> Message:
                 causal=run.model.task == "causal_lm",
                 seed=seed,
                 regularizer=regularizer,
+                on_step=lambda step, loss, total=steps, task=task: status(
+                    f"round {config['server-round']}  client {context.node_config.get('partition-id', context.node_id)}"
+                    f"{'  task ' + task if task else ''}  step {step}/{total}  loss {loss:.4f}"),
             )
             out = {k: params[k].detach().clone() for k in tensors}
             if local:  # kept on this node for the next round, never sent

@@ -52,6 +52,8 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     logging.getLogger("flwr").setLevel(logging.WARNING)
+    # Only on AVX512-BF16 CPUs, about an optional kernel for a path fedlora turns off (models.py).
+    logging.getLogger("bitsandbytes.backends.cpu").setLevel(logging.ERROR)
     import datasets
 
     datasets.disable_progress_bars()
@@ -100,6 +102,21 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedlora.report import load_run, write_report
+
+    runs = [load_run(p) for p in args.runs]  # every folder is checked before anything is written
+    if args.out:
+        out = Path(args.out)
+    elif len(runs) == 1:
+        out = runs[0].path
+    else:
+        out = Path("reports") / "-vs-".join(r.path.name for r in runs)
+    report = write_report([r.path for r in runs], out)
+    print(f"Report: {report} (plots beside it)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedlora", description="Federated LoRA fine-tuning on Flower.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -115,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=cmd_simulate)
     pre = sub.add_parser("presets", help="list the packaged presets")
     pre.set_defaults(func=cmd_presets)
+    rep = sub.add_parser("report", help="report.md and plots comparing run directories")
+    rep.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (runs/<name>)")
+    rep.add_argument("--out", help="output folder (default: the run's own folder for one run, "
+                                    "reports/<a>-vs-<b>/ for several)")
+    rep.set_defaults(func=cmd_report)
     return parser
 
 

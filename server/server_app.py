@@ -34,7 +34,7 @@ from fedlora.data import Encoded, TaskData, encode, load_partition, load_task_da
 from fedlora.errors import DataError
 from fedlora.export import export_adapter, fold_base_delta
 from fedlora.models import LoadedModel, load_model
-from fedlora.runlog import Progress, RunDirectory
+from fedlora.runlog import Progress, RunDirectory, ScalarLog, set_active
 from fedlora.strategies import GlobalView, LoRAStrategy, NodeInfo, create
 from fedlora.training import evaluate
 
@@ -291,8 +291,16 @@ def run_server(grid: Grid, prepared: Prepared, run_dir: RunDirectory, *, progres
     resume : bool
         Continue from the latest checkpoint in ``run_dir``.
     """
-    cfg = prepared.cfg
     progress = progress or Progress()
+    set_active(progress)  # in-process clients report their local steps to the status line
+    try:
+        return _run_server(grid, prepared, run_dir, progress, resume)
+    finally:
+        set_active(None)
+
+
+def _run_server(grid: Grid, prepared: Prepared, run_dir: RunDirectory, progress: Progress, resume: bool) -> RunResult:
+    cfg = prepared.cfg
     host = prepared.host
     strategy: LoRAStrategy = create(cfg, prepared.spec)
     strategy.tasks = list(getattr(prepared.data, "tasks", []) or [])
@@ -315,6 +323,7 @@ def run_server(grid: Grid, prepared: Prepared, run_dir: RunDirectory, *, progres
         result.initial = evaluate_state(prepared, state, strategy)
         progress.line(f"round 0/{cfg.rounds}  initial global adapter  {_fmt(result.initial)}")
 
+    scalars = ScalarLog(run_dir.path)
     shared = {"run": cfg.to_json(), "labels": json.dumps(prepared.data.labels)}
     max_bytes = int(cfg.federation.max_reply_mb * 1024 * 1024)
     for server_round in range(start_round, cfg.rounds + 1):
@@ -387,6 +396,7 @@ def run_server(grid: Grid, prepared: Prepared, run_dir: RunDirectory, *, progres
             "seconds": round(time.perf_counter() - started, 4),
         }
         run_dir.append_metrics(record)
+        scalars.round(record, result.initial if server_round == 1 else None)
         run_dir.save_checkpoint(server_round, state, {"strategy": strategy.state_dict(), "initial": result.initial})
         result.rounds.append(record)
         progress.line(
@@ -413,6 +423,13 @@ def run_server(grid: Grid, prepared: Prepared, run_dir: RunDirectory, *, progres
         "final": {k: v for k, v in result.rounds[-1].items() if k.startswith("eval_")} if result.rounds else {},
         "adapter": "adapter",
     })
+    scalars.close()
+    try:
+        from fedlora.report import write_report
+
+        write_report([run_dir.path], run_dir.path)
+    except Exception as err:  # noqa: BLE001 - a plotting problem must not cost the finished run
+        progress.line(f"report not written: {type(err).__name__}: {err}")
     return result
 
 
