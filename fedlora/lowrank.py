@@ -95,16 +95,24 @@ def compact(b: torch.Tensor, a: torch.Tensor, rtol: float = 1e-6) -> tuple[torch
         ``(B', A')`` with ``B' @ A' ~= B @ A`` and rank at most ``min(out, in, R)``; the
         singular values are split evenly between the two factors.
     """
-    b64, a64 = b.to(torch.float64), a.to(torch.float64)
-    qb, rb = torch.linalg.qr(b64)
-    qa, ra = torch.linalg.qr(a64.T)
-    u, s, vh = torch.linalg.svd(rb @ ra.T)
+    out_features, inner = b.shape
+    in_features = a.shape[1]
+    if inner >= min(out_features, in_features):
+        # Wider than the matrix itself (many clients stacked): the dense product and its SVD
+        # are cheaper than QR of the tall factors.
+        u, s, vh = torch.linalg.svd(b.to(torch.float32) @ a.to(torch.float32), full_matrices=False)
+        left, right = u, vh
+    else:
+        qb, rb = torch.linalg.qr(b.to(torch.float64))
+        qa, ra = torch.linalg.qr(a.to(torch.float64).T)
+        u, s, vh = torch.linalg.svd(rb @ ra.T)
+        left, right = qb @ u, vh @ qa.T
     if s.numel() == 0 or float(s[0]) == 0.0:
-        return b.new_zeros(b.shape[0], 1), a.new_zeros(1, a.shape[1])
+        return b.new_zeros(out_features, 1), a.new_zeros(1, in_features)
     keep = int((s > rtol * s[0]).sum())
     root = s[:keep].sqrt()
-    new_b = (qb @ u[:, :keep]) * root
-    new_a = root[:, None] * (vh[:keep] @ qa.T)
+    new_b = left[:, :keep] * root
+    new_a = root[:, None] * right[:keep]
     return new_b.to(torch.float32), new_a.to(torch.float32)
 
 

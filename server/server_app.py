@@ -424,12 +424,6 @@ def _run_server(grid: Grid, prepared: Prepared, run_dir: RunDirectory, progress:
         "adapter": "adapter",
     })
     scalars.close()
-    try:
-        from fedlora.report import write_report
-
-        write_report([run_dir.path], run_dir.path)
-    except Exception as err:  # noqa: BLE001 - a plotting problem must not cost the finished run
-        progress.line(f"report not written: {type(err).__name__}: {err}")
     return result
 
 

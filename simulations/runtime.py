@@ -30,6 +30,7 @@ def simulate(
     progress: Progress | None = None,
     ray_address: str | None = None,
     ray_cpus_per_client: float = 1.0,
+    report: bool = True,
 ) -> RunResult:
     """Run ``cfg`` as a simulated federation and return its result.
 
@@ -50,6 +51,10 @@ def simulate(
         Address of an existing Ray cluster (``ray`` backend).
     ray_cpus_per_client : float
         CPUs Ray reserves per virtual client.
+    report : bool
+        Write the run's report.md and plots into the run directory at the end (the
+        federation's results are complete without it; benchmarks that time the federation
+        alone turn it off).
     """
     if backend not in BACKENDS:
         raise FedLoraError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -78,4 +83,11 @@ def simulate(
                        backend_name="ray", backend_config=backend_config)
     if not results:
         raise FedLoraError(f"the {backend} simulation ended without finishing the run (see the log above)")
+    if report:
+        try:
+            from fedlora.report import write_report
+
+            write_report([run_dir.path], run_dir.path)
+        except Exception as err:  # noqa: BLE001 - a plotting problem must not cost the finished run
+            progress.line(f"report not written: {type(err).__name__}: {err}")
     return results[0]

@@ -56,11 +56,20 @@ def kmeans(x: torch.Tensor, k: int, *, seed: int = 0, iters: int = 50) -> tuple[
     n = x.shape[0]
     if not 1 <= k <= n:
         raise ValueError(f"k = {k} must be in [1, {n}]")
-    x = x.to(torch.float64)
+    # Centred float32 with matrix-product distances: adapters are long vectors (tens of
+    # thousands of entries), where float64 cdist costs seconds for a thousand of them.
+    x = x.to(torch.float32)
+    offset = x.mean(dim=0, keepdim=True)
+    x = x - offset
+    sq = (x * x).sum(dim=1)
+
+    def sq_dist(c: torch.Tensor) -> torch.Tensor:
+        return (sq[:, None] - 2.0 * (x @ c.T) + (c * c).sum(dim=1)[None, :]).clamp_min(0.0)
+
     gen = torch.Generator().manual_seed(seed)
     centres = [x[int(torch.randint(n, (1,), generator=gen))]]
     for _ in range(1, k):
-        dist = torch.cdist(x, torch.stack(centres)).min(dim=1).values ** 2
+        dist = sq_dist(torch.stack(centres)).min(dim=1).values.to(torch.float64)
         if float(dist.sum()) == 0.0:
             centres.append(x[int(torch.randint(n, (1,), generator=gen))])
         else:
@@ -68,7 +77,7 @@ def kmeans(x: torch.Tensor, k: int, *, seed: int = 0, iters: int = 50) -> tuple[
     c = torch.stack(centres)
     labels = torch.full((n,), -1, dtype=torch.long)
     for _ in range(iters):
-        new = torch.cdist(x, c).argmin(dim=1)
+        new = sq_dist(c).argmin(dim=1)
         if torch.equal(new, labels):
             break
         labels = new
@@ -76,7 +85,7 @@ def kmeans(x: torch.Tensor, k: int, *, seed: int = 0, iters: int = 50) -> tuple[
             members = x[labels == j]
             if len(members):
                 c[j] = members.mean(dim=0)
-    return labels, c.to(torch.float32)
+    return labels, c + offset
 
 
 def cluster_purity(labels: Sequence[int], tags: Sequence[str]) -> float:

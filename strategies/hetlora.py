@@ -30,17 +30,21 @@ from fedlora.errors import ConfigError
 
 from .base import ClientUpdate
 from .fedavg import weighted_mean
-from .ranks import HeterogeneousRankStrategy, pad
+from .ranks import HeterogeneousRankStrategy
 
 
 def update_norm(state: Mapping[str, torch.Tensor], scaling: float) -> float:
-    """Frobenius norm of the whole update: sqrt(sum over modules ||scaling * B @ A||_F^2)."""
+    """Frobenius norm of the whole update: sqrt(sum over modules ||scaling * B @ A||_F^2).
+
+    Computed from the r x r Gram matrices, ``||B A||_F^2 = sum((A A^T) * (B^T B))``, which costs
+    r^2 (in + out) instead of forming the out x in product.
+    """
     total = 0.0
     for module in lora_modules(state):
         a_key, b_key = lora_keys(module)
-        prod = scaling * state[b_key].to(torch.float64) @ state[a_key].to(torch.float64)
-        total += float((prod * prod).sum())
-    return math.sqrt(total)
+        a, b = state[a_key].to(torch.float64), state[b_key].to(torch.float64)
+        total += float(((a @ a.T) * (b.T @ b)).sum())
+    return abs(scaling) * math.sqrt(max(total, 0.0))
 
 
 def sparsity_weights(states: Sequence[Mapping[str, torch.Tensor]], scaling: float) -> list[float]:
@@ -77,9 +81,28 @@ def hetlora_aggregate(
     a_key = next(k for k in state if is_lora_a(k))
     r_max = state[a_key].shape[0]
     weights = sparsity_weights(updates, scaling)
-    padded = [pad(u, r_max) for u in updates]
     out = dict(state)
-    out.update(weighted_mean(padded, weights))
+    # Zero-padding then averaging equals summing each rank group into the leading components,
+    # which spares a padded copy of every reply.
+    by_rank: dict[int, list[int]] = {}
+    for i, update in enumerate(updates):
+        by_rank.setdefault(int(next(v for k, v in update.items() if is_lora_a(k)).shape[0]), []).append(i)
+    groups = {rank: (weighted_mean([updates[i] for i in members], [weights[i] for i in members]),
+                     sum(weights[i] for i in members)) for rank, members in by_rank.items()}
+    for key in updates[0]:
+        shape = list(updates[0][key].shape)
+        if is_lora_a(key) or is_lora_b(key):
+            shape[0 if is_lora_a(key) else 1] = r_max
+        acc = torch.zeros(shape, dtype=torch.float64)
+        for rank, (mean, share) in groups.items():
+            part = mean[key].to(torch.float64)
+            if is_lora_a(key):
+                acc[:rank] += share * part
+            elif is_lora_b(key):
+                acc[:, :rank] += share * part
+            else:
+                acc += share * part
+        out[key] = acc.to(torch.float32)
     return out, weights
 
 

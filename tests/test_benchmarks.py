@@ -1,0 +1,98 @@
+"""The benchmark scripts run end to end (``--quick``) and print the JSON they promise.
+
+Each script runs in a subprocess, as a user runs it; ``--quick`` shrinks sizes but keeps every
+code path and every key of the report, so these tests check the keys and that the numbers are
+sane, not the targets (which only full runs measure).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_quick(script: str, tmp_path: Path, timeout: float) -> dict:
+    """Run ``benchmarks/<script> --quick --out``; check stdout is exactly the JSON it wrote."""
+    out = tmp_path / "x.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    printed = json.loads(proc.stdout)
+    assert json.loads(out.read_text()) == printed
+    return printed
+
+
+def test_aggregation_quick(tmp_path):
+    report = run_quick("aggregation.py", tmp_path, timeout=120)
+    strategies = {"fedavg", "federa", "fedsa", "ffa", "hetlora", "flora", "fedex", "fltac"}
+    assert set(report["seconds"]) == strategies
+    assert all(report["seconds"][name] > 0 for name in strategies)
+    assert set(report["targets"]) == strategies and set(report["met"]) == strategies
+    assert report["threads"] == 1
+    assert isinstance(report["averaging_targets_met"], bool) and isinstance(report["fltac_target_met"], bool)
+    # Two tasks drawn around two centres must come out as two clusters.
+    assert report["fltac_purity"] == 1.0 and len(report["fltac_cluster_sizes"]) == 2
+    assert {"hetlora", "fltac", "flora"} <= set(report["breakdown"])
+
+
+def test_memory_quick(tmp_path):
+    report = run_quick("memory.py", tmp_path, timeout=240)
+    assert set(report["peak_rss_mb"]) == {"2", "10", "100"}
+    for size, entry in report["sizes"].items():
+        assert entry["clients_ok"] == int(size)
+        assert entry["peak_rss_mb"] >= entry["imports_peak_rss_mb"] > 0
+    assert report["ratio_100_over_2"] > 0
+    assert isinstance(report["ratio_target_met"], bool)
+    assert report["target_ratio_100_over_2"] == 1.3
+
+
+@pytest.mark.ray
+def test_overhead_quick(tmp_path):
+    report = run_quick("overhead.py", tmp_path, timeout=300)
+    for key in ("plain_s", "fedlora_s", "flower_ray_s", "flower_ray_federation_s"):
+        assert report[key] > 0, key
+    # The ratio is the median over (a)/(b) pairs of runs; with one pair it is that pair's ratio.
+    assert report["fedlora_over_plain"] == pytest.approx(report["fedlora_s"] / report["plain_s"], rel=0.01)
+    assert len(report["fedlora_over_plain_pairs"]) == report["repeats"] == 1
+    assert report["ray_over_fedlora"] == pytest.approx(report["flower_ray_s"] / report["fedlora_s"], rel=0.01)
+    assert report["targets"] == {"fedlora_over_plain": 1.15, "ray_over_fedlora": 2.0}
+    assert isinstance(report["fedlora_over_plain_met"], bool) and isinstance(report["ray_over_fedlora_met"], bool)
+    assert report["flower_ray_client_calls"] == report["clients"] * report["rounds"]
+    # Same seeds, same data, same steps: the three runtimes must train the same adapter, or the
+    # timings would not compare the same work.
+    assert report["final_max_abs_diff_vs_plain"]["fedlora"] < 1e-5
+    assert report["final_max_abs_diff_vs_plain"]["flower_ray"] < 1e-5
+
+
+def test_communication_quick(tmp_path):
+    report = run_quick("communication.py", tmp_path, timeout=300)
+    from fedlora.strategies import STRATEGIES
+
+    assert set(STRATEGIES) | {"fedavg@float16", "ffa@float16"} <= set(report["strategies"])
+    for name, entry in report["strategies"].items():
+        assert all(r["bytes_down_per_client"] > 0 and r["bytes_up_per_client"] > 0 for r in entry["rounds"]), name
+    rounds = report["strategies"]
+    # FFA sends B only: about half of FedIT's LoRA bytes; float16 halves the bytes again.
+    assert rounds["ffa"]["rounds"][0]["bytes_up_per_client"] < 0.6 * rounds["fedavg"]["rounds"][0]["bytes_up_per_client"]
+    assert rounds["fedavg@float16"]["rounds"][0]["bytes_up_per_client"] < \
+        0.55 * rounds["fedavg"]["rounds"][0]["bytes_up_per_client"]
+    assert set(report["framing_overhead"]) == {"fedavg", "ffa", "fedavg@float16", "ffa@float16"}
+    assert report["full_model_bytes"] > report["raw_trainable_bytes"] > 0
+
+
+def test_quality_quick(tmp_path):
+    report = run_quick("quality.py", tmp_path, timeout=300)
+    assert "centralised" in report["runs"] and "centralised/2tasks" in report["runs"]
+    from fedlora.strategies import STRATEGIES
+
+    for name in STRATEGIES:
+        for split in ("iid", "dirichlet_0.5"):
+            entry = report["ratios"][f"{name}/{split}"]
+            assert entry["ratio"] > 0 and isinstance(entry["meets_target"], bool)
+    assert report["examples_per_round"] == report["clients"] * report["local_steps"] * report["batch_size"]
