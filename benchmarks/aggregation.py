@@ -290,7 +290,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="50 clients, one call each: only checks that it runs")
     parser.add_argument("--clients", type=int, default=None, help="client adapters per call (default 1000)")
     parser.add_argument("--repeats", type=int, default=None, help="calls per strategy, median reported (default 3)")
-    parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument("--out", nargs="?", const=str(Path(__file__).resolve().parent / "results" / "aggregation.json"),
+                        help="also write the JSON here (no path: benchmarks/results/aggregation.json)")
     args = parser.parse_args()
     quiet_libraries()
     clients = args.clients or (50 if args.quick else 1000)

@@ -27,7 +27,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 clients, 1 local step: only checks that it runs")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument("--out", nargs="?", const=str(Path(__file__).resolve().parent / "results" / "communication.json"),
+                        help="also write the JSON here (no path: benchmarks/results/communication.json)")
     args = parser.parse_args()
 
     from fedlora.adapters import AdapterSpec, get_host, tensor_bytes

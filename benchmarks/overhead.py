@@ -533,7 +533,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed pairs of (a) and (b) runs, medians reported (default 7)")
     parser.add_argument("--skip-ray", action="store_true", help="leave out (c); its keys are null")
-    parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument("--out", nargs="?", const=str(Path(__file__).resolve().parent / "results" / "overhead.json"),
+                        help="also write the JSON here (no path: benchmarks/results/overhead.json)")
     args = parser.parse_args()
     quiet_libraries()
     settings = QUICK if args.quick else FULL

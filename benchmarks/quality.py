@@ -16,7 +16,7 @@ its row compares the shared part on the dev set (``global_eval_accuracy``) and r
 personalized accuracy beside it.
 
 Usage: python benchmarks/quality.py [--quick] [--data-dir DIR] [--strategies a,b|all] [--out F]
-The default full run (fedavg and ffa, 6 rounds of 10 local steps) fits in 10 minutes on 2 CPU
+The default full run (fedavg and ffa, 4 rounds of 8 local steps) fits in 10 minutes on 2 CPU
 cores; ``--strategies all`` compares every strategy (about 25 minutes there).
 ``--quick`` runs a few steps on the offline synthetic task (it checks the code runs, not
 quality); the full run reads ``DIR/sst2`` and ``DIR/ag_news`` (default ``../shared/data``
@@ -59,10 +59,11 @@ def main() -> int:
     parser.add_argument("--strategies", default="fedavg,ffa",
                         help="comma-separated strategies, or 'all' (default fedavg,ffa: the run that fits in 10 "
                              "minutes on 2 cores; every strategy takes about 25)")
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--local-steps", type=int, default=10)
-    parser.add_argument("--lr", type=float, default=0.005)
-    parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--local-steps", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=0.002)
+    parser.add_argument("--out", nargs="?", const=str(Path(__file__).resolve().parent / "results" / "quality.json"),
+                        help="also write the JSON here (no path: benchmarks/results/quality.json)")
     args = parser.parse_args()
 
     from fedlora.cli import _quiet_libraries
