@@ -16,7 +16,6 @@ Usage: python benchmarks/communication.py [--quick] [--rounds N] [--out results.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -30,6 +29,8 @@ def main() -> int:
     parser.add_argument("--out", nargs="?", const=str(Path(__file__).resolve().parent / "results" / "communication.json"),
                         help="also write the JSON here (no path: benchmarks/results/communication.json)")
     args = parser.parse_args()
+
+    from _common import emit
 
     from fedlora.adapters import AdapterSpec, get_host, tensor_bytes
     from fedlora.cli import _quiet_libraries, load_run_config
@@ -88,11 +89,7 @@ def main() -> int:
     report["framing_target"] = 0.05
     report["framing_meets_target"] = all(v <= 0.05 for v in overhead.values())
     report["full_model_over_fedavg_lora"] = round(report["full_model_bytes"] / raw, 1)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    emit(report, args.out)
     return 0
 
 

@@ -26,7 +26,6 @@ beside the repository, or ``$FEDLORA_BENCH_DATA``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -65,6 +64,8 @@ def main() -> int:
     parser.add_argument("--out", nargs="?", const=str(Path(__file__).resolve().parent / "results" / "quality.json"),
                         help="also write the JSON here (no path: benchmarks/results/quality.json)")
     args = parser.parse_args()
+
+    from _common import emit
 
     from fedlora.cli import _quiet_libraries
     from fedlora.strategies import STRATEGIES
@@ -142,11 +143,7 @@ def main() -> int:
                                                       "meets_target": ratio >= report["targets_ratio"][split],
                                                       "note": "tasks split over clients by Dirichlet over the task column"}
     report["seconds"] = round(time.perf_counter() - started, 1)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    emit(report, args.out)
     return 0
 
 
