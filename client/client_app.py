@@ -31,7 +31,7 @@ from flwr.clientapp import ClientApp
 from fedlora.adapters import (AdapterHost, AdapterSpec, from_record, get_host, is_base_delta, lora_modules, module_of,
                               seeded_lora_a, to_record)
 from fedlora.config import RunConfig
-from fedlora.data import Encoded, encode, load_partition, load_task_data
+from fedlora.data import Encoded, encode, load_partition, load_task_data, subset, task_rows
 from fedlora.lowrank import svd_init
 from fedlora.models import load_model
 from fedlora.runlog import status
@@ -103,16 +103,6 @@ def client_rank(run: RunConfig, context: Context) -> int:
     return int(run.lora.rank)
 
 
-def task_rows(ds: Any) -> dict[str, list[int]]:
-    """Row indices per task (multi-task data); empty when the data has no task column."""
-    if "task" not in ds.column_names:
-        return {}
-    out: dict[str, list[int]] = {}
-    for i, task in enumerate(ds["task"]):
-        out.setdefault(str(task), []).append(i)
-    return out
-
-
 def _memory_gb() -> float:
     if torch.cuda.is_available():
         return round(torch.cuda.get_device_properties(0).total_memory / 2**30, 2)
@@ -135,11 +125,6 @@ def query(msg: Message, context: Context) -> Message:
         "tasks": json.dumps({t: len(rows) for t, rows in task_rows(ds).items()}),
     })
     return Message(content=RecordDict({"info": info}), reply_to=msg)
-
-
-def _subset(enc: Encoded, rows: list[int]) -> Encoded:
-    return Encoded(input_ids=[enc.input_ids[i] for i in rows],
-                   labels=None if enc.labels is None else [enc.labels[i] for i in rows])
 
 
 def _digest(tensors: dict[str, torch.Tensor], extra: str = "") -> str:
@@ -227,7 +212,7 @@ def handle_train(msg: Message, context: Context) -> Message:
         groups = []
         for task in json.loads(str(config["tasks"])):
             tensors = {split_task_key(k)[1]: v for k, v in trained.items() if split_task_key(k)[0] == task}
-            groups.append((task, tensors, _subset(data, rows.get(task, []))))
+            groups.append((task, tensors, subset(data, rows.get(task, []))))
     else:
         groups = [("", trained, data)]
     seed = int(config["seed"]) + 7919 * int(context.node_config.get("partition-id", context.node_id % 100_003))
@@ -272,7 +257,9 @@ def handle_train(msg: Message, context: Context) -> Message:
                     f"round {config['server-round']}  client {context.node_config.get('partition-id', context.node_id)}"
                     f"{'  task ' + task if task else ''}  step {step}/{total}  loss {loss:.4f}"),
             )
-            out = {k: params[k].detach().clone() for k in tensors}
+            # The live parameters are serialized under the lock below; only when another task's
+            # adapter is loaded into them next must this task's values be copied out first.
+            out = {k: params[k].detach().clone() if len(groups) > 1 else params[k].detach() for k in tensors}
             if local:  # kept on this node for the next round, never sent
                 context.state[LOCAL_STATE] = to_record({k: params[k] for k in local})
             if pruning:

@@ -436,6 +436,16 @@ def subset(enc: Encoded, indices: Iterable[int]) -> Encoded:
     )
 
 
+def task_rows(ds: Any) -> dict[str, list[int]]:
+    """Row indices of a dataset per task name; empty when it has no ``task`` column."""
+    if "task" not in ds.column_names:
+        return {}
+    out: dict[str, list[int]] = {}
+    for i, task in enumerate(ds["task"]):
+        out.setdefault(str(task), []).append(i)
+    return out
+
+
 def split_by_task(enc: Encoded) -> dict[int, Encoded]:
     """``enc``'s rows grouped by task id (ascending), for training one adapter per task.
 

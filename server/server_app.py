@@ -30,7 +30,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedlora.adapters import AdapterHost, AdapterSpec, from_record, get_host, record_bytes, to_record
 from fedlora.config import RunConfig
-from fedlora.data import Encoded, TaskData, encode, load_partition, load_task_data, partition_sizes_ok
+from fedlora.data import (Encoded, TaskData, encode, load_partition, load_task_data, partition_sizes_ok, subset,
+                          task_rows)
 from fedlora.errors import DataError
 from fedlora.export import export_adapter, fold_base_delta
 from fedlora.models import LoadedModel, load_model
@@ -131,24 +132,12 @@ def _dense_deltas(view: GlobalView) -> tuple[dict[str, torch.Tensor], str]:
     return dense, f"server:{crc:08x}"
 
 
-def _eval_rows(prepared: Prepared) -> dict[str, list[int]]:
-    ds = prepared.data.eval
-    if "task" not in ds.column_names:
-        return {}
-    rows: dict[str, list[int]] = {}
-    for i, task in enumerate(ds["task"]):
-        rows.setdefault(str(task), []).append(i)
-    return rows
-
-
 def evaluate_view(prepared: Prepared, view: GlobalView, rows: list[int] | None = None) -> dict[str, float]:
     """Evaluate one global model on the held-out split (or the given rows of it)."""
     host = prepared.host
     data = prepared.eval_data
     if rows is not None:
-        data = Encoded(input_ids=[data.input_ids[i] for i in rows],
-                       labels=None if data.labels is None else [data.labels[i] for i in rows],
-                       **({"task_ids": [data.task_ids[i] for i in rows]} if getattr(data, "task_ids", None) else {}))
+        data = subset(data, rows)
     kwargs: dict[str, Any] = {}
     tasks = list(getattr(prepared.data, "tasks", []) or [])
     if tasks and prepared.cfg.model.task == "classification":
@@ -180,21 +169,21 @@ def evaluate_views(prepared: Prepared, views: list[GlobalView]) -> dict[str, flo
     """
     if len(views) == 1 and not views[0].name:
         return evaluate_view(prepared, views[0])
-    rows = _eval_rows(prepared)
+    rows = task_rows(prepared.data.eval)
     out: dict[str, float] = {}
     totals: dict[str, float] = {}
     count = 0
     for view in views:
-        task_rows = rows.get(view.name, [])
-        if not task_rows:
+        view_rows = rows.get(view.name, [])
+        if not view_rows:
             continue
-        metrics = evaluate_view(prepared, view, task_rows)
+        metrics = evaluate_view(prepared, view, view_rows)
         for key, value in metrics.items():
             if "/" in key:
                 continue
             out[f"{key}/{view.name}"] = value
-            totals[key] = totals.get(key, 0.0) + value * len(task_rows)
-        count += len(task_rows)
+            totals[key] = totals.get(key, 0.0) + value * len(view_rows)
+        count += len(view_rows)
     for key, value in totals.items():
         out[key] = value / max(count, 1)
     return dict(sorted(out.items()))
