@@ -31,7 +31,7 @@ from flwr.clientapp import ClientApp
 from fedlora.adapters import (AdapterHost, AdapterSpec, from_record, get_host, is_base_delta, lora_modules, module_of,
                               seeded_lora_a, to_record)
 from fedlora.config import RunConfig
-from fedlora.data import Encoded, encode, load_partition, load_task_data, subset, task_rows
+from fedlora.data import Encoded, encode, load_device_data, load_partition, subset, task_label_ids, task_rows
 from fedlora.lowrank import svd_init
 from fedlora.models import load_model
 from fedlora.runlog import status
@@ -52,20 +52,37 @@ def _cached(key: tuple, build):
         return _CACHE[key]
 
 
-def client_dataset(run: RunConfig, context: Context) -> Any:
-    """This node's raw training examples (cached per process)."""
+def run_classes(config: ConfigRecord) -> tuple[list[str], list[str]]:
+    """(class names in id order, task names) of the run, as every message from the server says."""
+    labels = json.loads(str(config["labels"])) if "labels" in config else []
+    tasks = json.loads(str(config["run-tasks"])) if "run-tasks" in config else []
+    return [str(x) for x in labels], [str(x) for x in tasks]
+
+
+def node_index(context: Context) -> int:
+    """This node's index: its partition in simulation, ``fedlora-client --partition-id`` on a device,
+    else derived from its node id. Seeds its local training and held-out split."""
+    return int(context.node_config.get("partition-id", context.node_id % 100_003))
+
+
+def _own_examples(run: RunConfig, context: Context, labels: list[str], tasks: list[str]) -> Any:
+    """All of this node's examples: its local file on a device, its partition in simulation."""
     node_cfg = context.node_config
     if "data-path" in node_cfg:
-        raw = run.to_dict()
-        raw["data"] = {**raw["data"], "path": str(node_cfg["data-path"]), "eval_path": "", "max_train_examples": 0}
-        local = RunConfig.from_dict(raw)
-        return _cached(("local", repr(local.data), run.model.task), lambda: load_task_data(local).train)
+        path = str(node_cfg["data-path"])
+        return _cached(("device", path, repr(run.data), run.model.task, tuple(labels), tuple(tasks)),
+                       lambda: load_device_data(run, path, labels, tasks))
     pid, num = int(node_cfg["partition-id"]), int(node_cfg["num-partitions"])
-    part = _cached(("partition", repr(run.data), run.model.task, run.seed, pid, num),
+    return _cached(("partition", repr(run.data), run.model.task, run.seed, pid, num),
                    lambda: load_partition(run, pid, num))
+
+
+def client_dataset(run: RunConfig, context: Context, labels: list[str], tasks: list[str]) -> Any:
+    """This node's raw training examples (cached per process)."""
+    own = _own_examples(run, context, labels, tasks)
     if _personalized(run):
-        return _local_split(run, part, pid)["train"]
-    return part
+        return _local_split(run, own, node_index(context))["train"]
+    return own
 
 
 def _personalized(run: RunConfig) -> bool:
@@ -85,9 +102,9 @@ def _local_split(run: RunConfig, part: Any, pid: int) -> dict[str, Any]:
     return _cached(("local-split", repr(run.data), run.model.task, run.seed, pid, id(part)), build)
 
 
-def client_data(run: RunConfig, context: Context, tokenizer: Any) -> Encoded:
+def client_data(run: RunConfig, context: Context, tokenizer: Any, labels: list[str], tasks: list[str]) -> Encoded:
     """This node's tokenized training examples (cached per process)."""
-    ds = client_dataset(run, context)
+    ds = client_dataset(run, context, labels, tasks)
     return _cached(("encoded", id(ds), run.model.name, run.model.max_length),
                    lambda: encode(ds, tokenizer, run.model.max_length))
 
@@ -112,18 +129,26 @@ def _memory_gb() -> float:
         return 0.0
 
 
-@app.query()
-def query(msg: Message, context: Context) -> Message:
-    """Tell the server what this node has: the rank it trains, device, memory, examples, tasks."""
-    run = RunConfig.from_dict(json.loads(str(msg.content["config"]["run"])))
-    ds = client_dataset(run, context)
-    info = ConfigRecord({
+def capabilities(run: RunConfig, context: Context, labels: list[str], tasks: list[str]) -> ConfigRecord:
+    """What this node has: the rank it trains, device, memory, examples, examples per task."""
+    ds = client_dataset(run, context, labels, tasks)
+    return ConfigRecord({
         "rank": client_rank(run, context),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "memory-gb": _memory_gb(),
         "num-examples": int(len(ds)),
         "tasks": json.dumps({t: len(rows) for t, rows in task_rows(ds).items()}),
     })
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tell the server what this node has (see :func:`capabilities`)."""
+    run = RunConfig.from_dict(json.loads(str(msg.content["config"]["run"])))
+    info = capabilities(run, context, *run_classes(msg.content["config"]))
+    if "data-path" in context.node_config:
+        print(f"fedlora-client: reported to the server: rank {info['rank']}, {info['device']}, "
+              f"{info['memory-gb']} GB, {info['num-examples']} examples", flush=True)
     return Message(content=RecordDict({"info": info}), reply_to=msg)
 
 
@@ -205,17 +230,18 @@ def handle_train(msg: Message, context: Context) -> Message:
     received = from_record(msg.content["arrays"])
     factors = {k: v for k, v in received.items() if is_base_delta(k)}
     trained = {k: v for k, v in received.items() if not is_base_delta(k)}
-    data = client_data(run, context, loaded.tokenizer)
+    labels, run_tasks = run_classes(config)
+    data = client_data(run, context, loaded.tokenizer, labels, run_tasks)
     # One group of tensors per adapter to train: FL-TAC sends one per task this node holds.
     if "tasks" in config:
-        rows = task_rows(client_dataset(run, context))
+        rows = task_rows(client_dataset(run, context, labels, run_tasks))
         groups = []
         for task in json.loads(str(config["tasks"])):
             tensors = {split_task_key(k)[1]: v for k, v in trained.items() if split_task_key(k)[0] == task}
             groups.append((task, tensors, subset(data, rows.get(task, []))))
     else:
         groups = [("", trained, data)]
-    seed = int(config["seed"]) + 7919 * int(context.node_config.get("partition-id", context.node_id % 100_003))
+    seed = int(config["seed"]) + 7919 * node_index(context)
     pruning = "prune-gamma" in config
     start = time.perf_counter()
     arrays_out: dict[str, torch.Tensor] = {}
@@ -254,7 +280,7 @@ def handle_train(msg: Message, context: Context) -> Message:
                 seed=seed,
                 regularizer=regularizer,
                 on_step=lambda step, loss, total=steps, task=task: status(
-                    f"round {config['server-round']}  client {context.node_config.get('partition-id', context.node_id)}"
+                    f"round {config['server-round']}  client {node_index(context)}"
                     f"{'  task ' + task if task else ''}  step {step}/{total}  loss {loss:.4f}"),
             )
             # The live parameters are serialized under the lock below; only when another task's
@@ -281,27 +307,21 @@ def handle_train(msg: Message, context: Context) -> Message:
         "train-seconds": float(time.perf_counter() - start),
         "rank": int(new_rank),
     })
-    return Message(content=RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
+    if "data-path" in context.node_config:  # a device: its operator watches fedlora-client's output
+        print(f"fedlora-client: round {config['server-round']}: trained rank {new_rank} on {examples} examples, "
+              f"{steps_total} steps, loss {metrics['train-loss']:.4f}, {metrics['train-seconds']:.1f} s", flush=True)
+    info = capabilities(run, context, labels, run_tasks)
+    return Message(content=RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics), "info": info}),
+                   reply_to=msg)
 
 
-def client_eval_data(run: RunConfig, context: Context, tokenizer: Any) -> tuple[Encoded, Any]:
-    """This node's held-out examples and the run's TaskData (labels, tasks): a seeded held-out part
-    of its partition in simulation, the held-out part of ``data-path`` on a device."""
-    node_cfg = context.node_config
-    if "data-path" in node_cfg:
-        raw = run.to_dict()
-        raw["data"] = {**raw["data"], "path": str(node_cfg["data-path"]), "eval_path": "", "max_train_examples": 0}
-        run = RunConfig.from_dict(raw)
-        held_out = load_task_data(run).eval
-    else:
-        pid, num = int(node_cfg["partition-id"]), int(node_cfg["num-partitions"])
-        part = _cached(("partition", repr(run.data), run.model.task, run.seed, pid, num),
-                       lambda: load_partition(run, pid, num))
-        held_out = _local_split(run, part, pid)["test"]
-    data = load_task_data(run)
-    enc = _cached(("eval", id(held_out), run.model.name, run.model.max_length),
-                  lambda: encode(held_out, tokenizer, run.model.max_length))
-    return enc, data
+def client_eval_data(run: RunConfig, context: Context, tokenizer: Any, labels: list[str],
+                     tasks: list[str]) -> Encoded:
+    """This node's held-out examples: the seeded ``data.eval_fraction`` of its own examples (its
+    partition in simulation, its ``--data`` file on a device) that it does not train on."""
+    held_out = _local_split(run, _own_examples(run, context, labels, tasks), node_index(context))["test"]
+    return _cached(("eval", id(held_out), run.model.name, run.model.max_length),
+                   lambda: encode(held_out, tokenizer, run.model.max_length))
 
 
 def handle_evaluate(msg: Message, context: Context) -> Message:
@@ -312,10 +332,12 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     run, labels, loaded, host, spec = _setup(msg)
     received = from_record(msg.content["arrays"])
-    enc, data = client_eval_data(run, context, loaded.tokenizer)
+    _, run_tasks = run_classes(config)
+    enc = client_eval_data(run, context, loaded.tokenizer, labels, run_tasks)
     kwargs: dict[str, Any] = {}
-    if data.tasks and run.model.task == "classification":
-        kwargs = {"task_labels": {i: data.task_labels[t] for i, t in enumerate(data.tasks)}, "task_names": data.tasks}
+    if run_tasks and run.model.task == "classification":
+        task_labels = task_label_ids(labels, run_tasks)
+        kwargs = {"task_labels": {i: task_labels[t] for i, t in enumerate(run_tasks)}, "task_names": run_tasks}
     with host.lock:
         name = host.ensure(spec, seed=run.seed)
         host.set_base_delta({}, "")
@@ -325,7 +347,7 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
         metrics = evaluate(host.peft_model, enc, batch_size=max(int(config["batch-size"]), 32),
                            pad_id=loaded.tokenizer.pad_token_id, causal=run.model.task == "causal_lm", **kwargs)
         if bool(config.get("export", False)) and "export-dir" in context.node_config:
-            node = context.node_config.get("partition-id", context.node_id)
+            node = node_index(context) if "partition-id" in context.node_config else context.node_id
             export_adapter(host, name, {**received, **local}, Path(str(context.node_config["export-dir"])) / str(node)
                            / "adapter", run, labels, {"personalized": True, "node": str(node)})
     metrics = {k: float(v) for k, v in metrics.items()}

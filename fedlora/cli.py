@@ -1,4 +1,4 @@
-"""Command line: ``fedlora simulate``, ``fedlora presets``; ``fedlora-server`` / ``fedlora-client``.
+"""Command line: ``fedlora simulate|presets|report|certs``; ``fedlora-server`` / ``fedlora-client``.
 
 User mistakes (bad preset, flag, data, model) print one line ``fedlora: error: ...`` and exit
 with status 2; no traceback.
@@ -137,17 +137,32 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", help="output folder (default: the run's own folder for one run, "
                                     "reports/<a>-vs-<b>/ for several)")
     rep.set_defaults(func=cmd_report)
+    par = sub.add_parser("partition", help="write each simulated client's data to a CSV (for fedlora-client --data)")
+    par.add_argument("preset", nargs="?", help="preset TOML path or packaged name (default: quickstart)")
+    par.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    par.add_argument("--out", required=True, help="output folder: client0.csv, client1.csv, ...")
+    par.add_argument("--clients", type=int, help="number of partitions (default: federation.clients)")
+    par.set_defaults(func=cmd_partition)
+    cer = sub.add_parser("certs", help="development CA, server certificate and node keys for a deployment")
+    cer.add_argument("--out", required=True, help="output folder (e.g. certs/)")
+    cer.add_argument("--server-host", required=True, metavar="HOST",
+                     help="DNS name or IP the clients dial; localhost and 127.0.0.1 are always included")
+    cer.add_argument("--nodes", type=int, default=3, help="node key pairs to make (default 3: node1..node3)")
+    cer.add_argument("--node-names", metavar="A,B,...", help="names of the node key pairs instead of node1..N")
+    cer.add_argument("--days", type=int, default=365, help="certificate validity in days (default 365)")
+    cer.add_argument("--force", action="store_true", help="replace an existing CA in --out")
+    cer.set_defaults(func=cmd_certs)
     return parser
 
 
-def _run(func, args) -> int:
+def _run(func, args, prog: str = "fedlora") -> int:
     try:
         return func(args)
     except FedLoraError as err:
-        print(f"fedlora: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
-        print("fedlora: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
 
 
@@ -157,18 +172,127 @@ def main(argv: list[str] | None = None) -> int:
     return _run(args.func, args)
 
 
+def cmd_certs(args: argparse.Namespace) -> int:
+    from fedlora.certs import create_certs
+
+    names = [n.strip() for n in args.node_names.split(",") if n.strip()] if args.node_names else None
+    files = create_certs(args.out, args.server_host, nodes=args.nodes, node_names=names, days=args.days,
+                         force=args.force)
+    print(f"CA certificate:     {files.ca_cert}  (copy to every client: fedlora-client --ca)")
+    print(f"CA key:             {files.ca_key}  (keep private; it signs certificates)")
+    print(f"server certificate: {files.server_cert}, key {files.server_key}  (fedlora-server --certs "
+          f"{args.out}), valid for {args.server_host}, localhost, 127.0.0.1")
+    for key, pub in zip(files.node_keys, files.node_public_keys):
+        print(f"node key pair:      {key} (give to one device: fedlora-client --key), {pub}")
+    if files.node_keys:
+        print(f"Authorise them: fedlora-server PRESET --certs {args.out} --auth-keys {files.node_keys[0].parent}")
+    return 0
+
+
+def cmd_partition(args: argparse.Namespace) -> int:
+    from fedlora.data import write_partitions
+
+    cfg = load_run_config(args.preset, args.set or [])
+    clients = args.clients or cfg.federation.clients
+    if clients < 1:
+        raise FedLoraError(f"--clients must be >= 1, got {clients}")
+    for path in write_partitions(cfg, args.out, clients):
+        print(path)
+    return 0
+
+
+def _server_parser() -> argparse.ArgumentParser:
+    from fedlora.server.launcher import DEFAULT_PORT
+
+    p = _Parser(prog="fedlora-server", description=(
+        "Start a Flower SuperLink and run one federation on it: clients join with fedlora-client. "
+        "Writes runs/<name>/ as `fedlora simulate` does."))
+    p.add_argument("preset", help="preset TOML path or packaged name")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--certs", help="folder with ca.crt, server.crt, server.key (from `fedlora certs`)")
+    p.add_argument("--insecure", action="store_true", help="no TLS (trusted test networks only; prints a warning)")
+    p.add_argument("--auth-keys", metavar="DIR",
+                   help="only SuperNodes whose public key is a *.pub file in DIR may join (needs TLS)")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT,
+                   help=f"port of the SuperLink's APIs, which clients dial (default {DEFAULT_PORT})")
+    p.add_argument("--database", metavar="PATH",
+                   help="SuperLink state file (SQLite) that survives restarts (default: in memory)")
+    p.add_argument("--out", help="run directory (default: runs/<name>/)")
+    p.add_argument("--resume", action="store_true", help="continue the run directory from its last checkpoint")
+    p.add_argument("--min-clients", type=int, metavar="N",
+                   help="clients that must be connected before round 1 (default: federation.clients)")
+    p.add_argument("--wait-clients", type=float, default=300.0, metavar="SECONDS",
+                   help="how long to wait for them before giving up (default 300)")
+    p.add_argument("--round-timeout", type=float, metavar="SECONDS",
+                   help="seconds to wait for replies each round (sets federation.round_timeout)")
+    p.add_argument("--startup-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="how long the SuperLink may take to start (default 60)")
+    return p
+
+
 def server_main(argv: list[str] | None = None) -> int:
-    """``fedlora-server``: the deployment runtime is not part of this release yet."""
-    print("fedlora-server: error: the deployment runtime (SuperLink + ServerApp over TLS) is not available "
-          "in this version; use `fedlora simulate` (in-process or --backend ray)", file=sys.stderr)
-    return EXIT_USAGE
+    """``fedlora-server``: SuperLink + one federation run (see :mod:`fedlora.server.launcher`)."""
+    args = _server_parser().parse_args(argv)
+    _quiet_libraries()
+
+    def go(args: argparse.Namespace) -> int:
+        from fedlora.server.launcher import ServerOptions, serve
+
+        overrides = list(args.set or [])
+        if args.round_timeout is not None:
+            overrides.append(f"federation.round_timeout={args.round_timeout}")
+        cfg = load_run_config(args.preset, overrides)
+        opts = ServerOptions(
+            out=Path(args.out) if args.out else Path("runs") / cfg.name,
+            certs=Path(args.certs) if args.certs else None, insecure=args.insecure,
+            auth_keys=Path(args.auth_keys) if args.auth_keys else None, host=args.host, port=args.port,
+            database=str(Path(args.database).resolve()) if args.database else None,
+            min_clients=args.min_clients, wait_clients=args.wait_clients, resume=args.resume,
+            startup_timeout=args.startup_timeout)
+        return serve(cfg, opts, emit=lambda line: print(line, flush=True))
+
+    return _run(go, args, prog="fedlora-server")
+
+
+def _client_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="fedlora-client", description=(
+        "Join a fedlora federation from this device: a Flower SuperNode running fedlora's ClientApp on "
+        "a local data file, which never leaves the device."))
+    p.add_argument("--server", required=True, metavar="HOST:PORT", help="the fedlora-server to join")
+    p.add_argument("--ca", help="CA certificate that signed the server's (ca.crt from `fedlora certs`)")
+    p.add_argument("--insecure", action="store_true", help="no TLS, for a server started with --insecure")
+    p.add_argument("--data", required=True, help="local csv/tsv/json/jsonl/parquet file with the run's columns")
+    p.add_argument("--rank", type=int, help="LoRA rank this device trains (default: the run's)")
+    p.add_argument("--key", help="this node's private key (from `fedlora certs`), when the server uses --auth-keys")
+    p.add_argument("--partition-id", type=int, metavar="N",
+                   help="this device's index: seeds its training and picks its [[federation.profiles]] entry")
+    p.add_argument("--export-dir", default="fedlora-adapters",
+                   help="where a personalized run writes this device's own adapter (default ./fedlora-adapters)")
+    p.add_argument("--max-retries", type=int, default=8,
+                   help="connection attempts to a server that is not up yet, with backoff (default 8)")
+    p.add_argument("--max-wait", type=float, default=600.0, metavar="SECONDS",
+                   help="how long to keep reconnecting after the server goes away (default 600)")
+    p.add_argument("--verbose", action="store_true", help="also show Flower's SuperNode log")
+    return p
 
 
 def client_main(argv: list[str] | None = None) -> int:
-    """``fedlora-client``: the deployment runtime is not part of this release yet."""
-    print("fedlora-client: error: the deployment runtime (SuperNode over TLS) is not available in this "
-          "version; use `fedlora simulate` (in-process or --backend ray)", file=sys.stderr)
-    return EXIT_USAGE
+    """``fedlora-client``: a SuperNode with fedlora's ClientApp (see :mod:`fedlora.client.launcher`)."""
+    args = _client_parser().parse_args(argv)
+    _quiet_libraries()
+
+    def go(args: argparse.Namespace) -> int:
+        from fedlora.client.launcher import ClientOptions, run_client
+
+        opts = ClientOptions(
+            server=args.server, data=Path(args.data), ca=Path(args.ca) if args.ca else None, insecure=args.insecure,
+            rank=args.rank, key=Path(args.key) if args.key else None, partition_id=args.partition_id,
+            export_dir=Path(args.export_dir) if args.export_dir else None, max_retries=args.max_retries,
+            max_wait=args.max_wait, verbose=args.verbose)
+        return run_client(opts, emit=lambda line: print(line, flush=True))
+
+    return _run(go, args, prog="fedlora-client")
 
 
 if __name__ == "__main__":

@@ -155,6 +155,93 @@ def load_task_data(cfg: RunConfig) -> TaskData:
         return _TASK_CACHE[key]
 
 
+def load_device_data(cfg: RunConfig, path: str | Path, labels: list[str], tasks: list[str]) -> Any:
+    """A device's own examples (``fedlora-client --data``), with the run's class ids.
+
+    The file is read with the run's column names: ``data.text_column``, ``data.label_column``
+    (classification) and, when the run has tasks, ``data.task_column`` (``task`` for runs built
+    from ``[[data.tasks]]``). Every row is training data, as a simulated client's partition is.
+    Labels map to the ids the server sent, so a device that holds only some of the classes
+    still agrees with the server on what each output means.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        The run's configuration, as sent by the server.
+    path : path
+        The local csv/tsv/json/jsonl/parquet file.
+    labels : list of str
+        The run's class names in id order (``task:label`` for multi-task runs).
+    tasks : list of str
+        The run's task names (empty for single-task runs).
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"--data {path}: no such file")
+    ds = _read_local(path)
+    d = cfg.data
+    classification = cfg.model.task == "classification"
+    columns = [("data.text_column", d.text_column, "text")]
+    if classification:
+        columns.append(("data.label_column", d.label_column, "label"))
+    if tasks:
+        columns.append(("data.task_column", d.task_column or "task", "task"))
+    _require_columns(ds, [(key, col) for key, col, _ in columns], f"data file {path}")
+    ds = ds.select_columns(list(dict.fromkeys(col for _, col, _ in columns)))
+    ds = ds.rename_columns({col: new for _, col, new in columns if col != new})
+    if len(ds) == 0:
+        raise DataError(f"data file {path}: no examples")
+    if tasks:
+        ds = _as_str(ds, "task")
+        unknown = sorted(set(ds["task"]) - set(tasks))
+        if unknown:
+            raise DataError(f"data file {path}: tasks not in this run: {', '.join(unknown[:5])} "
+                            f"(the run's tasks: {', '.join(tasks)})")
+    if classification:
+        index = {name: i for i, name in enumerate(labels)}
+        unknown = sorted(set(_label_names(ds, bool(tasks))) - set(index))
+        if unknown:
+            raise DataError(f"data file {path}: labels not in this run: {', '.join(unknown[:5])} "
+                            f"(the run's labels: {', '.join(labels[:10])})")
+        ds = _encode_labels(ds, bool(tasks), index)
+    if tasks:
+        task_index = {name: i for i, name in enumerate(tasks)}
+        ds = ds.add_column("task_id", [task_index[t] for t in ds["task"]])
+    return ds
+
+
+def write_partitions(cfg: RunConfig, out: str | Path, num_partitions: int) -> list[Path]:
+    """Write each simulated client's partition to ``out/client<i>.csv`` (columns named as in the
+    run's config, labels by name), the files ``fedlora-client --data`` reads, so a deployment on
+    one host reproduces the simulation with the same seed (``--partition-id i``)."""
+    import pandas as pd
+
+    data = load_task_data(cfg)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    d = cfg.data
+    paths = []
+    for pid in range(num_partitions):
+        part = load_partition(cfg, pid, num_partitions)
+        frame = {d.text_column: list(part["text"])}
+        if "labels" in part.column_names:
+            names = [data.labels[i] for i in part["labels"]]
+            if data.tasks:  # qualified "task:label" -> the label within its task
+                names = [n.split(":", 1)[1] for n in names]
+            frame[d.label_column] = names
+        if data.tasks:
+            frame[d.task_column or "task"] = list(part["task"])
+        path = out / f"client{pid}.csv"
+        pd.DataFrame(frame).to_csv(path, index=False)
+        paths.append(path)
+    return paths
+
+
+def task_label_ids(labels: list[str], tasks: list[str]) -> dict[str, list[int]]:
+    """For each task, the ids of its classes among the qualified ``task:label`` names."""
+    return {t: [i for i, name in enumerate(labels) if name.startswith(f"{t}:")] for t in tasks}
+
+
 # A column to load: (config key naming it, column in the source, name after loading, whether the
 # evaluation data must have it too).
 _Column = tuple[str, str, str, bool]

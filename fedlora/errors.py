@@ -4,7 +4,9 @@ from __future__ import annotations
 
 
 class FedLoraError(Exception):
-    """Base class of user-facing errors: the CLI prints ``str(err)`` and exits with status 2."""
+    """Base class of user-facing errors: the CLI prints ``str(err)`` and exits with ``exit_code``."""
+
+    exit_code = 2
 
 
 class ConfigError(FedLoraError):
@@ -17,3 +19,10 @@ class DataError(FedLoraError):
 
 class ModelError(FedLoraError):
     """The model cannot be loaded or does not fit the configuration (names the model)."""
+
+
+class ConnectError(FedLoraError):
+    """The other side of a deployment cannot be reached or refuses us (names the address);
+    the CLI exits with status 1, as for a failed run, rather than 2 for a usage mistake."""
+
+    exit_code = 1

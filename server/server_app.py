@@ -217,8 +217,13 @@ def federated_evaluate(grid: Grid, strategy: LoRAStrategy, state: dict[str, torc
     return {k: float(v) for k, v in dict(agg).items()} if agg is not None else {}
 
 
-def query_nodes(grid: Grid, strategy: LoRAStrategy, shared: dict[str, str], timeout: float) -> None:
-    """Ask nodes the strategy has not heard from what they have; record it in ``node_info``."""
+def query_nodes(grid: Grid, strategy: LoRAStrategy, shared: dict[str, str], timeout: float,
+                progress: Progress | None = None, announce: bool = False) -> None:
+    """Ask nodes the strategy has not heard from what they have; record it in ``node_info``.
+
+    A node that cannot answer (its data does not fit the run, say) is reported on ``progress``
+    and asked again next round; the round goes on with the others.
+    """
     unknown = [n for n in sorted(grid.get_node_ids()) if n not in strategy.node_info]
     if not unknown:
         return
@@ -228,16 +233,28 @@ def query_nodes(grid: Grid, strategy: LoRAStrategy, shared: dict[str, str], time
     for reply in replies:
         node = reply.metadata.src_node_id
         if reply.has_error() or "info" not in reply.content.config_records:
+            if progress is not None:
+                reason = reply.error.reason if reply.has_error() else "no capability record"
+                progress.line(f"node {node} could not report its capabilities: {reason}")
             continue
-        info = reply.content.config_records["info"]
-        try:
-            strategy.node_info[node] = NodeInfo(
-                node_id=node, rank=int(info["rank"]), device=str(info.get("device", "cpu")),
-                memory_gb=float(info.get("memory-gb", 0.0)), num_examples=int(info.get("num-examples", 0)),
-                tasks={str(k): int(v) for k, v in json.loads(str(info.get("tasks", "{}"))).items()},
-            )
-        except (KeyError, TypeError, ValueError):
-            continue
+        record_node_info(strategy, node, reply.content.config_records["info"], progress, announce)
+
+
+def record_node_info(strategy: LoRAStrategy, node: int, info: ConfigRecord, progress: Progress | None,
+                     announce: bool) -> None:
+    """Keep what ``node`` says it has (a query reply's or a train reply's ``info``); ignore a malformed one."""
+    try:
+        strategy.node_info[node] = NodeInfo(
+            node_id=node, rank=int(info["rank"]), device=str(info.get("device", "cpu")),
+            memory_gb=float(info.get("memory-gb", 0.0)), num_examples=int(info.get("num-examples", 0)),
+            tasks={str(k): int(v) for k, v in json.loads(str(info.get("tasks", "{}"))).items()},
+        )
+    except (KeyError, TypeError, ValueError):
+        return
+    if progress is not None and announce:
+        got = strategy.node_info[node]
+        progress.line(f"node {node} joined: rank {got.rank}, {got.device}, {got.memory_gb:g} GB, "
+                      f"{got.num_examples} examples")
 
 
 def _collect(grid: Grid, messages: list[Message], timeout: float, on_reply) -> list[Message]:
@@ -264,7 +281,7 @@ def _fmt(metrics: dict[str, Any]) -> str:
 
 
 def run_server(grid: Grid, prepared: Prepared, run_dir: RunDirectory, *, progress: Progress | None = None,
-               resume: bool = False) -> RunResult:
+               resume: bool = False, announce_nodes: bool = False) -> RunResult:
     """Run the configured rounds over ``grid`` and write the run directory.
 
     Parameters
@@ -279,16 +296,20 @@ def run_server(grid: Grid, prepared: Prepared, run_dir: RunDirectory, *, progres
         Receives one line per client reply and per round.
     resume : bool
         Continue from the latest checkpoint in ``run_dir``.
+    announce_nodes : bool
+        Print a line per node as it joins (rank, device, memory, examples): on a deployment,
+        where nodes are real devices; not for hundreds of simulated ones.
     """
     progress = progress or Progress()
     set_active(progress)  # in-process clients report their local steps to the status line
     try:
-        return _run_server(grid, prepared, run_dir, progress, resume)
+        return _run_server(grid, prepared, run_dir, progress, resume, announce_nodes)
     finally:
         set_active(None)
 
 
-def _run_server(grid: Grid, prepared: Prepared, run_dir: RunDirectory, progress: Progress, resume: bool) -> RunResult:
+def _run_server(grid: Grid, prepared: Prepared, run_dir: RunDirectory, progress: Progress, resume: bool,
+                announce_nodes: bool) -> RunResult:
     cfg = prepared.cfg
     host = prepared.host
     strategy: LoRAStrategy = create(cfg, prepared.spec)
@@ -313,11 +334,13 @@ def _run_server(grid: Grid, prepared: Prepared, run_dir: RunDirectory, progress:
         progress.line(f"round 0/{cfg.rounds}  initial global adapter  {_fmt(result.initial)}")
 
     scalars = ScalarLog(run_dir.path)
-    shared = {"run": cfg.to_json(), "labels": json.dumps(prepared.data.labels)}
+    shared = {"run": cfg.to_json(), "labels": json.dumps(prepared.data.labels),
+              "run-tasks": json.dumps(list(prepared.data.tasks))}
     max_bytes = int(cfg.federation.max_reply_mb * 1024 * 1024)
     for server_round in range(start_round, cfg.rounds + 1):
         started = time.perf_counter()
-        query_nodes(grid, strategy, shared, cfg.federation.round_timeout)
+        if strategy.needs_node_info:
+            query_nodes(grid, strategy, shared, cfg.federation.round_timeout, progress, announce=announce_nodes)
         messages = list(strategy.configure_train(server_round, to_record(state), ConfigRecord(dict(shared)), grid))
         sent = dict(strategy.last_sent)
         clients: dict[int, dict[str, Any]] = {
@@ -338,6 +361,8 @@ def _run_server(grid: Grid, prepared: Prepared, run_dir: RunDirectory, progress:
                 entry["dropped"] = str(err)
                 progress.line(f"round {server_round}/{cfg.rounds}  client {count}/{total}  node {node}  DROPPED: {err}")
                 return
+            if node not in strategy.node_info and "info" in reply.content.config_records:
+                record_node_info(strategy, node, reply.content.config_records["info"], progress, announce_nodes)
             metrics = dict(reply.content["metrics"])
             entry.update({
                 "train_loss": float(metrics["train-loss"]),

@@ -2,9 +2,12 @@
 
 Protocol between a strategy and the ClientApp (both sides read this):
 
-* Query (message type ``query``, once per node): the client answers what it has in
-  ``content["info"]`` (``rank`` it will train, ``device``, ``memory-gb``, ``num-examples``,
-  ``tasks``); the server keeps it in :attr:`LoRAStrategy.node_info`.
+* Query (message type ``query``, once per node, before its first train message, for strategies
+  whose payload depends on it: :attr:`LoRAStrategy.needs_node_info`): the client answers what it
+  has in ``content["info"]`` (``rank`` it will train, ``device``, ``memory-gb``,
+  ``num-examples``, ``tasks``); the server keeps it in :attr:`LoRAStrategy.node_info`. Every
+  train reply carries the same ``info`` record, so the other strategies learn it without the
+  extra round trip (on a deployment, each message costs a ClientApp process start).
 * Down (message type ``train``): ``content["arrays"]`` holds the tensors the client must install
   *and train*, plus base-delta factors (``<module>.base_delta_A/B``, ``D = B @ A``) that it folds
   into its frozen weights; ``content["config"]`` holds the round's settings (``rank``, ``alpha``,
@@ -163,6 +166,9 @@ class LoRAStrategy(Strategy):
     needs_float_base: ClassVar[bool] = False
     #: Whether each client ends with its own model (evaluated on the clients: configure_evaluate).
     personalized: ClassVar[bool] = False
+    #: Whether what a node is sent depends on its :attr:`node_info` (its rank, its tasks), so the
+    #: server must query a node before its first train message.
+    needs_node_info: ClassVar[bool] = False
 
     def __init__(self, cfg: RunConfig, spec: AdapterSpec) -> None:
         self.cfg = cfg

@@ -149,6 +149,7 @@ class FLTAC(LoRAStrategy):
 
     name = "fltac"
     option_types = {"clusters": (int, 0), "min_task_examples": (int, 1)}
+    needs_node_info = True
 
     def __init__(self, cfg, spec: AdapterSpec) -> None:
         super().__init__(cfg, spec)

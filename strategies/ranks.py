@@ -36,6 +36,7 @@ class HeterogeneousRankStrategy(LoRAStrategy):
     all the nodes of that rank."""
 
     heterogeneous_ranks = True
+    needs_node_info = True
 
     def __init__(self, cfg, spec: AdapterSpec) -> None:
         super().__init__(cfg, spec)

@@ -1,0 +1,84 @@
+"""The ServerApp that Flower's deployment engine runs (``fedlora.server.deployed_app:app``).
+
+``fedlora-server`` submits it to its SuperLink as a Flower App Bundle whose run config carries
+the resolved fedlora configuration (see :mod:`fedlora.server.launcher`). The SuperLink starts it
+in a ``flwr-serverapp`` process on the server machine, which then runs the same
+:func:`~fedlora.server.server_app.run_server` loop as a simulation over the real grid of
+SuperNodes. Its stdout is the run's log, which ``fedlora-server`` streams to the terminal.
+
+Run config keys (all written by ``fedlora-server``):
+
+``fedlora-config``
+    The run's configuration as JSON (:meth:`RunConfig.to_json`).
+``run-dir``
+    Absolute path of ``runs/<name>/`` on the server machine.
+``resume``
+    Continue ``run-dir`` from its last checkpoint.
+``min-clients`` / ``wait-clients``
+    Round 1 starts once this many SuperNodes are connected; the run fails with a one-line
+    error if they are not there within ``wait-clients`` seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedlora.config import RunConfig
+from fedlora.errors import FedLoraError
+from fedlora.runlog import Progress, RunDirectory
+
+from .server_app import prepare, run_server
+
+ERROR_PREFIX = "fedlora-server: error: "
+DONE_PREFIX = "fedlora-server: done: "
+
+app = ServerApp()
+
+
+def wait_for_nodes(grid: Grid, count: int, timeout: float, progress: Progress, poll: float = 1.0) -> int:
+    """Block until ``count`` SuperNodes are connected; return how many are.
+
+    Raises a FedLoraError naming how many came when ``timeout`` seconds pass first.
+    """
+    deadline = time.monotonic() + timeout
+    seen = -1
+    while True:
+        connected = len(list(grid.get_node_ids()))
+        if connected != seen:
+            progress.line(f"waiting for clients: {connected}/{count} connected")
+            seen = connected
+        if connected >= count:
+            return connected
+        if time.monotonic() >= deadline:
+            raise FedLoraError(f"only {connected} of {count} clients connected within {timeout:g} s "
+                               "(start more fedlora-client processes, or lower --min-clients / raise --wait-clients)")
+        time.sleep(poll)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    progress = Progress()
+    try:
+        rc = context.run_config
+        cfg = RunConfig.from_dict(json.loads(str(rc["fedlora-config"])))
+        resume = bool(rc.get("resume", False))
+        run_dir = RunDirectory(str(rc["run-dir"]))
+        prepared = prepare(cfg, check_partitions=False)  # the clients bring their own data
+        wait_for_nodes(grid, int(rc.get("min-clients", cfg.federation.clients)),
+                       float(rc.get("wait-clients", 300.0)), progress)
+        result = run_server(grid, prepared, run_dir, progress=progress, resume=resume, announce_nodes=True)
+    except FedLoraError as err:
+        # The launcher shows this line as the run's error; the exception marks the run failed.
+        print(f"{ERROR_PREFIX}{err}", flush=True)
+        raise
+    try:
+        from fedlora.report import write_report
+
+        write_report([run_dir.path], run_dir.path)
+    except Exception as err:  # noqa: BLE001 - a plotting problem must not cost the finished run
+        progress.line(f"report not written: {type(err).__name__}: {err}")
+    print(f"{DONE_PREFIX}{result.adapter_dir}", flush=True)
