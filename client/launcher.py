@@ -35,6 +35,7 @@ from fedlora.errors import ConnectError, FedLoraError
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 PREFIX = "fedlora-client: "
+REFUSAL_RETRIES = 3
 
 
 @dataclass
@@ -203,7 +204,8 @@ class _Watcher:
                 self.refused = True
             if "ERROR" in line or "Exit Code" in line or "Traceback" in line:
                 self.last_error = line
-            if line.startswith(PREFIX) or self.verbose or line.startswith(("WARNING", "ERROR")):
+            if self.verbose or line.startswith(PREFIX) or (
+                    line.startswith(("WARNING", "ERROR")) and "Exit Code" not in line):
                 self.emit(line)
         stream.close()
 
@@ -225,27 +227,39 @@ def run_client(opts: ClientOptions, emit: Callable[[str], None] = print,
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous[sig] = signal.signal(sig, lambda *_: stop_event.set())
-    cmd = supernode_command(opts, free_port())
     emit(f"{PREFIX}starting a SuperNode for {host}:{port} (data {opts.data}"
          f"{', rank ' + str(opts.rank) if opts.rank is not None else ''}"
          f"{', authenticated' if opts.key is not None else ''})")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            text=True, env=tool_env(), start_new_session=True)
-    watcher = _Watcher(proc.stdout, emit, opts.verbose)
     try:
-        while proc.poll() is None and not stop_event.is_set():
-            stop_event.wait(0.2)
-        if stop_event.is_set() and proc.poll() is None:
-            _signal_group(proc, signal.SIGTERM)
+        # A refusal is retried a few times: the server authorises its keys just after it starts
+        # listening, and an operator may be adding this node's key right now.
+        for attempt in range(REFUSAL_RETRIES + 1):
+            proc = subprocess.Popen(supernode_command(opts, free_port()), stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, env=tool_env(),
+                                    start_new_session=True)
+            watcher = _Watcher(proc.stdout, emit, opts.verbose)
             try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                _signal_group(proc, signal.SIGKILL)
-                proc.wait(timeout=5)
-            watcher.thread.join(timeout=5)
-            emit(f"{PREFIX}stopped")
-            return 0
-        watcher.thread.join(timeout=5)
+                while proc.poll() is None and not stop_event.is_set():
+                    stop_event.wait(0.2)
+            finally:
+                if proc.poll() is None:
+                    _signal_group(proc, signal.SIGTERM)
+                    try:
+                        proc.wait(timeout=20)
+                    except subprocess.TimeoutExpired:
+                        _signal_group(proc, signal.SIGKILL)
+                        proc.wait(timeout=5)
+                watcher.thread.join(timeout=5)
+            if stop_event.is_set():
+                emit(f"{PREFIX}stopped")
+                return 0
+            if not watcher.refused or attempt == REFUSAL_RETRIES:
+                break
+            delay = 2.0 ** attempt
+            emit(f"{PREFIX}the server refused this node; retrying in {delay:g} s ({attempt + 1}/{REFUSAL_RETRIES})")
+            if stop_event.wait(delay):
+                emit(f"{PREFIX}stopped")
+                return 0
         if watcher.refused:
             if opts.key is None:
                 raise ConnectError(f"the server at {host}:{port} refused this node: it requires node "
@@ -257,9 +271,6 @@ def run_client(opts: ClientOptions, emit: Callable[[str], None] = print,
         raise ConnectError(f"the SuperNode stopped (exit {proc.returncode}): "
                            f"{watcher.last_error or 'lost the server and gave up reconnecting'}")
     finally:
-        if proc.poll() is None:
-            _signal_group(proc, signal.SIGKILL)
-            proc.wait(timeout=5)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 

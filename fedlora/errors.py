@@ -26,3 +26,9 @@ class ConnectError(FedLoraError):
     the CLI exits with status 1, as for a failed run, rather than 2 for a usage mistake."""
 
     exit_code = 1
+
+
+class RunFailed(FedLoraError):
+    """A deployed run started but did not complete (names why); the CLI exits with status 1."""
+
+    exit_code = 1

@@ -41,7 +41,7 @@ import tomli_w
 import fedlora
 from fedlora.certs import CA_CERT, SERVER_CERT, SERVER_KEY, check_certificate, load_public_keys
 from fedlora.config import RunConfig
-from fedlora.errors import FedLoraError
+from fedlora.errors import FedLoraError, RunFailed
 from fedlora.runlog import RunDirectory
 
 from .deployed_app import DONE_PREFIX, ERROR_PREFIX
@@ -308,6 +308,8 @@ def _show(text: str, emit: Callable[[str], None], errors: list[str]) -> None:
         if line.startswith(ERROR_PREFIX):
             errors.append(line[len(ERROR_PREFIX):])
             continue
+        if errors:  # after fedlora's own error line, Flower's traceback of it adds nothing
+            continue
         if not line.strip() or _NOISE.search(line) or line.startswith(DONE_PREFIX):
             continue
         emit(line)
@@ -385,9 +387,7 @@ def serve(cfg: RunConfig, opts: ServerOptions, emit: Callable[[str], None] = pri
         _show(pending[0], emit, errors)
         run_id = None
         if sub_status != "completed":
-            reason = errors[-1] if errors else f"run {sub_status} (see {link.log_path})"
-            emit(f"fedlora-server: error: {reason}")
-            return 1
+            raise RunFailed(errors[-1] if errors else f"the run {sub_status} (see {link.log_path})")
         _summary(cfg, run_dir.path, emit)
         return 0
     except KeyboardInterrupt:
