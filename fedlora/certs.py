@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -180,7 +181,7 @@ def load_public_keys(folder: str | Path) -> dict[str, bytes]:
     for path in sorted(folder.glob("*.pub")):
         try:
             key = serialization.load_ssh_public_key(path.read_bytes())
-        except (ValueError, OSError) as err:
+        except (ValueError, OSError, UnsupportedAlgorithm) as err:
             raise FedLoraError(f"--auth-keys: {path} is not an OpenSSH public key ({err})") from None
         if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(
                 key.curve, (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)):
@@ -198,7 +199,7 @@ def check_private_key(path: str | Path) -> None:
         raise FedLoraError(f"--key {path}: no such file")
     try:
         key = serialization.load_ssh_private_key(path.read_bytes(), None)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
         raise FedLoraError(f"--key {path}: not an unencrypted OpenSSH private key ({err})") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise FedLoraError(f"--key {path}: not an EC key (make one with `fedlora certs`)")

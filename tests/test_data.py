@@ -287,3 +287,24 @@ def test_evaluate_masks_each_row_to_its_task_labels():
     assert masked["eval_accuracy"] == pytest.approx(3 / 5)
     assert masked["eval_accuracy/a"] == pytest.approx(1 / 2) and masked["eval_accuracy/b"] == pytest.approx(2 / 3)
     assert masked["eval_loss"] == pytest.approx(plain["eval_loss"])
+
+
+def test_device_data_uses_the_runs_label_ids(tmp_path, tiny_bert):
+    """A device holding only some classes still maps each to the server's id; unknown ones are named."""
+    from conftest import tiny_config
+
+    from fedlora.data import load_device_data
+    from fedlora.errors import DataError
+
+    cfg = tiny_config(tiny_bert)
+    labels = ["cooking", "sports", "technology", "weather"]
+    path = tmp_path / "local.csv"
+    path.write_text("text,label\nthe storm came,weather\nthe match ended,sports\n")
+    ds = load_device_data(cfg, path, labels, [])
+    assert list(ds["labels"]) == [3, 1] and list(ds["text"]) == ["the storm came", "the match ended"]
+    path.write_text("text,label\nthe film ended,movies\n")
+    with pytest.raises(DataError, match="labels not in this run: movies"):
+        load_device_data(cfg, path, labels, [])
+    path.write_text("sentence,label\nx,weather\n")
+    with pytest.raises(DataError, match="no column 'text'"):
+        load_device_data(cfg, path, labels, [])
