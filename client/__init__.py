@@ -1,4 +1,5 @@
-"""The fedlora ClientApp: installs received factors on the cached base model, trains, replies."""
+"""The fedlora ClientApp: generic over strategies (their client halves are hooks), it installs
+received factors on the cached base model, trains, replies."""
 
 from .client_app import app, handle_train
 

@@ -26,6 +26,7 @@ from flwr.app import Array, ArrayRecord
 from fedlora.config import LoRAConfig
 from fedlora.errors import ConfigError
 from fedlora.models import LoadedModel
+from fedlora.process import HOST, process_state
 
 LORA_A = "lora_A"
 LORA_B = "lora_B"
@@ -288,16 +289,14 @@ class AdapterHost:
             self._base_token = token
 
 
-_HOSTS: dict[tuple, AdapterHost] = {}
-_HOSTS_LOCK = threading.Lock()
-
-
 def get_host(loaded: LoadedModel) -> AdapterHost:
-    """The process-wide adapter host of a cached base model."""
-    with _HOSTS_LOCK:
-        if loaded.key not in _HOSTS or _HOSTS[loaded.key].loaded is not loaded:
-            _HOSTS[loaded.key] = AdapterHost(loaded)
-        return _HOSTS[loaded.key]
+    """The process-wide adapter host of a cached base model (kept in :mod:`fedlora.process`)."""
+    store = process_state()
+    host = store.get(HOST, loaded.key, lambda: AdapterHost(loaded))
+    if host.loaded is not loaded:  # the model was reloaded after a clear: a new peft wrapper on it
+        host = AdapterHost(loaded)
+        store.put(HOST, loaded.key, host)
+    return host
 
 
 def seeded_lora_a(shapes: Mapping[str, tuple[int, ...]], seed: int) -> dict[str, torch.Tensor]:

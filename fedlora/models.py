@@ -8,7 +8,6 @@ virtual client and the server's evaluation share it, and only adapter factors ch
 from __future__ import annotations
 
 import importlib
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import torch
 
 from fedlora.config import ModelConfig
 from fedlora.errors import ModelError
+from fedlora.process import HOST, MODEL, process_state
 
 # Hub names with an offline copy shipped in a PyPI package: (module, attribute giving the path).
 OFFLINE_COPIES: dict[str, tuple[str, str]] = {
@@ -37,8 +37,6 @@ class LoadedModel:
     key: tuple
 
 
-_CACHE: dict[tuple, LoadedModel] = {}
-_LOCK = threading.Lock()
 
 
 def resolve_model_source(name: str) -> str:
@@ -85,42 +83,42 @@ def load_model(cfg: ModelConfig, num_labels: int = 2, seed: int = 0) -> LoadedMo
         Seeds the random initialisation of a fresh head, so every process builds the same one.
     """
     key = (cfg.name, cfg.task, num_labels if cfg.task == "classification" else 0, cfg.quantization, seed)
-    with _LOCK:
-        if key in _CACHE:
-            return _CACHE[key]
-        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-        from transformers.utils import logging as hf_logging
+    return process_state().get(MODEL, key, lambda: _load(cfg, num_labels, seed, key))
 
-        source = resolve_model_source(cfg.name)
-        kwargs: dict[str, Any] = {}
-        qconfig = quantization_config(cfg)
-        if qconfig is not None:
-            kwargs["quantization_config"] = qconfig
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # "newly initialized head" is expected here, not news
-        try:
-            torch.manual_seed(seed)
-            if cfg.task == "classification":
-                model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels, **kwargs)
-            else:
-                model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(source)
-        except (OSError, ValueError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ModelError(f"model.name: cannot load {cfg.name!r}: {first}") from None
-        finally:
-            hf_logging.set_verbosity(verbosity)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-        if getattr(model.config, "pad_token_id", None) is None:
-            model.config.pad_token_id = tokenizer.pad_token_id
-        for param in model.parameters():
-            param.requires_grad_(False)
-        if qconfig is not None:
-            _guard_cpu_repacking(model)
-        loaded = LoadedModel(model=model, tokenizer=tokenizer, source=source, key=key)
-        _CACHE[key] = loaded
-        return loaded
+
+def _load(cfg: ModelConfig, num_labels: int, seed: int, key: tuple) -> LoadedModel:
+    """Read the model and tokenizer from disk or the hub (what :func:`load_model` caches)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    source = resolve_model_source(cfg.name)
+    kwargs: dict[str, Any] = {}
+    qconfig = quantization_config(cfg)
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "newly initialized head" is expected here, not news
+    try:
+        torch.manual_seed(seed)
+        if cfg.task == "classification":
+            model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"model.name: cannot load {cfg.name!r}: {first}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if qconfig is not None:
+        _guard_cpu_repacking(model)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, key=key)
 
 
 def _guard_cpu_repacking(model: torch.nn.Module) -> None:
@@ -139,6 +137,6 @@ def _guard_cpu_repacking(model: torch.nn.Module) -> None:
 
 
 def clear_cache() -> None:
-    """Forget every cached model (tests; memory benchmarks)."""
-    with _LOCK:
-        _CACHE.clear()
+    """Forget every cached model and the adapter hosts on them (tests; memory benchmarks)."""
+    process_state().clear(MODEL)
+    process_state().clear(HOST)

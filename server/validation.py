@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
+from fedlora import protocol as P
 from fedlora.adapters import is_base_delta
 
 
@@ -35,12 +36,12 @@ def validate_reply(reply: Message, sent: ArrayRecord, *, dtype: str, max_bytes: 
     if reply.has_error():
         raise ReplyError(f"client error: {reply.error.reason}")
     content = reply.content
-    if "arrays" not in content.array_records:
-        raise ReplyError("reply has no 'arrays' record")
-    if "metrics" not in content.metric_records:
-        raise ReplyError("reply has no 'metrics' record")
-    arrays = content.array_records["arrays"]
-    metrics = content.metric_records["metrics"]
+    if P.ARRAYS not in content.array_records:
+        raise ReplyError(f"reply has no {P.ARRAYS!r} record")
+    if P.METRICS not in content.metric_records:
+        raise ReplyError(f"reply has no {P.METRICS!r} record")
+    arrays = content.array_records[P.ARRAYS]
+    metrics = content.metric_records[P.METRICS]
     size = arrays.count_bytes()
     if size > max_bytes:
         raise ReplyError(f"reply of {size} bytes exceeds the limit of {max_bytes}")
@@ -64,15 +65,16 @@ def validate_reply(reply: Message, sent: ArrayRecord, *, dtype: str, max_bytes: 
             raise ReplyError(f"{key}: undecodable array ({type(err).__name__})") from None
         if not np.all(np.isfinite(values)):
             raise ReplyError(f"{key}: non-finite values")
-    num = metrics.get("num-examples")
+    num = metrics.get(P.NUM_EXAMPLES)
     if not isinstance(num, int) or isinstance(num, bool) or num <= 0:
-        raise ReplyError(f"num-examples must be a positive integer, got {num!r}")
-    loss = metrics.get("train-loss")
+        raise ReplyError(f"{P.NUM_EXAMPLES} must be a positive integer, got {num!r}")
+    loss = metrics.get(P.TRAIN_LOSS)
     if not isinstance(loss, (int, float)) or not np.isfinite(loss):
-        raise ReplyError(f"train-loss must be a finite number, got {loss!r}")
+        raise ReplyError(f"{P.TRAIN_LOSS} must be a finite number, got {loss!r}")
     # Strategies act on these (HetLoRA's next rank, FL-TAC's per-task weights): whole numbers only.
-    for key in ["rank"] + [k for k in metrics.keys() if k.startswith("num-examples::")]:
+    per_task = [P.task_metric(P.NUM_EXAMPLES, t) for t in P.task_metrics(dict(metrics), P.NUM_EXAMPLES)]
+    for key in [P.RANK] + per_task:
         if key in metrics:
             value = metrics[key]
-            if not isinstance(value, int) or isinstance(value, bool) or value < (1 if key == "rank" else 0):
-                raise ReplyError(f"{key} must be a {'positive' if key == 'rank' else 'non-negative'} integer, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or value < (1 if key == P.RANK else 0):
+                raise ReplyError(f"{key} must be a {'positive' if key == P.RANK else 'non-negative'} integer, got {value!r}")

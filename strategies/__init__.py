@@ -1,57 +1,36 @@
-"""Aggregation strategies for federated LoRA, one module each, behind a name registry.
+"""Aggregation strategies for federated LoRA: one module per strategy, both halves in it.
 
-``create(cfg, spec)`` builds the strategy that ``strategy.name`` names; new strategies join with
-:func:`register`.
+Each module holds a server half (a :class:`LoRAStrategy`, with its aggregation math in pure
+functions), a client half (a :class:`ClientHooks` subclass the generic ClientApp calls around
+local training) and, when it has options, a :class:`StrategyOptions` dataclass; the module
+registers its class once with :func:`register`. ``create(cfg, spec)`` builds the strategy that
+``strategy.name`` names.
+
+To add a strategy, write one module like ``ffa.py`` and import it below (or, outside this
+package, call :func:`register` before the run starts).
 """
 
 from __future__ import annotations
 
-from fedlora.adapters import AdapterSpec
-from fedlora.config import RunConfig
-from fedlora.errors import ConfigError
+from .base import ClientUpdate, GlobalView, LoRAStrategy, NodeDirectory, NodeInfo
+from .hooks import ClientHooks, NodeStore, TrainGroup
+from .options import StrategyOptions, option, require
+from .registry import STRATEGIES, create, get_strategy_class, register, unregister
 
-from .base import ClientUpdate, GlobalView, LoRAStrategy, NodeInfo
-from .fedavg import FedAvgLoRA, weighted_mean
-from .ffa import FFALoRA, ffa_aggregate
-from .federa import FeDeRA, federa_init
-from .fedex import FedExLoRA, fedex_aggregate
-from .fedsa import FedSALoRA
-from .flora import FLoRA, flora_aggregate
-from .fltac import FLTAC, cluster_purity, fltac_aggregate, kmeans
-from .hetlora import HetLoRA, hetlora_aggregate
-
-STRATEGIES: dict[str, type[LoRAStrategy]] = {}
-
-
-def register(cls: type[LoRAStrategy]) -> type[LoRAStrategy]:
-    """Make ``cls`` selectable as ``strategy.name = cls.name`` (usable as a decorator)."""
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} has no name")
-    STRATEGIES[cls.name] = cls
-    return cls
-
-
-for _cls in (FedAvgLoRA, FFALoRA, FeDeRA, HetLoRA, FLTAC, FLoRA, FedSALoRA, FedExLoRA):
-    register(_cls)
-
-
-def get_strategy_class(name: str) -> type[LoRAStrategy]:
-    """The registered class for ``name``; ConfigError listing the known names otherwise."""
-    if name not in STRATEGIES:
-        raise ConfigError(
-            f"config key 'strategy.name': unknown strategy {name!r} (known: {', '.join(sorted(STRATEGIES))})"
-        )
-    return STRATEGIES[name]
-
-
-def create(cfg: RunConfig, spec: AdapterSpec) -> LoRAStrategy:
-    """Instantiate the configured strategy (options validated)."""
-    return get_strategy_class(cfg.strategy.name)(cfg, spec)
-
+# The built-in strategies register themselves on import.
+from .fedavg import FedAvgLoRA, weighted_mean  # noqa: E402  isort: skip
+from .ffa import FFALoRA, ffa_aggregate  # noqa: E402  isort: skip
+from .federa import FeDeRA, federa_init  # noqa: E402  isort: skip
+from .hetlora import HetLoRA, hetlora_aggregate  # noqa: E402  isort: skip
+from .fltac import FLTAC, cluster_purity, fltac_aggregate, kmeans  # noqa: E402  isort: skip
+from .flora import FLoRA, flora_aggregate  # noqa: E402  isort: skip
+from .fedsa import FedSALoRA  # noqa: E402  isort: skip
+from .fedex import FedExLoRA, fedex_aggregate  # noqa: E402  isort: skip
 
 __all__ = [
-    "STRATEGIES", "ClientUpdate", "GlobalView", "LoRAStrategy", "NodeInfo", "FedAvgLoRA", "FFALoRA", "FeDeRA",
-    "FedExLoRA", "FedSALoRA", "FLoRA", "FLTAC", "HetLoRA", "cluster_purity", "create", "federa_init", "fedex_aggregate",
-    "ffa_aggregate", "flora_aggregate", "fltac_aggregate", "get_strategy_class", "hetlora_aggregate", "kmeans",
-    "register", "weighted_mean",
+    "STRATEGIES", "ClientHooks", "ClientUpdate", "GlobalView", "LoRAStrategy", "NodeDirectory", "NodeInfo",
+    "NodeStore", "StrategyOptions", "TrainGroup", "FedAvgLoRA", "FFALoRA", "FeDeRA", "FedExLoRA", "FedSALoRA",
+    "FLoRA", "FLTAC", "HetLoRA", "cluster_purity", "create", "federa_init", "fedex_aggregate", "ffa_aggregate",
+    "flora_aggregate", "fltac_aggregate", "get_strategy_class", "hetlora_aggregate", "kmeans", "option", "register",
+    "require", "unregister", "weighted_mean",
 ]

@@ -1,37 +1,35 @@
-"""The base of every fedlora strategy: a Flower message-API ``Strategy`` over LoRA factors.
+"""The server half of every fedlora strategy: a Flower message-API ``Strategy`` over LoRA factors.
 
-Protocol between a strategy and the ClientApp (both sides read this):
+A strategy is one module holding both halves: a subclass of :class:`LoRAStrategy` (what each
+node is sent, how replies combine: pure functions over tensors, tested alone) and a subclass of
+:class:`~fedlora.strategies.hooks.ClientHooks` (what the node does around local training), tied
+together by :attr:`LoRAStrategy.client_hooks` and registered once by name
+(:func:`fedlora.strategies.register`). Options are a dataclass
+(:class:`~fedlora.strategies.options.StrategyOptions`) named by :attr:`LoRAStrategy.options_class`.
 
-* Query (message type ``query``, once per node, before its first train message, for strategies
-  whose payload depends on it: :attr:`LoRAStrategy.needs_node_info`): the client answers what it
-  has in ``content["info"]`` (``rank`` it will train, ``device``, ``memory-gb``,
-  ``num-examples``, ``tasks``); the server keeps it in :attr:`LoRAStrategy.node_info`. Every
-  train reply carries the same ``info`` record, so the other strategies learn it without the
-  extra round trip (on a deployment, each message costs a ClientApp process start).
-* Down (message type ``train``): ``content["arrays"]`` holds the tensors the client must install
-  *and train*, plus base-delta factors (``<module>.base_delta_A/B``, ``D = B @ A``) that it folds
-  into its frozen weights; ``content["config"]`` holds the round's settings (``rank``, ``alpha``,
-  ``local-steps``, ``lr``, ...). Adapter tensors that were not sent are reset by the client from
-  the config (``a-seed``: FFA-LoRA's shared frozen A) and stay frozen; ``svd-rank`` asks the
-  client to replace each target weight by its FeDeRA residual; ``tasks`` (FL-TAC) lists the task
-  adapters in the arrays, keyed ``<task>::<key>``, each trained on that task's examples.
-* Up: ``content["arrays"]`` with the same keys and shapes as the trained tensors sent;
-  ``content["metrics"]`` with ``num-examples``, ``train-loss``, ``train-seconds``, ``rank`` (after
-  any self-pruning) and, per task, ``num-examples::<task>``.
+What the round loop (:mod:`fedlora.server.server_app`) gives a strategy: the run, the global
+adapter's shape and the task names in the constructor, plus :class:`NodeDirectory`, where the
+loop records what every node said about itself (its ``INFO`` record: rank, device, memory,
+examples, tasks). What it gets back: the messages of :meth:`LoRAStrategy.configure_train` (the
+tensors sent to a node are in its message), the new global state of
+:meth:`LoRAStrategy.aggregate_train`, and :meth:`LoRAStrategy.round_metrics` /
+:meth:`LoRAStrategy.client_facts` about the last aggregation. Message keys are the constants
+of :mod:`fedlora.protocol`.
 
-Subclasses override the hooks (:meth:`initialize`, :meth:`payload`, :meth:`client_config`,
-:meth:`aggregate`); the message plumbing, sampling and metrics stay here. The global state is a
-flat ``dict[str, Tensor]`` keyed as in :mod:`fedlora.adapters`; the update of a target module is
-``(alpha / r) * B @ A``.
+The global state is a flat ``dict[str, Tensor]`` keyed as in :mod:`fedlora.adapters`; the
+update of a target module is ``(alpha / r) * B @ A``. Base-delta factors
+(``<module>.base_delta_A/B``, ``D = B @ A``) in what a node is sent are folded into its frozen
+weights, never trained nor sent back.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from logging import INFO
+from logging import INFO as LOG_INFO
 from typing import Any, ClassVar
 
 import torch
@@ -40,16 +38,22 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedlora import protocol as P
 from fedlora.adapters import AdapterHost, AdapterSpec, from_record, is_base_delta, module_of, to_record
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
+from fedlora.protocol import TASK_SEP, split_task_key, task_key
 
-TASK_SEP = "::"
+from .hooks import ClientHooks
+from .options import StrategyOptions
+
+__all__ = ["TASK_SEP", "ClientUpdate", "GlobalView", "LoRAStrategy", "NodeDirectory", "NodeInfo", "decode_reply",
+           "split_base_delta", "split_task_key", "task_key"]
 
 
 @dataclass
 class NodeInfo:
-    """What a node said about itself in its query reply.
+    """What a node said about itself (its ``INFO`` record: a query reply's or a train reply's).
 
     Attributes
     ----------
@@ -73,6 +77,48 @@ class NodeInfo:
     memory_gb: float = 0.0
     num_examples: int = 0
     tasks: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_record(cls, node_id: int, info: Mapping[str, Any]) -> NodeInfo:
+        """Parse an ``INFO`` record; ValueError (or KeyError/TypeError) when it is malformed."""
+        tasks = json.loads(str(info.get(P.INFO_TASKS, "{}")))
+        if not isinstance(tasks, dict):
+            raise ValueError("tasks is not a JSON object")
+        return cls(
+            node_id=node_id, rank=int(info[P.INFO_RANK]), device=str(info.get(P.INFO_DEVICE, "cpu")),
+            memory_gb=float(info.get(P.INFO_MEMORY_GB, 0.0)),
+            num_examples=int(info.get(P.INFO_NUM_EXAMPLES, 0)),
+            tasks={str(k): int(v) for k, v in tasks.items()},
+        )
+
+
+class NodeDirectory:
+    """What every node of the run said about itself, kept by the server's round loop and read
+    by the strategy it is given to (heterogeneous strategies shape payloads by it)."""
+
+    def __init__(self) -> None:
+        self._nodes: dict[int, NodeInfo] = {}
+
+    def record(self, node_id: int, info: Mapping[str, Any]) -> NodeInfo | None:
+        """Keep what ``node_id`` reported; None (and nothing kept) for a malformed record."""
+        try:
+            self._nodes[node_id] = NodeInfo.from_record(node_id, info)
+        except (KeyError, TypeError, ValueError):
+            return None
+        return self._nodes[node_id]
+
+    def get(self, node_id: int) -> NodeInfo | None:
+        return self._nodes.get(node_id)
+
+    def __contains__(self, node_id: object) -> bool:
+        return node_id in self._nodes
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def unknown(self, node_ids: Iterable[int]) -> list[int]:
+        """The nodes among ``node_ids`` that have not reported yet, sorted."""
+        return sorted(n for n in node_ids if n not in self._nodes)
 
 
 @dataclass
@@ -110,19 +156,6 @@ def split_base_delta(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch
     return adapter, deltas
 
 
-def task_key(task: str, key: str) -> str:
-    """Key of tensor ``key`` of task ``task``'s adapter inside one flat state."""
-    return f"{task}{TASK_SEP}{key}"
-
-
-def split_task_key(key: str) -> tuple[str, str]:
-    """Inverse of :func:`task_key`; ``("", key)`` for keys of no task."""
-    if TASK_SEP in key:
-        task, _, rest = key.partition(TASK_SEP)
-        return task, rest
-    return "", key
-
-
 @dataclass
 class ClientUpdate:
     """One validated reply, decoded.
@@ -146,41 +179,51 @@ class ClientUpdate:
 
 
 class LoRAStrategy(Strategy):
-    """Federated LoRA over Flower's message API.
+    """Federated LoRA over Flower's message API (the server half of a strategy).
 
     Parameters
     ----------
     cfg : RunConfig
         The run: federation settings (fraction, local steps, lr, transport dtype), seed, LoRA
-        settings, and ``cfg.strategy.options`` checked against :attr:`option_types`.
+        settings, and ``cfg.strategy.options``, parsed into :attr:`options_class`.
     spec : AdapterSpec
         The global adapter's shape (rank, alpha, target modules).
+    tasks : sequence of str
+        Task names of multi-task data, in order (empty otherwise).
+    nodes : NodeDirectory, optional
+        Where the round loop records what nodes report; a fresh, empty one by default.
     """
 
     name: ClassVar[str] = ""
-    #: Strategy options accepted under ``[strategy]``, with their types and defaults.
-    option_types: ClassVar[dict[str, tuple[type, Any]]] = {}
+    #: The strategy's options (``[strategy]`` keys besides ``name``).
+    options_class: ClassVar[type[StrategyOptions]] = StrategyOptions
+    #: The client half: what a node does around local training.
+    client_hooks: ClassVar[type[ClientHooks]] = ClientHooks
     #: Whether clients may train different ranks (device profiles); others need all at lora.rank.
     heterogeneous_ranks: ClassVar[bool] = False
     #: Whether the strategy rewrites the frozen base weights (SVD init, merges): needs float weights.
     needs_float_base: ClassVar[bool] = False
     #: Whether each client ends with its own model (evaluated on the clients: configure_evaluate).
     personalized: ClassVar[bool] = False
-    #: Whether what a node is sent depends on its :attr:`node_info` (its rank, its tasks), so the
+    #: Whether what a node is sent depends on what it reported (its rank, its tasks), so the
     #: server must query a node before its first train message.
     needs_node_info: ClassVar[bool] = False
 
-    def __init__(self, cfg: RunConfig, spec: AdapterSpec) -> None:
+    def __init__(self, cfg: RunConfig, spec: AdapterSpec, *, tasks: Sequence[str] = (),
+                 nodes: NodeDirectory | None = None) -> None:
         self.cfg = cfg
         self.spec = spec
-        self.options = self._parse_options(cfg.strategy.options)
+        self.options = self.parse_options(cfg.strategy.options)
+        #: Task names of multi-task data, in order.
+        self.tasks: list[str] = list(tasks)
+        self.nodes = nodes if nodes is not None else NodeDirectory()
         self._global: dict[str, torch.Tensor] = {}
-        self.last_sent: dict[int, ArrayRecord] = {}
-        self.node_info: dict[int, NodeInfo] = {}
-        #: Task names of multi-task data, in order (set by the server before initialisation).
-        self.tasks: list[str] = []
-        #: Per-node facts from the last aggregation, merged into metrics.jsonl's client entries.
-        self.client_report: dict[int, dict[str, Any]] = {}
+        self._client_facts: dict[int, dict[str, Any]] = {}
+
+    @classmethod
+    def parse_options(cls, raw: Mapping[str, Any]) -> Any:
+        """``[strategy]`` options as :attr:`options_class`; ConfigError naming ``strategy.<key>``."""
+        return cls.options_class.from_dict(raw, cls.name)
 
     @classmethod
     def check_setup(cls, cfg: RunConfig, tasks: list[str]) -> None:
@@ -193,7 +236,7 @@ class LoRAStrategy(Strategy):
         tasks : list of str
             Task names of multi-task data (empty otherwise).
         """
-        cls._parse_options(cfg.strategy.options)
+        cls.parse_options(cfg.strategy.options)
         if cls.needs_float_base and cfg.model.quantization != "none":
             raise ConfigError(
                 f"config key 'model.quantization': strategy '{cls.name}' folds updates into the frozen base "
@@ -219,25 +262,6 @@ class LoRAStrategy(Strategy):
         adapter, deltas = split_base_delta(state)
         return [GlobalView(name="", spec=self.spec, state=adapter, base_delta=deltas)]
 
-    # -- options -------------------------------------------------------------------------------
-
-    @classmethod
-    def _parse_options(cls, raw: Mapping[str, Any]) -> dict[str, Any]:
-        out = {}
-        for key, value in raw.items():
-            if key not in cls.option_types:
-                known = ", ".join(sorted(cls.option_types)) or "none"
-                raise ConfigError(f"unknown config key 'strategy.{key}' for strategy '{cls.name}' (options: {known})")
-            typ, _ = cls.option_types[key]
-            if typ is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-                raise ConfigError(f"config key 'strategy.{key}' must be {typ.__name__}, got {value!r}")
-            out[key] = value
-        for key, (_, default) in cls.option_types.items():
-            out.setdefault(key, default)
-        return out
-
     # -- hooks for subclasses ------------------------------------------------------------------
 
     def initialize(self, state: dict[str, torch.Tensor], host: AdapterHost | None = None) -> dict[str, torch.Tensor]:
@@ -257,12 +281,17 @@ class LoRAStrategy(Strategy):
         """Strategy-level facts about the last aggregation for metrics.jsonl (e.g. cluster purity)."""
         return {}
 
+    def client_facts(self) -> dict[int, dict[str, Any]]:
+        """Per-node facts from the last aggregation (weights, ranks, clusters), merged into
+        metrics.jsonl's client entries."""
+        return self._client_facts
+
     def payload(self, node_id: int, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The tensors node ``node_id`` receives, installs and trains this round."""
         return dict(state)
 
     def client_config(self, node_id: int, server_round: int) -> dict[str, Any]:
-        """Extra ConfigRecord entries for node ``node_id``."""
+        """Extra ConfigRecord entries for node ``node_id`` (read by :attr:`client_hooks`)."""
         return {}
 
     def aggregate(
@@ -290,19 +319,21 @@ class LoRAStrategy(Strategy):
         return sorted(rng.sample(nodes, min(count, len(nodes))))
 
     def base_client_config(self, node_id: int, server_round: int) -> dict[str, Any]:
+        """The round settings every strategy sends (local budget, lr, rank, seed, dtype)."""
         fed = self.cfg.federation
+        spec = self.node_spec(node_id)
         return {
-            "server-round": server_round,
-            "rank": self.node_spec(node_id).rank,
-            "alpha": float(self.node_spec(node_id).alpha),
-            "local-steps": fed.local_steps,
-            "local-epochs": float(fed.local_epochs),
-            "batch-size": fed.batch_size,
-            "lr": float(fed.lr),
+            P.SERVER_ROUND: server_round,
+            P.RANK: spec.rank,
+            P.ALPHA: float(spec.alpha),
+            P.LOCAL_STEPS: fed.local_steps,
+            P.LOCAL_EPOCHS: float(fed.local_epochs),
+            P.BATCH_SIZE: fed.batch_size,
+            P.LR: float(fed.lr),
             # The client mixes in its partition id (or node id), so seeds differ per client yet
             # do not depend on the node ids a runtime happens to assign.
-            "seed": self.cfg.seed * 1_000_003 + server_round * 10_007,
-            "transport-dtype": fed.transport_dtype,
+            P.SEED: self.cfg.seed * 1_000_003 + server_round * 10_007,
+            P.TRANSPORT_DTYPE: fed.transport_dtype,
         }
 
     def configure_train(
@@ -320,10 +351,14 @@ class LoRAStrategy(Strategy):
             Entries shared by every node this round (the run description, labels).
         grid : Grid
             Where the nodes are.
+
+        Returns
+        -------
+        list of Message
+            What was sent: node ``m.metadata.dst_node_id`` was sent ``m.content[ARRAYS]``.
         """
         self._global = from_record(arrays)
         messages = []
-        self.last_sent = {}
         # Nodes whose payload is the very same tensors share one serialized record.
         records: dict[tuple, ArrayRecord] = {}
         for node_id in self.sample(grid, server_round):
@@ -334,9 +369,7 @@ class LoRAStrategy(Strategy):
             signature = tuple((k, id(v)) for k, v in sorted(payload.items()))
             if signature not in records:
                 records[signature] = to_record(payload, self.cfg.federation.transport_dtype)
-            record = records[signature]
-            self.last_sent[node_id] = record
-            content = RecordDict({"arrays": record, "config": ConfigRecord(entries)})
+            content = RecordDict({P.ARRAYS: records[signature], P.CONFIG: ConfigRecord(entries)})
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id,
                                     group_id=str(server_round)))
         return messages
@@ -353,14 +386,14 @@ class LoRAStrategy(Strategy):
             when no reply carried content.
         """
         updates = [decode_reply(msg) for msg in replies if not msg.has_error()]
-        self.client_report = {}
+        self._client_facts = {}
         if not updates:
             return None, None
         new_state = self.aggregate(server_round, dict(self._global), updates)
         total = sum(u.num_examples for u in updates)
-        loss = sum(float(u.metrics.get("train-loss", 0.0)) * u.num_examples for u in updates) / total
+        loss = sum(float(u.metrics.get(P.TRAIN_LOSS, 0.0)) * u.num_examples for u in updates) / total
         self._global = new_state
-        return to_record(new_state), MetricRecord({"train-loss": loss, "num-examples": total})
+        return to_record(new_state), MetricRecord({P.TRAIN_LOSS: loss, P.NUM_EXAMPLES: total})
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -372,17 +405,17 @@ class LoRAStrategy(Strategy):
         return None
 
     def summary(self) -> None:
-        log(INFO, "\t├── Strategy: %s (%s)", self.name, type(self).__name__)
-        log(INFO, "\t├── Fraction of clients per round: %.2f", self.cfg.federation.fraction)
-        log(INFO, "\t└── Options: %s", self.options or "{}")
+        log(LOG_INFO, "\t├── Strategy: %s (%s)", self.name, type(self).__name__)
+        log(LOG_INFO, "\t├── Fraction of clients per round: %.2f", self.cfg.federation.fraction)
+        log(LOG_INFO, "\t└── Options: %s", self.options.to_dict() or "{}")
 
 
 def decode_reply(msg: Message) -> ClientUpdate:
     """ClientUpdate from a (validated) train reply."""
-    metrics = dict(msg.content["metrics"])
+    metrics = dict(msg.content[P.METRICS])
     return ClientUpdate(
         node_id=msg.metadata.src_node_id,
-        state=from_record(msg.content["arrays"]),
-        num_examples=int(metrics["num-examples"]),
+        state=from_record(msg.content[P.ARRAYS]),
+        num_examples=int(metrics[P.NUM_EXAMPLES]),
         metrics=metrics,
     )

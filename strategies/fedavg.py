@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from .base import ClientUpdate, LoRAStrategy
+from .registry import register
 
 
 def weighted_mean(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
@@ -47,9 +48,11 @@ def weighted_mean(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequenc
     return out
 
 
+@register
 class FedAvgLoRA(LoRAStrategy):
     """``fedavg``: every client trains and sends A, B (and a trained head); the server averages
-    each tensor weighted by the number of examples."""
+    each tensor weighted by the number of examples. The client half is the default
+    :class:`~fedlora.strategies.hooks.ClientHooks`: train what was received, send it back."""
 
     name = "fedavg"
 

@@ -24,9 +24,15 @@ import torch
 from fedlora.adapters import AdapterHost, delta_keys, is_base_delta, lora_keys, lora_modules
 from fedlora.errors import ConfigError
 from fedlora.lowrank import svd_init
+from fedlora.process import DERIVED, process_state
 
 from .base import ClientUpdate, LoRAStrategy
 from .fedavg import weighted_mean
+from .hooks import ClientHooks, digest, fold_factors
+from .registry import register
+
+#: Round config key: the rank of the SVD whose residual each client makes its frozen base.
+SVD_RANK = "svd-rank"
 
 
 def federa_init(
@@ -59,11 +65,32 @@ def federa_init(
     return out
 
 
+def residual_delta(weight: torch.Tensor, rank: int) -> torch.Tensor:
+    """``W_res - W``: what turns the pretrained weight into FeDeRA's residual at ``rank``."""
+    _, _, residual = svd_init(weight, rank, float(rank))
+    return residual - weight
+
+
+class FeDeRAClient(ClientHooks):
+    """Client half: replace each target weight by its SVD residual, computed here from this
+    node's copy of the base (once per process), so it never crosses the network."""
+
+    def base_delta(self, host, modules, factors):
+        rank = int(self.config[SVD_RANK])
+        dense = {m: process_state().get(DERIVED, ("federa-residual", host.loaded.key, m, rank),
+                                        lambda m=m: residual_delta(host.base_weight(m), rank)) for m in modules}
+        for module, delta in fold_factors(factors).items():
+            dense[module] = dense[module] + delta if module in dense else delta
+        return dense, digest(factors, f"svd{rank}")
+
+
+@register
 class FeDeRA(LoRAStrategy):
     """``federa``: SVD-initialised A and B, residual base, FedAvg of both factors."""
 
     name = "federa"
     needs_float_base = True
+    client_hooks = FeDeRAClient
 
     def initialize(self, state: dict[str, torch.Tensor], host: AdapterHost | None = None) -> dict[str, torch.Tensor]:
         if host is None:
@@ -81,7 +108,7 @@ class FeDeRA(LoRAStrategy):
         return {k: v for k, v in state.items() if not is_base_delta(k)}
 
     def client_config(self, node_id: int, server_round: int) -> dict[str, Any]:
-        return {"svd-rank": self.spec.rank}
+        return {SVD_RANK: self.spec.rank}
 
     def aggregate(self, server_round: int, state: dict[str, torch.Tensor], updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
         state.update(weighted_mean([u.state for u in updates], [u.num_examples for u in updates]))

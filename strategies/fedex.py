@@ -27,6 +27,7 @@ from .base import ClientUpdate
 from .fedavg import weighted_mean
 from .flora import accumulate_delta
 from .ranks import HeterogeneousRankStrategy, pad
+from .registry import register
 
 
 def fedex_aggregate(
@@ -53,8 +54,10 @@ def fedex_aggregate(
     return out
 
 
+@register
 class FedExLoRA(HeterogeneousRankStrategy):
-    """``fedex``: FedAvg of A and B plus the exact residual in the frozen weight."""
+    """``fedex``: FedAvg of A and B plus the exact residual in the frozen weight (the default
+    client half folds the received residual factors into its frozen weights)."""
 
     name = "fedex"
     needs_float_base = True

@@ -27,10 +27,13 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
+from fedlora import protocol as P
 from fedlora.adapters import is_lora_b, to_record
 
 from .base import ClientUpdate, LoRAStrategy
 from .fedavg import weighted_mean
+from .hooks import ClientHooks, NodeStore
+from .registry import register
 
 
 def shared_part(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -50,17 +53,31 @@ def mean_metrics(metrics: list[Mapping[str, Any]], weights: list[float]) -> dict
     return out
 
 
+class FedSAClient(ClientHooks):
+    """Client half: every B factor is the node's own, kept in its ``Context.state`` across
+    rounds (peft's zero init the first time), trained with the received A, never sent."""
+
+    def kept(self, shapes, received, store: NodeStore) -> dict[str, torch.Tensor]:
+        stored = store.load()
+        keys = [k for k in shapes if is_lora_b(k) and k not in received]
+        return {k: stored[k] if k in stored and tuple(stored[k].shape) == tuple(shapes[k]) else torch.zeros(shapes[k])
+                for k in keys}
+
+    def keep(self, store: NodeStore, kept: dict[str, torch.Tensor]) -> None:
+        if kept:
+            store.save(kept)
+
+
+@register
 class FedSALoRA(LoRAStrategy):
     """``fedsa``: A (and head) averaged; every client keeps its own B; personalized evaluation."""
 
     name = "fedsa"
     personalized = True
+    client_hooks = FedSAClient
 
     def payload(self, node_id: int, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return shared_part(state)
-
-    def client_config(self, node_id: int, server_round: int) -> dict[str, Any]:
-        return {"keep-local": "lora_B"}
 
     def aggregate(self, server_round: int, state: dict[str, torch.Tensor], updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
         state.update(weighted_mean([u.state for u in updates], [u.num_examples for u in updates]))
@@ -78,8 +95,8 @@ class FedSALoRA(LoRAStrategy):
             entries = dict(config)
             entries.update(self.base_client_config(node_id, server_round))
             entries.update(self.client_config(node_id, server_round))
-            entries["export"] = server_round == self.cfg.rounds
-            content = RecordDict({"arrays": record, "config": ConfigRecord(entries)})
+            entries[P.EXPORT] = server_round == self.cfg.rounds
+            content = RecordDict({P.ARRAYS: record, P.CONFIG: ConfigRecord(entries)})
             messages.append(Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node_id,
                                     group_id=f"eval-{server_round}"))
         return messages
@@ -87,12 +104,12 @@ class FedSALoRA(LoRAStrategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         metrics, weights = [], []
         for reply in replies:
-            if reply.has_error() or "metrics" not in reply.content.metric_records:
+            if reply.has_error() or P.METRICS not in reply.content.metric_records:
                 continue
-            m = {k: v for k, v in dict(reply.content.metric_records["metrics"]).items()
+            m = {k: v for k, v in dict(reply.content.metric_records[P.METRICS]).items()
                  if isinstance(v, (int, float)) and math.isfinite(v)}  # a faulty node's NaN is left out
             metrics.append(m)
-            weights.append(float(m.get("num-examples", 1)))
+            weights.append(float(m.get(P.NUM_EXAMPLES, 1)))
         if not metrics:
             return None
         return MetricRecord(mean_metrics(metrics, weights))

@@ -10,6 +10,7 @@ carries half the LoRA bytes of FedIT at the same rank.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,6 +19,12 @@ from fedlora.adapters import is_lora_a, seeded_lora_a
 
 from .base import ClientUpdate, LoRAStrategy
 from .fedavg import weighted_mean
+from .hooks import ClientHooks, TrainGroup
+from .options import StrategyOptions, option
+from .registry import register
+
+#: Round config key: the seed of the shared frozen A, from which every client rebuilds it.
+A_SEED = "a-seed"
 
 
 def ffa_aggregate(
@@ -41,16 +48,31 @@ def ffa_aggregate(
     return out
 
 
+@dataclass
+class FFAOptions(StrategyOptions):
+    a_seed: int | None = option(None, "seed of the shared frozen A factors (default: the run's seed)")
+
+
+class FFAClient(ClientHooks):
+    """Client half: rebuild the shared frozen A from its seed (it never travels), train B."""
+
+    def frozen(self, shapes, group: TrainGroup) -> dict[str, torch.Tensor]:
+        untrained = {k: s for k, s in shapes.items() if k not in group.tensors}
+        return seeded_lora_a(untrained, int(self.config[A_SEED]))
+
+
+@register
 class FFALoRA(LoRAStrategy):
     """``ffa``: A frozen at a seeded init shared by all (option ``a_seed``, default the run seed),
     only B and the head travel."""
 
     name = "ffa"
-    option_types = {"a_seed": (int, None)}
+    options_class = FFAOptions
+    client_hooks = FFAClient
 
     @property
     def a_seed(self) -> int:
-        return self.cfg.seed if self.options["a_seed"] is None else self.options["a_seed"]
+        return self.cfg.seed if self.options.a_seed is None else self.options.a_seed
 
     def initialize(self, state: dict[str, torch.Tensor], host=None) -> dict[str, torch.Tensor]:
         shapes = {k: tuple(v.shape) for k, v in state.items()}
@@ -62,7 +84,7 @@ class FFALoRA(LoRAStrategy):
         return {k: v for k, v in state.items() if not is_lora_a(k)}
 
     def client_config(self, node_id: int, server_round: int) -> dict[str, Any]:
-        return {"a-seed": self.a_seed}
+        return {A_SEED: self.a_seed}
 
     def aggregate(self, server_round: int, state: dict[str, torch.Tensor], updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
         return ffa_aggregate(state, [u.state for u in updates], [u.num_examples for u in updates])

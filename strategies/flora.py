@@ -28,6 +28,7 @@ from fedlora.lowrank import compact, stack
 from .base import ClientUpdate, GlobalView, split_base_delta
 from .fedavg import weighted_mean
 from .ranks import HeterogeneousRankStrategy
+from .registry import register
 
 
 def stacked_update(
@@ -69,8 +70,11 @@ def flora_aggregate(
     return out
 
 
+@register
 class FLoRA(HeterogeneousRankStrategy):
-    """``flora``: stacking aggregation, merged into the base each round; ranks may differ."""
+    """``flora``: stacking aggregation, merged into the base each round; ranks may differ. The
+    client half is the default: it folds the received merge (base-delta factors) into its frozen
+    weights and trains the fresh LoRA."""
 
     name = "flora"
     needs_float_base = True

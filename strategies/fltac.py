@@ -15,17 +15,27 @@ The global state holds every task's adapter under ``<task>::<key>``; scaling is 
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from fedlora.adapters import AdapterSpec, is_lora_a, is_lora_b
+from fedlora.data import subset
 from fedlora.errors import ConfigError
+from fedlora.protocol import NUM_EXAMPLES, split_task_key, task_key, task_metric
 
-from .base import ClientUpdate, GlobalView, LoRAStrategy, split_task_key, task_key
+from .base import ClientUpdate, GlobalView, LoRAStrategy
 from .fedavg import weighted_mean
+from .hooks import ClientHooks, TrainGroup
+from .options import StrategyOptions, option, require
+from .registry import register
+
+#: Round config key: JSON list of the tasks whose adapters a node trains this round.
+TASKS = "tasks"
 
 
 def flatten_factors(state: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -142,17 +152,41 @@ def fltac_aggregate(
     return per_task, labels_list, cluster_purity(labels_list, tags)
 
 
+@dataclass
+class FLTACOptions(StrategyOptions):
+    clusters: int = option(0, "k of k-means; 0 = the number of tasks")
+    min_task_examples: int = option(1, "a client trains a task's adapter only with at least this many examples of it")
+
+    def __post_init__(self) -> None:
+        require(self.clusters >= 0, "clusters", f"must be >= 0, got {self.clusters}")
+        require(self.min_task_examples >= 1, "min_task_examples", f"must be >= 1, got {self.min_task_examples}")
+
+
+class FLTACClient(ClientHooks):
+    """Client half: one group per task the server names, each the task's adapter (keys
+    ``<task>::<key>`` on the wire) trained on this node's examples of that task."""
+
+    def groups(self, received, data, task_rows):
+        groups = []
+        for task in json.loads(str(self.config[TASKS])):
+            tensors = {split_task_key(k)[1]: v for k, v in received.items() if split_task_key(k)[0] == task}
+            groups.append(TrainGroup(name=task, tensors=tensors, data=subset(data, task_rows.get(task, []))))
+        return groups
+
+
+@register
 class FLTAC(LoRAStrategy):
     """``fltac``: one adapter per task; k-means clustering of all received adapters, FedAvg within
     each cluster (options ``clusters``: k, 0 = number of tasks; ``min_task_examples``: a client
     trains a task's adapter only with at least this many examples of it)."""
 
     name = "fltac"
-    option_types = {"clusters": (int, 0), "min_task_examples": (int, 1)}
+    options_class = FLTACOptions
+    client_hooks = FLTACClient
     needs_node_info = True
 
-    def __init__(self, cfg, spec: AdapterSpec) -> None:
-        super().__init__(cfg, spec)
+    def __init__(self, cfg, spec: AdapterSpec, **kwargs: Any) -> None:
+        super().__init__(cfg, spec, **kwargs)
         self.purity: float | None = None
         self.cluster_sizes: list[dict[str, int]] = []
         self._payloads: dict[tuple, dict[str, torch.Tensor]] = {}
@@ -165,11 +199,6 @@ class FLTAC(LoRAStrategy):
                 "config key 'data.task_column': strategy 'fltac' needs multi-task data; "
                 "set data.task_column or list [[data.tasks]]"
             )
-        opts = cls._parse_options(cfg.strategy.options)
-        if opts["clusters"] < 0:
-            raise ConfigError(f"config key 'strategy.clusters' must be >= 0, got {opts['clusters']}")
-        if opts["min_task_examples"] < 1:
-            raise ConfigError(f"config key 'strategy.min_task_examples' must be >= 1, got {opts['min_task_examples']}")
 
     def initialize(self, state: dict[str, torch.Tensor], host=None) -> dict[str, torch.Tensor]:
         if not self.tasks:
@@ -177,9 +206,9 @@ class FLTAC(LoRAStrategy):
         return {task_key(t, k): v.clone() for t in self.tasks for k, v in state.items()}
 
     def node_tasks(self, node_id: int) -> list[str]:
-        info = self.node_info.get(node_id)
+        info = self.nodes.get(node_id)
         have = info.tasks if info is not None else {}
-        return [t for t in self.tasks if have.get(t, 0) >= self.options["min_task_examples"]]
+        return [t for t in self.tasks if have.get(t, 0) >= self.options.min_task_examples]
 
     def configure_train(self, server_round, arrays, config, grid):
         self._payloads = {}
@@ -195,9 +224,7 @@ class FLTAC(LoRAStrategy):
         return self._payloads[tasks]
 
     def client_config(self, node_id: int, server_round: int) -> dict[str, Any]:
-        import json
-
-        return {"tasks": json.dumps(self.node_tasks(node_id))}
+        return {TASKS: json.dumps(self.node_tasks(node_id))}
 
     def aggregate(self, server_round: int, state: dict[str, torch.Tensor], updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
         adapters, tags, weights, owners = [], [], [], []
@@ -207,9 +234,9 @@ class FLTAC(LoRAStrategy):
                 if part:
                     adapters.append(part)
                     tags.append(task)
-                    weights.append(int(update.metrics.get(f"num-examples::{task}", update.num_examples)))
+                    weights.append(int(update.metrics.get(task_metric(NUM_EXAMPLES, task), update.num_examples)))
                     owners.append(update.node_id)
-        k = self.options["clusters"] or len(self.tasks)
+        k = self.options.clusters or len(self.tasks)
         per_task, labels, purity = fltac_aggregate(adapters, tags, weights, k, seed=self.cfg.seed + server_round)
         for task, adapter in per_task.items():
             state.update({task_key(task, key): v for key, v in adapter.items()})
@@ -217,7 +244,7 @@ class FLTAC(LoRAStrategy):
         sizes: dict[int, Counter] = {}
         for label, tag, owner in zip(labels, tags, owners):
             sizes.setdefault(label, Counter())[tag] += 1
-            self.client_report.setdefault(owner, {}).setdefault("clusters", {})[tag] = label
+            self._client_facts.setdefault(owner, {}).setdefault("clusters", {})[tag] = label
         self.cluster_sizes = [dict(sizes[c]) for c in sorted(sizes)]
         return state
 

@@ -21,16 +21,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from fedlora.adapters import AdapterSpec, is_lora_a, is_lora_b, lora_keys, lora_modules
-from fedlora.errors import ConfigError
 
 from .base import ClientUpdate
 from .fedavg import weighted_mean
+from .hooks import ClientHooks
+from .options import StrategyOptions, option, require
 from .ranks import HeterogeneousRankStrategy
+from .registry import register
+
+# Round config keys: the pruning settings the server sends with every train message.
+PRUNE_GAMMA = "prune-gamma"
+PRUNE_THRESHOLD = "prune-threshold"
+PRUNE_LAMBDA = "prune-lambda"
+MIN_RANK = "min-rank"
 
 
 def update_norm(state: Mapping[str, torch.Tensor], scaling: float) -> float:
@@ -165,6 +174,40 @@ def self_prune(
     return out, keep
 
 
+@dataclass
+class HetLoRAOptions(StrategyOptions):
+    prune_gamma: float = option(0.75, "decay in (0, 1]: a pruned rank is floor(gamma * rank); 1 turns pruning off")
+    prune_threshold: float = option(0.05, "prune when the tail carries less than this share of the update's norm")
+    prune_lambda: float = option(0.01, "weight of the tail-norm regulariser in the local loss (0: none)")
+    min_rank: int = option(1, "never prune below this rank (at most lora.rank)")
+
+    def __post_init__(self) -> None:
+        require(0 < self.prune_gamma <= 1, "prune_gamma", f"must be in (0, 1], got {self.prune_gamma}")
+        require(0 <= self.prune_threshold < 1, "prune_threshold", f"must be in [0, 1), got {self.prune_threshold}")
+        require(self.prune_lambda >= 0, "prune_lambda", f"must be >= 0, got {self.prune_lambda}")
+
+
+class HetLoRAClient(ClientHooks):
+    """Client half: penalise the tail components while training; prune them after training when
+    they carry little of the update (the new rank goes back in the reply's ``rank``)."""
+
+    def _keep(self, rank: int) -> int:
+        return max(int(self.config[MIN_RANK]), int(float(self.config[PRUNE_GAMMA]) * rank))
+
+    def regularizer(self, params, rank):
+        lam = float(self.config[PRUNE_LAMBDA])
+        if lam <= 0:
+            return None
+        keep = self._keep(rank)
+        return lambda: lam * tail_penalty(params, keep)
+
+    def after_train(self, trained, rank):
+        out, new_rank = self_prune(trained, rank, gamma=float(self.config[PRUNE_GAMMA]),
+                                   threshold=float(self.config[PRUNE_THRESHOLD]), min_rank=int(self.config[MIN_RANK]))
+        return out, {"rank": new_rank}
+
+
+@register
 class HetLoRA(HeterogeneousRankStrategy):
     """``hetlora``: per-client ranks from ``[[federation.profiles]]`` (or ``fedlora-client --rank``),
     global adapter at ``lora.rank``, sparsity-weighted aggregation of zero-padded replies, local
@@ -172,39 +215,28 @@ class HetLoRA(HeterogeneousRankStrategy):
     ``min_rank``; ``prune_gamma = 1`` turns pruning off)."""
 
     name = "hetlora"
-    option_types = {
-        "prune_gamma": (float, 0.75),
-        "prune_threshold": (float, 0.05),
-        "prune_lambda": (float, 0.01),
-        "min_rank": (int, 1),
-    }
+    options_class = HetLoRAOptions
+    client_hooks = HetLoRAClient
 
-    def __init__(self, cfg, spec: AdapterSpec) -> None:
-        super().__init__(cfg, spec)
+    def __init__(self, cfg, spec: AdapterSpec, **kwargs: Any) -> None:
+        super().__init__(cfg, spec, **kwargs)
         self.ranks: dict[int, int] = {}  # ranks the clients pruned themselves to
 
     @classmethod
     def check_setup(cls, cfg, tasks: list[str]) -> None:
         super().check_setup(cfg, tasks)
-        opts = cls._parse_options(cfg.strategy.options)
-        if not 0 < opts["prune_gamma"] <= 1:
-            raise ConfigError(f"config key 'strategy.prune_gamma' must be in (0, 1], got {opts['prune_gamma']}")
-        if not 0 <= opts["prune_threshold"] < 1:
-            raise ConfigError(f"config key 'strategy.prune_threshold' must be in [0, 1), got {opts['prune_threshold']}")
-        if opts["prune_lambda"] < 0:
-            raise ConfigError(f"config key 'strategy.prune_lambda' must be >= 0, got {opts['prune_lambda']}")
-        if not 1 <= opts["min_rank"] <= cfg.lora.rank:
-            raise ConfigError(f"config key 'strategy.min_rank' must be in [1, lora.rank], got {opts['min_rank']}")
+        opts = cls.parse_options(cfg.strategy.options)
+        require(1 <= opts.min_rank <= cfg.lora.rank, "min_rank", f"must be in [1, lora.rank], got {opts.min_rank}")
 
     def node_rank(self, node_id: int) -> int:
         return self.ranks.get(node_id, super().node_rank(node_id))
 
     def client_config(self, node_id: int, server_round: int) -> dict[str, Any]:
         return {
-            "prune-gamma": float(self.options["prune_gamma"]),
-            "prune-threshold": float(self.options["prune_threshold"]),
-            "prune-lambda": float(self.options["prune_lambda"]),
-            "min-rank": int(self.options["min_rank"]),
+            PRUNE_GAMMA: float(self.options.prune_gamma),
+            PRUNE_THRESHOLD: float(self.options.prune_threshold),
+            PRUNE_LAMBDA: float(self.options.prune_lambda),
+            MIN_RANK: int(self.options.min_rank),
         }
 
     def aggregate(self, server_round: int, state: dict[str, torch.Tensor], updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
@@ -213,7 +245,7 @@ class HetLoRA(HeterogeneousRankStrategy):
             trained = self.node_rank(update.node_id)
             reported = int(update.metrics.get("rank", trained))
             self.ranks[update.node_id] = max(1, min(reported, trained))
-            self.client_report[update.node_id] = {
+            self._client_facts[update.node_id] = {
                 "aggregation_weight": round(weight, 6), "rank_trained": trained, "rank_next": self.ranks[update.node_id],
             }
         return new_state

@@ -38,12 +38,12 @@ class HeterogeneousRankStrategy(LoRAStrategy):
     heterogeneous_ranks = True
     needs_node_info = True
 
-    def __init__(self, cfg, spec: AdapterSpec) -> None:
-        super().__init__(cfg, spec)
+    def __init__(self, cfg, spec: AdapterSpec, **kwargs) -> None:
+        super().__init__(cfg, spec, **kwargs)
         self._truncated: dict[int, dict[str, torch.Tensor]] = {}
 
     def node_rank(self, node_id: int) -> int:
-        info = self.node_info.get(node_id)
+        info = self.nodes.get(node_id)
         return min(info.rank, self.spec.rank) if info is not None else self.spec.rank
 
     def node_spec(self, node_id: int) -> AdapterSpec:

@@ -69,7 +69,7 @@ def test_registry_lists_known_strategies():
 def test_unknown_strategy_option_is_named():
     cls = get_strategy_class("ffa")
     with pytest.raises(ConfigError, match="strategy.bogus"):
-        cls._parse_options({"bogus": 1})
+        cls.parse_options({"bogus": 1})
     with pytest.raises(ConfigError, match="strategy.a_seed"):
-        cls._parse_options({"a_seed": "x"})
-    assert cls._parse_options({"a_seed": 3}) == {"a_seed": 3}
+        cls.parse_options({"a_seed": "x"})
+    assert cls.parse_options({"a_seed": 3}).to_dict() == {"a_seed": 3}

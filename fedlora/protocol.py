@@ -1,0 +1,98 @@
+"""The wire protocol between the fedlora ServerApp and ClientApp: every key, in one place.
+
+Server, client and strategies name message contents only through these constants. A key
+that belongs to one strategy alone (FFA-LoRA's ``a-seed``, HetLoRA's pruning settings) lives in
+that strategy's module, next to both halves that use it.
+
+Messages (Flower message API; types are Flower's ``MessageType``):
+
+* ``query`` (server -> node, once per node, for strategies whose payload depends on it):
+  content ``{CONFIG: shared run config}``; the reply holds ``{INFO: capabilities}``.
+* ``train``: content ``{ARRAYS: tensors to install and train (plus base-delta factors to fold
+  into the frozen weights), CONFIG: shared + per-round + per-node settings}``; the reply holds
+  ``{ARRAYS: the trained tensors, METRICS: train metrics, INFO: capabilities}``.
+* ``evaluate`` (personalized strategies): content as for ``train`` plus ``EXPORT``; the reply
+  holds ``{METRICS: evaluation metrics}``.
+
+Tensor keys inside ``ARRAYS`` are peft's (``...query.lora_A.weight``; see
+:mod:`fedlora.adapters`); a multi-adapter strategy qualifies them by adapter with
+:func:`task_key` (``<task>::<key>``).
+"""
+
+from __future__ import annotations
+
+# -- record names inside a message's RecordDict ----------------------------------------------
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+INFO = "info"
+
+# -- ConfigRecord keys every message carries (the run, shared by all nodes) -------------------
+RUN = "run"  # the resolved RunConfig as JSON
+LABELS = "labels"  # JSON list of class names in id order
+RUN_TASKS = "run-tasks"  # JSON list of the run's task names (empty: single task)
+
+# -- ConfigRecord keys of a train / evaluate message (per round, per node) -------------------
+SERVER_ROUND = "server-round"
+RANK = "rank"
+ALPHA = "alpha"
+LOCAL_STEPS = "local-steps"
+LOCAL_EPOCHS = "local-epochs"
+BATCH_SIZE = "batch-size"
+LR = "lr"
+SEED = "seed"
+TRANSPORT_DTYPE = "transport-dtype"
+EXPORT = "export"  # evaluate: also write this node's personalized adapter
+
+# -- MetricRecord keys of a train reply -------------------------------------------------------
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+TRAIN_STEPS = "train-steps"
+TRAIN_SECONDS = "train-seconds"
+# RANK (above) also: the rank the node will train next (after any self-pruning).
+# A node training one adapter per task adds NUM_EXAMPLES and TRAIN_LOSS per task: task_metric().
+
+# -- ConfigRecord keys of a node's capability record (INFO) -----------------------------------
+INFO_RANK = "rank"
+INFO_DEVICE = "device"
+INFO_MEMORY_GB = "memory-gb"
+INFO_NUM_EXAMPLES = "num-examples"
+INFO_TASKS = "tasks"  # JSON {task: examples}
+
+# -- node_config keys (set by fedlora-client or the simulation runtimes) ----------------------
+NODE_DATA_PATH = "data-path"
+NODE_PARTITION_ID = "partition-id"
+NODE_NUM_PARTITIONS = "num-partitions"
+NODE_RANK = "rank"
+NODE_EXPORT_DIR = "export-dir"
+
+# -- what a node keeps in Flower's Context.state across rounds --------------------------------
+LOCAL_STATE = "fedlora-local"
+
+# -- several adapters in one flat state --------------------------------------------------------
+TASK_SEP = "::"
+
+
+def task_key(task: str, key: str) -> str:
+    """Key of tensor (or metric) ``key`` of task ``task``'s adapter inside one flat mapping."""
+    return f"{task}{TASK_SEP}{key}"
+
+
+def split_task_key(key: str) -> tuple[str, str]:
+    """Inverse of :func:`task_key`; ``("", key)`` for keys of no task."""
+    if TASK_SEP in key:
+        task, _, rest = key.partition(TASK_SEP)
+        return task, rest
+    return "", key
+
+
+def task_metric(metric: str, task: str) -> str:
+    """Name of a per-task metric in a reply's MetricRecord: ``<metric>::<task>``
+    (``num-examples::sst2``), so a metric's per-task values share its prefix."""
+    return f"{metric}{TASK_SEP}{task}"
+
+
+def task_metrics(metrics: dict, metric: str) -> dict[str, object]:
+    """``{task: value}`` of the per-task entries of ``metric`` (see :func:`task_metric`)."""
+    prefix = f"{metric}{TASK_SEP}"
+    return {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}

@@ -1,0 +1,359 @@
+"""The round loop, in named steps.
+
+:meth:`RoundLoop.run` is the whole run; each round is :meth:`RoundLoop.round`::
+
+    query_new_nodes   nodes not heard from report rank, device, memory, examples, tasks
+                      (only for strategies whose payload depends on it)
+    configure         strategy.configure_train: one message per sampled node
+    collect           push, then pull replies as they arrive (until all are in or the timeout)
+    check_reply       validate each against what that node was sent; drop bad ones, named
+    aggregate         strategy.aggregate_train over the valid replies
+    evaluate          the global state on the server's held-out split (+ on the nodes for
+                      personalized strategies)
+    record            one line in metrics.jsonl, TensorBoard scalars, a progress line
+    checkpoint        the global state and the strategy's state, atomically
+
+and after the last round :meth:`RoundLoop.export` writes the peft adapter(s) and summary.json.
+
+The loop owns the run's bookkeeping (the :class:`~fedlora.strategies.NodeDirectory` of what
+nodes reported, the per-round client entries); the strategy gets what it needs through its
+constructor and arguments and hands back what it sent (its messages) and what it computed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from fedlora import protocol as P
+from fedlora.adapters import from_record, record_bytes, to_record
+from fedlora.export import export_adapter, fold_base_delta
+from fedlora.runlog import Progress, RunDirectory, ScalarLog
+from fedlora.strategies import LoRAStrategy, NodeDirectory, create
+
+from .evaluation import evaluate_state
+from .validation import ReplyError, validate_reply
+
+if TYPE_CHECKING:
+    from .server_app import Prepared
+
+PULL_INTERVAL_S = 0.2
+
+
+@dataclass
+class RunResult:
+    """What a finished run reports back to the CLI."""
+
+    run_dir: str
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    initial: dict[str, float] = field(default_factory=dict)
+    adapter_dir: str = ""
+
+
+@dataclass
+class RoundBook:
+    """What happened to each node this round.
+
+    Attributes
+    ----------
+    sent : dict of int to ArrayRecord
+        What each sampled node was sent (from the strategy's messages).
+    clients : dict of int to dict
+        metrics.jsonl's entry per node (bytes, loss, examples, seconds, rank, why dropped).
+    valid : list of Message
+        The replies that passed validation, in arrival order.
+    dropped : list of dict
+        ``{"node_id", "reason"}`` per dropped reply or missing node.
+    """
+
+    sent: dict[int, ArrayRecord]
+    clients: dict[int, dict[str, Any]] = field(default_factory=dict)
+    valid: list[Message] = field(default_factory=list)
+    dropped: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for node, record in self.sent.items():
+            self.clients[node] = {"node_id": node, "bytes_down": record_bytes(record)}
+
+    def entry(self, node: int) -> dict[str, Any]:
+        return self.clients.setdefault(node, {"node_id": node, "bytes_down": 0})
+
+    def drop(self, node: int, reason: str, short: str | None = None) -> None:
+        self.dropped.append({"node_id": node, "reason": reason})
+        self.entry(node)["dropped"] = short or reason
+
+
+def collect(grid: Grid, messages: list[Message], timeout: float,
+            on_reply: Callable[[Message, int, int], None] | None = None) -> list[Message]:
+    """Push ``messages`` and pull replies as they arrive, until all are in or ``timeout``."""
+    ids = [i for i in grid.push_messages(messages) if i]
+    pending = dict.fromkeys(ids)  # ordered: the in-process grid delivers in sampling order
+    replies: list[Message] = []
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        got = list(grid.pull_messages(list(pending)))
+        for reply in got:
+            if reply.metadata.reply_to_message_id in pending:
+                del pending[reply.metadata.reply_to_message_id]
+                replies.append(reply)
+                if on_reply is not None:
+                    on_reply(reply, len(replies), len(ids))
+        if not got:
+            time.sleep(PULL_INTERVAL_S)
+    return replies
+
+
+def fmt_metrics(metrics: dict[str, Any]) -> str:
+    keys = [k for k in ("eval_accuracy", "eval_perplexity", "eval_loss") if k in metrics]
+    return "  ".join(f"{k} {metrics[k]:.4f}" for k in keys)
+
+
+class RoundLoop:
+    """One federated run over ``grid``.
+
+    Parameters
+    ----------
+    grid : Grid
+        Where the clients are (any runtime).
+    prepared : Prepared
+        The checked configuration, data, model and adapter shape.
+    run_dir : RunDirectory
+        Where config, metrics, checkpoints and the adapter go.
+    progress : Progress
+        Receives one line per client reply and per round.
+    announce_nodes : bool
+        Print a line per node as it joins (a deployment's real devices; not hundreds of
+        simulated ones).
+    """
+
+    def __init__(self, grid: Grid, prepared: Prepared, run_dir: RunDirectory, progress: Progress,
+                 announce_nodes: bool = False) -> None:
+        self.grid = grid
+        self.prepared = prepared
+        self.cfg = prepared.cfg
+        self.run_dir = run_dir
+        self.progress = progress
+        self.announce_nodes = announce_nodes
+        self.nodes = NodeDirectory()
+        self.strategy: LoRAStrategy = create(self.cfg, prepared.spec, tasks=list(prepared.data.tasks or []),
+                                             nodes=self.nodes)
+        #: ConfigRecord entries every message carries: the run, its classes and tasks.
+        self.shared = {P.RUN: self.cfg.to_json(), P.LABELS: json.dumps(prepared.data.labels),
+                       P.RUN_TASKS: json.dumps(list(prepared.data.tasks))}
+        self.max_reply_bytes = int(self.cfg.federation.max_reply_mb * 1024 * 1024)
+        self.scalars: ScalarLog | None = None
+
+    # -- the run -------------------------------------------------------------------------------
+
+    def run(self, resume: bool = False) -> RunResult:
+        """Every configured round, then the export."""
+        state, result, first = self.start(resume)
+        self.scalars = ScalarLog(self.run_dir.path)
+        try:
+            for server_round in range(first, self.cfg.rounds + 1):
+                state = self.round(server_round, state, result)
+            self.export(state, result)
+        finally:
+            self.scalars.close()
+        return result
+
+    def start(self, resume: bool) -> tuple[dict[str, torch.Tensor], RunResult, int]:
+        """(global state, result so far, first round to run): the strategy's round-0 adapter
+        (evaluated, config written), or the latest checkpoint when resuming."""
+        cfg, host = self.cfg, self.prepared.host
+        with host.lock:
+            name = host.ensure(self.prepared.spec, seed=cfg.seed)
+            initial_state = host.initial_state(name, cfg.seed)
+        state = self.strategy.initialize(initial_state, host)
+        result = RunResult(run_dir=str(self.run_dir.path))
+        if resume:
+            last, state, extra = self.run_dir.load_checkpoint()
+            self.strategy.load_state_dict(extra.get("strategy", {}))
+            self.run_dir.truncate_metrics(last)
+            result.rounds = self.run_dir.read_metrics()
+            result.initial = extra.get("initial", {})
+            self.progress.line(f"resuming {cfg.name} after round {last}/{cfg.rounds}")
+            return state, result, last + 1
+        self.run_dir.write_config(cfg)
+        result.initial = evaluate_state(self.prepared, state, self.strategy)
+        self.progress.line(f"round 0/{cfg.rounds}  initial global adapter  {fmt_metrics(result.initial)}")
+        return state, result, 1
+
+    def round(self, server_round: int, state: dict[str, torch.Tensor], result: RunResult) -> dict[str, torch.Tensor]:
+        """One round, step by step; returns the new global state."""
+        started = time.perf_counter()
+        if self.strategy.needs_node_info:
+            self.query_new_nodes()
+        messages = self.configure(server_round, state)
+        book = RoundBook(sent={m.metadata.dst_node_id: m.content[P.ARRAYS] for m in messages})
+        replies = collect(self.grid, messages, self.cfg.federation.round_timeout,
+                          lambda reply, count, total: self.check_reply(server_round, reply, count, total, book))
+        replied = {r.metadata.src_node_id for r in replies}
+        for node in book.sent:
+            if node not in replied:
+                book.drop(node, "no reply before the round timeout", short="timeout")
+        state, train_loss = self.aggregate(server_round, state, book)
+        eval_metrics = self.evaluate(server_round, state, book)
+        record = self.record(server_round, book, train_loss, eval_metrics, started, result)
+        self.checkpoint(server_round, state, result)
+        result.rounds.append(record)
+        return state
+
+    # -- the steps -----------------------------------------------------------------------------
+
+    def query_new_nodes(self) -> None:
+        """Ask nodes that have not reported what they have; record it in the node directory.
+
+        A node that cannot answer (its data does not fit the run, say) is reported and asked
+        again next round; the round goes on with the others.
+        """
+        unknown = self.nodes.unknown(self.grid.get_node_ids())
+        if not unknown:
+            return
+        messages = [Message(content=RecordDict({P.CONFIG: ConfigRecord(dict(self.shared))}),
+                            message_type=MessageType.QUERY, dst_node_id=node, group_id="query") for node in unknown]
+        for reply in collect(self.grid, messages, self.cfg.federation.round_timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error() or P.INFO not in reply.content.config_records:
+                reason = reply.error.reason if reply.has_error() else "no capability record"
+                self.progress.line(f"node {node} could not report its capabilities: {reason}")
+                continue
+            self.record_node(node, reply.content.config_records[P.INFO])
+
+    def record_node(self, node: int, info: ConfigRecord) -> None:
+        """Keep what ``node`` says it has (a malformed record is ignored); announce it if asked."""
+        got = self.nodes.record(node, info)
+        if got is not None and self.announce_nodes:
+            self.progress.line(f"node {node} joined: rank {got.rank}, {got.device}, {got.memory_gb:g} GB, "
+                               f"{got.num_examples} examples")
+
+    def configure(self, server_round: int, state: dict[str, torch.Tensor]) -> list[Message]:
+        """The strategy's train messages for this round."""
+        return list(self.strategy.configure_train(server_round, to_record(state), ConfigRecord(dict(self.shared)),
+                                                  self.grid))
+
+    def check_reply(self, server_round: int, reply: Message, count: int, total: int, book: RoundBook) -> None:
+        """Validate one reply against what its node was sent; keep it, or drop it and say why."""
+        node = reply.metadata.src_node_id
+        entry = book.entry(node)
+        where = f"round {server_round}/{self.cfg.rounds}  client {count}/{total}  node {node}"
+        try:
+            if node not in book.sent:
+                raise ReplyError("reply from a node that was not sent a message this round")
+            validate_reply(reply, book.sent[node], dtype=self.cfg.federation.transport_dtype,
+                           max_bytes=self.max_reply_bytes)
+        except ReplyError as err:
+            book.drop(node, str(err))
+            self.progress.line(f"{where}  DROPPED: {err}")
+            return
+        if node not in self.nodes and P.INFO in reply.content.config_records:
+            self.record_node(node, reply.content.config_records[P.INFO])
+        metrics = dict(reply.content[P.METRICS])
+        entry.update({
+            "train_loss": float(metrics[P.TRAIN_LOSS]),
+            "num_examples": int(metrics[P.NUM_EXAMPLES]),
+            "bytes_up": record_bytes(reply.content[P.ARRAYS]),
+            "seconds": round(float(metrics.get(P.TRAIN_SECONDS, 0.0)), 4),
+            "rank": int(metrics.get(P.RANK, self.prepared.spec.rank)),
+        })
+        tasks = {task: int(v) for task, v in P.task_metrics(metrics, P.NUM_EXAMPLES).items()}
+        if tasks:
+            entry["tasks"] = tasks
+        book.valid.append(reply)
+        self.progress.line(f"{where}  loss {entry['train_loss']:.4f}  examples {entry['num_examples']}  "
+                           f"{entry['seconds']:.1f}s")
+
+    def aggregate(self, server_round: int, state: dict[str, torch.Tensor],
+                  book: RoundBook) -> tuple[dict[str, torch.Tensor], float | None]:
+        """(new global state, example-weighted train loss); the state is unchanged when no reply is valid."""
+        arrays, agg = self.strategy.aggregate_train(server_round, book.valid)
+        if arrays is not None:
+            state = from_record(arrays)
+        for node, facts in self.strategy.client_facts().items():
+            book.entry(node).update(facts)
+        return state, (float(agg[P.TRAIN_LOSS]) if agg is not None else None)
+
+    def evaluate(self, server_round: int, state: dict[str, torch.Tensor], book: RoundBook) -> dict[str, float]:
+        """The global state on the server's split; for personalized strategies, the nodes' own
+        models on their own data (``eval_*``) beside the shared part (``global_eval_*``)."""
+        metrics = evaluate_state(self.prepared, state, self.strategy)
+        if not self.strategy.personalized:
+            return metrics
+        shared = {f"global_{k}": v for k, v in metrics.items()}
+        return {**self.evaluate_on_nodes(server_round, state, book), **shared}
+
+    def evaluate_on_nodes(self, server_round: int, state: dict[str, torch.Tensor], book: RoundBook) -> dict[str, float]:
+        """Every node evaluates its own model; each node's numbers land in its client entry."""
+        messages = list(self.strategy.configure_evaluate(server_round, to_record(state),
+                                                         ConfigRecord(dict(self.shared)), self.grid))
+        replies = collect(self.grid, messages, self.cfg.federation.round_timeout)
+        for reply in replies:
+            if reply.has_error() or P.METRICS not in reply.content.metric_records:
+                continue
+            got = dict(reply.content.metric_records[P.METRICS])
+            book.entry(reply.metadata.src_node_id).update(
+                {k: float(v) for k, v in got.items() if k in ("eval_accuracy", "eval_loss", "eval_perplexity")})
+        agg = self.strategy.aggregate_evaluate(server_round, replies)
+        return {k: float(v) for k, v in dict(agg).items()} if agg is not None else {}
+
+    def record(self, server_round: int, book: RoundBook, train_loss: float | None, eval_metrics: dict[str, float],
+               started: float, result: RunResult) -> dict[str, Any]:
+        """metrics.jsonl's line for this round (also to TensorBoard and the progress output)."""
+        clients = book.clients
+        record: dict[str, Any] = {
+            "round": server_round,
+            "strategy": self.cfg.strategy.name,
+            "train_loss": train_loss,
+            **eval_metrics,
+            **self.strategy.round_metrics(),
+            "bytes_down": int(sum(c.get("bytes_down", 0) for c in clients.values())),
+            "bytes_up": int(sum(c.get("bytes_up", 0) for c in clients.values())),
+            "clients_sampled": len(book.sent),
+            "clients_ok": len(book.valid),
+            "clients": [clients[k] for k in sorted(clients)],
+            "dropped": book.dropped,
+            "seconds": round(time.perf_counter() - started, 4),
+        }
+        self.run_dir.append_metrics(record)
+        if self.scalars is not None:
+            self.scalars.round(record, result.initial if server_round == 1 else None)
+        self.progress.line(
+            f"round {server_round}/{self.cfg.rounds}  global adapter  {fmt_metrics(eval_metrics)}  "
+            f"bytes down {record['bytes_down']:,} up {record['bytes_up']:,}  {record['seconds']:.1f}s"
+        )
+        return record
+
+    def checkpoint(self, server_round: int, state: dict[str, torch.Tensor], result: RunResult) -> None:
+        """The round's global state and strategy state, written atomically (``--resume`` reads it)."""
+        self.run_dir.save_checkpoint(server_round, state, {"strategy": self.strategy.state_dict(),
+                                                           "initial": result.initial})
+
+    def export(self, state: dict[str, torch.Tensor], result: RunResult) -> None:
+        """The final adapter(s) in peft's format (base deltas folded in) and summary.json."""
+        cfg, prepared, host = self.cfg, self.prepared, self.prepared.host
+        adapter_dir = self.run_dir.adapter_dir
+        for view in self.strategy.views(state):
+            spec, tensors = fold_base_delta(view.spec, view.state, view.base_delta)
+            extra: dict[str, Any] = {}
+            if view.name:
+                extra = {"task": view.name, "task_label_ids": prepared.data.task_labels.get(view.name, [])}
+            with host.lock:
+                host.set_base_delta({}, "")
+                export_adapter(host, host.ensure(spec, seed=cfg.seed), tensors,
+                               adapter_dir / view.name if view.name else adapter_dir, cfg, prepared.data.labels, extra)
+        result.adapter_dir = str(adapter_dir)
+        self.run_dir.write_json("summary.json", {
+            "name": cfg.name,
+            "strategy": cfg.strategy.name,
+            "rounds": cfg.rounds,
+            "initial": result.initial,
+            "final": {k: v for k, v in result.rounds[-1].items() if k.startswith("eval_")} if result.rounds else {},
+            "adapter": "adapter",
+        })

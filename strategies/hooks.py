@@ -1,0 +1,176 @@
+"""The client half of a strategy: hooks the generic ClientApp calls around local training.
+
+The ClientApp (:mod:`fedlora.client.client_app`) knows nothing about any strategy. For a train
+message it does, in order::
+
+    hooks = strategy_class.client_hooks(config)      # from the message's ConfigRecord
+    host.set_base_delta(*hooks.base_delta(...))      # what the frozen base becomes this round
+    for group in hooks.groups(received, data, rows): # one adapter to train per group
+        install hooks.frozen(...)                    #   untrained tensors (a shared seeded A)
+        install group.tensors                        #   what the server sent
+        install hooks.kept(...)                      #   what the node keeps for itself
+        train_local(..., regularizer=hooks.regularizer(...))
+        out, metrics = hooks.after_train(...)        #   what to send (pruned, say)
+        hooks.keep(...)                              #   what to keep for the next round
+    reply with every group's ``out``
+
+and for an evaluate message (personalized strategies) it installs the received tensors and
+``hooks.kept(...)``. Every method has a default that is right for FedIT (train and send back
+exactly what was received), so a strategy overrides only what it changes. Hooks are plain
+objects over tensors: tests call them without Flower, a model or data.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from flwr.app import RecordDict
+
+from fedlora.adapters import from_record, is_base_delta, module_of, to_record
+from fedlora.protocol import LOCAL_STATE
+
+
+@dataclass
+class TrainGroup:
+    """One adapter a node trains this round, on some of its examples.
+
+    Attributes
+    ----------
+    name : str
+        ``""`` for the single adapter; a task name when a node trains one adapter per task
+        (the reply's keys and per-task metrics are then qualified with it).
+    tensors : dict of str to Tensor
+        The received tensors to install and train (unqualified keys).
+    data : Any
+        The examples (:class:`fedlora.data.Encoded`) to train them on.
+    """
+
+    name: str
+    tensors: dict[str, torch.Tensor]
+    data: Any
+
+
+class NodeStore:
+    """Tensors a node keeps for itself across rounds, in Flower's ``Context.state``.
+
+    ``Context.state`` persists across rounds in every runtime (the in-process simulation, Ray,
+    a deployed SuperNode), and nothing in it is ever sent.
+    """
+
+    def __init__(self, state: RecordDict) -> None:
+        self._state = state
+
+    def load(self) -> dict[str, torch.Tensor]:
+        return from_record(self._state[LOCAL_STATE]) if LOCAL_STATE in self._state else {}
+
+    def save(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self._state[LOCAL_STATE] = to_record(tensors)
+
+
+def digest(tensors: Mapping[str, torch.Tensor], extra: str = "") -> str:
+    """A short token naming ``tensors`` (CRC of keys and bytes), so equal base deltas are applied once."""
+    crc = zlib.crc32(extra.encode())
+    for key in sorted(tensors):
+        crc = zlib.crc32(key.encode(), crc)
+        crc = zlib.crc32(tensors[key].detach().contiguous().numpy().tobytes(), crc)
+    return f"{extra}:{crc:08x}"
+
+
+def fold_factors(factors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Dense per-module ``B_d @ A_d`` of received ``<module>.base_delta_A/B`` factors."""
+    dense: dict[str, torch.Tensor] = {}
+    for key, a in factors.items():
+        if key.endswith("_A"):
+            module = module_of(key)
+            dense[module] = factors[f"{module}.base_delta_B"] @ a
+    return dense
+
+
+class ClientHooks:
+    """Client-side behaviour of a strategy (the defaults are FedIT's).
+
+    Parameters
+    ----------
+    config : mapping
+        The train or evaluate message's ConfigRecord: a strategy reads the keys its server half
+        put there (:meth:`fedlora.strategies.LoRAStrategy.client_config`).
+    """
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.config = config
+
+    # -- before training ---------------------------------------------------------------------
+
+    def base_delta(self, host: Any, modules: list[str],
+                   factors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+        """What to add to the frozen base weights this round, and a token naming it.
+
+        Parameters
+        ----------
+        host : AdapterHost
+            Gives the pretrained weights (:meth:`~fedlora.adapters.AdapterHost.base_weight`).
+        modules : list of str
+            The adapter's target modules.
+        factors : mapping
+            The received base-delta factors (``<module>.base_delta_A/B``, ``D = B @ A``): the
+            exact strategies merge updates into the base and send the merge this way.
+
+        Returns
+        -------
+        tuple
+            ``{module: dense (out x in) delta}`` and a token (``""`` for none).
+        """
+        return fold_factors(factors), digest(factors) if factors else ""
+
+    def groups(self, received: Mapping[str, torch.Tensor], data: Any,
+               task_rows: Mapping[str, list[int]]) -> list[TrainGroup]:
+        """The adapters to train and on which examples (default: one, on all of them).
+
+        Parameters
+        ----------
+        received : mapping
+            The received tensors other than base-delta factors.
+        data : Encoded
+            All of this node's training examples.
+        task_rows : mapping of str to list of int
+            Row indices of ``data`` per task (empty for single-task data).
+        """
+        return [TrainGroup(name="", tensors=dict(received), data=data)]
+
+    def frozen(self, shapes: Mapping[str, tuple[int, ...]], group: TrainGroup) -> dict[str, torch.Tensor]:
+        """Values for adapter tensors that were not sent and are not trained (default: none,
+        they keep what they hold)."""
+        return {}
+
+    def kept(self, shapes: Mapping[str, tuple[int, ...]], received: Mapping[str, torch.Tensor],
+             store: NodeStore) -> dict[str, torch.Tensor]:
+        """Tensors this node keeps for itself: installed over the received ones, trained with
+        them, never sent (default: none)."""
+        return {}
+
+    # -- during training ----------------------------------------------------------------------
+
+    def regularizer(self, params: Mapping[str, torch.nn.Parameter], rank: int) -> Callable[[], torch.Tensor] | None:
+        """A penalty added to every step's loss (default: none)."""
+        return None
+
+    # -- after training -----------------------------------------------------------------------
+
+    def after_train(self, trained: dict[str, torch.Tensor], rank: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """What to send for one group, and metrics to add to the reply (``rank``: the rank the
+        node trains next). Default: the trained tensors as they are."""
+        return trained, {}
+
+    def keep(self, store: NodeStore, kept: dict[str, torch.Tensor]) -> None:
+        """Store what :meth:`kept` installed, as trained, for the next round (default: nothing)."""
+
+
+def split_received(received: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(adapter tensors to train, base-delta factors to fold into the frozen weights)."""
+    trained = {k: v for k, v in received.items() if not is_base_delta(k)}
+    factors = {k: v for k, v in received.items() if is_base_delta(k)}
+    return trained, factors
