@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedlora import protocol as P
 from fedlora.certs import check_certificate, check_private_key
 from fedlora.errors import ConnectError, FedLoraError
 
@@ -154,13 +155,13 @@ def free_port() -> int:
 
 def node_config(opts: ClientOptions) -> str:
     """The SuperNode's ``--node-config``: what fedlora's ClientApp reads from ``context.node_config``."""
-    items = [f"data-path='{opts.data.resolve()}'"]
+    items = [f"{P.NODE_DATA_PATH}='{opts.data.resolve()}'"]
     if opts.rank is not None:
-        items.append(f"rank={int(opts.rank)}")
+        items.append(f"{P.NODE_RANK}={int(opts.rank)}")
     if opts.partition_id is not None:
-        items.append(f"partition-id={int(opts.partition_id)}")
+        items.append(f"{P.NODE_PARTITION_ID}={int(opts.partition_id)}")
     if opts.export_dir is not None:
-        items.append(f"export-dir='{opts.export_dir.resolve()}'")
+        items.append(f"{P.NODE_EXPORT_DIR}='{opts.export_dir.resolve()}'")
     return " ".join(items)
 
 

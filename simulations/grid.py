@@ -25,6 +25,8 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
+from fedlora.protocol import NODE_NUM_PARTITIONS, NODE_PARTITION_ID
+
 
 class InProcessGrid(Grid):
     """A Grid whose nodes are virtual ClientApps in the calling process.
@@ -51,7 +53,7 @@ class InProcessGrid(Grid):
             node_id: Context(
                 run_id=run_id,
                 node_id=node_id,
-                node_config={"partition-id": i, "num-partitions": num_nodes, **(node_config or {})},
+                node_config={NODE_PARTITION_ID: i, NODE_NUM_PARTITIONS: num_nodes, **(node_config or {})},
                 state=RecordDict(),
                 run_config={},
             )

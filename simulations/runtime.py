@@ -13,6 +13,7 @@ from flwr.app import Context, RecordDict
 from fedlora.client import app as client_app
 from fedlora.config import RunConfig
 from fedlora.errors import FedLoraError
+from fedlora.protocol import NODE_EXPORT_DIR
 from fedlora.runlog import Progress, RunDirectory
 from fedlora.server import RunResult, make_server_app, prepare
 
@@ -69,7 +70,7 @@ def simulate(
 
         # Personalized strategies' clients write their own adapters under the run directory.
         grid = InProcessGrid(client_app, cfg.federation.clients,
-                             node_config={"export-dir": str(Path(run_dir.path) / "clients")})
+                             node_config={NODE_EXPORT_DIR: str(Path(run_dir.path) / "clients")})
         # Message() stamps the sender's identity from TaskIdentity, as the SuperLink runtime sets it.
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, grid.run.run_id, SUPERLINK_NODE_ID
         server_app(grid, Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={}))

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from fedlora.adapters import AdapterSpec, is_lora_a, is_lora_b, lora_keys, lora_modules
+from fedlora.protocol import RANK
 
 from .base import ClientUpdate
 from .fedavg import weighted_mean
@@ -204,7 +205,7 @@ class HetLoRAClient(ClientHooks):
     def after_train(self, trained, rank):
         out, new_rank = self_prune(trained, rank, gamma=float(self.config[PRUNE_GAMMA]),
                                    threshold=float(self.config[PRUNE_THRESHOLD]), min_rank=int(self.config[MIN_RANK]))
-        return out, {"rank": new_rank}
+        return out, {RANK: new_rank}
 
 
 @register
@@ -243,7 +244,7 @@ class HetLoRA(HeterogeneousRankStrategy):
         new_state, weights = hetlora_aggregate(state, [u.state for u in updates], self.spec.scaling)
         for update, weight in zip(updates, weights):
             trained = self.node_rank(update.node_id)
-            reported = int(update.metrics.get("rank", trained))
+            reported = int(update.metrics.get(RANK, trained))
             self.ranks[update.node_id] = max(1, min(reported, trained))
             self._client_facts[update.node_id] = {
                 "aggregation_weight": round(weight, 6), "rank_trained": trained, "rank_next": self.ranks[update.node_id],
