@@ -1,0 +1,197 @@
+"""Reading one source: a local csv/tsv/json/jsonl/parquet file, a directory of splits, a hub
+dataset name, or a built-in ``synthetic:`` task; then checked, split and capped with only the
+columns the run uses.
+
+Nothing here knows about tasks or class ids (:mod:`fedlora.data.labels`) or clients
+(:mod:`fedlora.data.partition`): a source comes back as plain ``datasets.Dataset`` objects whose
+columns are renamed to the loaded names (``text``, ``label``, ``task``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fedlora.config import DataConfig, RunConfig, has_tasks
+from fedlora.errors import DataError
+
+LOCAL_SUFFIXES = {".csv", ".tsv", ".json", ".jsonl", ".parquet"}
+EVAL_STEMS = ("validation", "dev", "test")
+SYNTHETIC_PREFIX = "synthetic:"
+
+
+def _read_local(path: Path) -> Any:
+    import pandas as pd
+    from datasets import Dataset
+
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            frame = pd.read_csv(path)
+        elif suffix == ".tsv":
+            # TSV corpora (GLUE) carry raw quotes inside sentences: no quote processing.
+            frame = pd.read_csv(path, sep="\t", quoting=3, keep_default_na=False)
+        elif suffix in (".json", ".jsonl"):
+            text = path.read_text(encoding="utf-8").lstrip()
+            frame = pd.read_json(path, lines=not text.startswith("["))
+        elif suffix == ".parquet":
+            frame = pd.read_parquet(path)
+        else:
+            raise DataError(f"data file {path}: unsupported format {suffix!r} (csv, tsv, json, jsonl, parquet)")
+    except DataError:
+        raise
+    except Exception as err:  # noqa: BLE001 - pandas raises many kinds; the user needs one line
+        raise DataError(f"data file {path}: cannot read: {str(err).splitlines()[0]}") from None
+    return Dataset.from_pandas(frame, preserve_index=False)
+
+
+def _find_in_dir(directory: Path, stems: tuple[str, ...]) -> Path | None:
+    for stem in stems:
+        for suffix in sorted(LOCAL_SUFFIXES):
+            candidate = directory / f"{stem}{suffix}"
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _looks_local(path: str) -> bool:
+    p = Path(path)
+    return p.suffix.lower() in LOCAL_SUFFIXES or path.startswith((".", "/", "~")) or p.exists()
+
+
+def _load_raw(cfg: DataConfig, seed: int, prefix: str = "data.") -> tuple[Any, Any | None, str]:
+    """(train, eval or None, description) before column checks; messages name ``{prefix}path``."""
+    from datasets import Dataset
+
+    if cfg.path.startswith(SYNTHETIC_PREFIX):
+        from fedlora.synthetic import GENERATORS
+
+        kind = cfg.path[len(SYNTHETIC_PREFIX):]
+        if kind not in GENERATORS:
+            known = ", ".join(SYNTHETIC_PREFIX + name for name in sorted(GENERATORS))
+            raise DataError(f"{prefix}path: unknown synthetic task {kind!r} (known: {known})")
+        generate = GENERATORS[kind]
+        n_train = cfg.max_train_examples or 2400
+        n_eval = cfg.max_eval_examples or 400
+        train = Dataset.from_dict(generate(n_train, seed=seed))
+        evals = Dataset.from_dict(generate(n_eval, seed=seed + 7919))
+        return train, evals, cfg.path
+    if _looks_local(cfg.path):
+        path = Path(cfg.path).expanduser()
+        if path.is_dir():
+            train_file = _find_in_dir(path, ("train",))
+            if train_file is None:
+                raise DataError(f"{prefix}path: directory {path} has no train.csv/.tsv/.json/.jsonl/.parquet")
+            eval_file = _find_in_dir(path, EVAL_STEMS)
+            train = _read_local(train_file)
+            evals = _read_local(eval_file) if eval_file and not cfg.eval_path else None
+            return train, evals, str(train_file)
+        if not path.is_file():
+            raise DataError(f"{prefix}path: file not found: {path}")
+        return _read_local(path), None, str(path)
+    # A hub dataset name: the real loading code, which needs network access to the hub.
+    try:
+        from datasets import load_dataset
+
+        splits = load_dataset(cfg.path)
+    except Exception as err:  # noqa: BLE001
+        raise DataError(f"{prefix}path: cannot load hub dataset {cfg.path!r}: {str(err).splitlines()[0]}") from None
+    if "train" not in splits:
+        raise DataError(f"{prefix}path: hub dataset {cfg.path!r} has no 'train' split ({', '.join(splits)})")
+    eval_name = cfg.eval_split or next((s for s in ("validation", "test") if s in splits), "")
+    if cfg.eval_split and cfg.eval_split not in splits:
+        raise DataError(f"{prefix}eval_split: {cfg.path!r} has no split {cfg.eval_split!r} ({', '.join(splits)})")
+    return splits["train"], (splits[eval_name] if eval_name else None), cfg.path
+
+
+def _require_columns(ds: Any, columns: list[tuple[str, str]], where: str) -> None:
+    for key, column in columns:
+        if column not in ds.column_names:
+            raise DataError(
+                f"{where}: no column {column!r} (config key '{key}'); columns are: {', '.join(ds.column_names)}"
+            )
+
+
+def _cap(ds: Any, cap: int, seed: int) -> Any:
+    if cap and len(ds) > cap:
+        return ds.shuffle(seed=seed).select(range(cap))
+    return ds
+
+
+# ---------------------------------------------------------------------------------------------
+# Which columns a source is read with
+
+# A column to load: (config key naming it, column in the source, name after loading, whether the
+# evaluation data must have it too).
+_Column = tuple[str, str, str, bool]
+
+
+def _derived_columns(cfg: RunConfig) -> set[str]:
+    """Columns made while loading, which ``partition_column`` may name without the data having them."""
+    derived = {"labels"} if cfg.model.task == "classification" else set()
+    if has_tasks(cfg.data):
+        derived |= {"task", "task_id"}
+    return derived
+
+
+def partition_by(cfg: RunConfig) -> str:
+    """The loaded column that ``data.partition_column`` names ("" when unset).
+
+    The task column is loaded as ``task`` and the label column as ``labels``, so naming either by
+    its name in the source means the loaded column.
+    """
+    d = cfg.data
+    column = d.partition_column
+    if not column:
+        return ""
+    if has_tasks(d) and column == d.task_column:
+        return "task"
+    if cfg.model.task == "classification" and not d.tasks and column == d.label_column:
+        return "labels"
+    return column
+
+
+def _source_columns(cfg: RunConfig, prefix: str, text_column: str, label_column: str) -> list[_Column]:
+    d = cfg.data
+    columns: list[_Column] = [(f"{prefix}text_column", text_column, "text", True)]
+    if cfg.model.task == "classification":
+        columns.append((f"{prefix}label_column", label_column, "label", True))
+    if d.task_column:
+        columns.append(("data.task_column", d.task_column, "task", True))
+    by = partition_by(cfg)
+    if by and by not in _derived_columns(cfg):
+        # A column of the source itself: kept under its own name, which must not be one we make.
+        if by in {new for _, _, new, _ in columns}:
+            raise DataError(f"data.partition_column: column {by!r} clashes with a column made while loading; "
+                            f"rename it in the data")
+        columns.append(("data.partition_column", by, by, False))
+    return columns
+
+
+def _load_source(src: DataConfig, seed: int, columns: list[_Column], prefix: str) -> tuple[Any, Any, str]:
+    """One source read, checked, split and capped, with only ``columns``, renamed.
+
+    ``src`` is ``data`` itself or one ``data.tasks[i]`` (as a DataConfig); messages name config
+    keys with ``prefix``.
+    """
+    train, evals, source = _load_raw(src, seed, prefix)
+    if src.eval_path:
+        path = Path(src.eval_path).expanduser()
+        if not path.is_file():
+            raise DataError(f"{prefix}eval_path: file not found: {path}")
+        evals = _read_local(path)
+    _require_columns(train, [(key, col) for key, col, _, _ in columns], f"data file {source}")
+    if evals is not None:
+        _require_columns(evals, [(key, col) for key, col, _, in_eval in columns if in_eval], "evaluation data")
+    else:
+        split = train.train_test_split(test_size=src.eval_fraction, seed=seed, shuffle=True)
+        train, evals = split["train"], split["test"]
+    train, evals = _cap(train, src.max_train_examples, seed), _cap(evals, src.max_eval_examples, seed)
+
+    keep = list(dict.fromkeys(col for _, col, _, _ in columns))
+    train = train.select_columns(keep)
+    evals = evals.select_columns([c for c in keep if c in evals.column_names])
+    renames = {col: new for _, col, new, _ in columns if col != new}
+    train = train.rename_columns(renames)
+    evals = evals.rename_columns({c: n for c, n in renames.items() if c in evals.column_names})
+    return train, evals, source
