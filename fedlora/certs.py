@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedlora.errors import FedLoraError
+from fedlora.files import atomic_write_bytes
 
 CA_CERT, CA_KEY = "ca.crt", "ca.key"
 SERVER_CERT, SERVER_KEY = "server.crt", "server.key"
@@ -66,12 +66,8 @@ def _san(hosts: list[str]) -> x509.SubjectAlternativeName:
 
 
 def _write(path: Path, data: bytes, private: bool) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    if private:
-        os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    # A key is 0600 from its first byte: the temporary file is created 0600 (fedlora.files).
+    atomic_write_bytes(path, data, private=private)
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,21 +25,7 @@ from safetensors.torch import load_file, save
 
 from fedlora.config import RunConfig
 from fedlora.errors import FedLoraError
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+from fedlora.files import atomic_write_bytes
 
 
 class RunDirectory:
@@ -84,7 +69,7 @@ class RunDirectory:
 
     def write_config(self, cfg: RunConfig) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        _atomic_write_bytes(self.path / "config.toml", tomli_w.dumps(cfg.to_dict()).encode())
+        atomic_write_bytes(self.path / "config.toml", tomli_w.dumps(cfg.to_dict()).encode())
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -102,10 +87,10 @@ class RunDirectory:
     def truncate_metrics(self, last_round: int) -> None:
         """Drop lines of rounds after ``last_round`` (written before a crash, not checkpointed)."""
         kept = [r for r in self.read_metrics() if int(r.get("round", 0)) <= last_round]
-        _atomic_write_bytes(self.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode())
+        atomic_write_bytes(self.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode())
 
     def write_json(self, name: str, obj: Any) -> None:
-        _atomic_write_bytes(self.path / name, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+        atomic_write_bytes(self.path / name, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -113,9 +98,9 @@ class RunDirectory:
         """Write round ``server_round``'s global state, then move the ``latest`` pointer."""
         stem = f"round_{server_round:04d}"
         tensors = {k: v.contiguous() for k, v in state.items()}
-        _atomic_write_bytes(self.checkpoint_dir / f"{stem}.safetensors", save(tensors))
-        _atomic_write_bytes(self.checkpoint_dir / f"{stem}.json", json.dumps(extra, sort_keys=True).encode())
-        _atomic_write_bytes(self.checkpoint_dir / "latest.json", json.dumps({"round": server_round}).encode())
+        atomic_write_bytes(self.checkpoint_dir / f"{stem}.safetensors", save(tensors))
+        atomic_write_bytes(self.checkpoint_dir / f"{stem}.json", json.dumps(extra, sort_keys=True).encode())
+        atomic_write_bytes(self.checkpoint_dir / "latest.json", json.dumps({"round": server_round}).encode())
 
     def latest_checkpoint_round(self) -> int | None:
         pointer = self.checkpoint_dir / "latest.json"
