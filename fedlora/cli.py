@@ -1,7 +1,8 @@
 """Command line: ``fedlora simulate|presets|report|certs``; ``fedlora-server`` / ``fedlora-client``.
 
 User mistakes (bad preset, flag, data, model) print one line ``fedlora: error: ...`` and exit
-with status 2; no traceback.
+with status 2; no traceback. ``--debug`` (on every command, before or after a ``fedlora``
+subcommand) or ``FEDLORA_DEBUG=1`` also prints the traceback after that line.
 """
 
 from __future__ import annotations
@@ -10,17 +11,31 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from fedlora.errors import FedLoraError
 
 EXIT_USAGE = 2
+DEBUG_ENV = "FEDLORA_DEBUG"
+_DEBUG_HELP = f"on an error, also print the full traceback (same as {DEBUG_ENV}=1)"
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, as for every other user mistake
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
+
+
+def _add_debug(parser: argparse.ArgumentParser, *, subcommand: bool = False) -> None:
+    """``--debug`` on ``parser``; a subcommand's leaves the top-level value alone unless given."""
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP,
+                        **({"default": argparse.SUPPRESS} if subcommand else {}))
+
+
+def _debug_enabled(args: argparse.Namespace) -> bool:
+    env = os.environ.get(DEBUG_ENV, "").strip().lower()
+    return bool(getattr(args, "debug", False)) or env not in ("", "0", "false", "no", "off")
 
 
 def _absolute_local_paths(raw: dict) -> dict:
@@ -119,6 +134,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedlora", description="Federated LoRA fine-tuning on Flower.")
+    _add_debug(parser)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     sim = sub.add_parser("simulate", help="run a federation on this machine")
     sim.add_argument("preset", nargs="?", help="preset TOML path or packaged name (default: quickstart)")
@@ -152,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     cer.add_argument("--days", type=int, default=365, help="certificate validity in days (default 365)")
     cer.add_argument("--force", action="store_true", help="replace an existing CA in --out")
     cer.set_defaults(func=cmd_certs)
+    for subparser in (sim, pre, rep, par, cer):
+        _add_debug(subparser, subcommand=True)
     return parser
 
 
@@ -160,10 +178,18 @@ def _run(func, args, prog: str = "fedlora") -> int:
         return func(args)
     except FedLoraError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
+        _traceback_if_debug(args, err)
         return err.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         print(f"{prog}: interrupted", file=sys.stderr)
+        _traceback_if_debug(args, err)
         return 130
+
+
+def _traceback_if_debug(args: argparse.Namespace, err: BaseException) -> None:
+    if _debug_enabled(args):
+        sys.stderr.flush()
+        traceback.print_exception(err, file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,6 +254,7 @@ def _server_parser() -> argparse.ArgumentParser:
                    help="seconds to wait for replies each round (sets federation.round_timeout)")
     p.add_argument("--startup-timeout", type=float, default=60.0, metavar="SECONDS",
                    help="how long the SuperLink may take to start (default 60)")
+    _add_debug(p)
     return p
 
 
@@ -274,6 +301,7 @@ def _client_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-wait", type=float, default=600.0, metavar="SECONDS",
                    help="how long to keep reconnecting after the server goes away (default 600)")
     p.add_argument("--verbose", action="store_true", help="also show Flower's SuperNode log")
+    _add_debug(p)
     return p
 
 
