@@ -106,8 +106,9 @@ def _clock(fn) -> float:
     return time.perf_counter() - start
 
 
-def explain(full: list, weights: list, het: list, global_rank: int, het_scaling: float, tasks: list,
-            scaling: float, seed: int) -> dict:
+def explain(
+    full: list, weights: list, het: list, global_rank: int, het_scaling: float, tasks: list, scaling: float, seed: int
+) -> dict:
     """Where the slower functions spend their time: their own parts, timed once each.
 
     The parts are the functions the aggregation functions call, invoked the same way, so a
@@ -131,8 +132,8 @@ def explain(full: list, weights: list, het: list, global_rank: int, het_scaling:
 
     from fedlora.adapters import lora_keys, lora_modules
     from fedlora.strategies.fedavg import weighted_mean
-    from fedlora.strategies.fltac import flatten_factors, kmeans
     from fedlora.strategies.flora import accumulate_delta, stacked_update
+    from fedlora.strategies.fltac import flatten_factors, kmeans
     from fedlora.strategies.hetlora import sparsity_weights
     from fedlora.strategies.ranks import pad
 
@@ -144,9 +145,15 @@ def explain(full: list, weights: list, het: list, global_rank: int, het_scaling:
         "pad_s": _clock(lambda: padded.extend(pad(u, global_rank) for u in het)),
         "weighted_mean_s": _clock(lambda: weighted_mean(padded, het_weights)),
         # ||s B A||_F^2 = s^2 <B^T B, A A^T>: r x r Gram matrices instead of out x in products.
-        "reference_gram_norms_s": _clock(lambda: [
-            sum(float(((u[b].double().T @ u[b].double()) * (u[a].double() @ u[a].double().T)).sum())
-                for a, b in map(lora_keys, lora_modules(u))) for u in het]),
+        "reference_gram_norms_s": _clock(
+            lambda: [
+                sum(
+                    float(((u[b].double().T @ u[b].double()) * (u[a].double() @ u[a].double().T)).sum())
+                    for a, b in map(lora_keys, lora_modules(u))
+                )
+                for u in het
+            ]
+        ),
     }
 
     features: list = []
@@ -167,15 +174,18 @@ def explain(full: list, weights: list, het: list, global_rank: int, het_scaling:
         torch.cdist = real_cdist
     x64 = features[0].to(torch.float64)
     centres = x64[:2].clone()
-    out["fltac"].update({
-        "kmeans_cdist_calls": len(cdist_calls),
-        "kmeans_cdist_s": sum(cdist_calls),
-        "feature_dims": int(features[0].shape[1]),
-        # The same distances without the matrix-product path, which copies x with two extra
-        # columns on every call: cheaper when there are only k centres.
-        "reference_cdist_direct_s": _clock(
-            lambda: real_cdist(x64, centres, compute_mode="donot_use_mm_for_euclid_dist")),
-    })
+    out["fltac"].update(
+        {
+            "kmeans_cdist_calls": len(cdist_calls),
+            "kmeans_cdist_s": sum(cdist_calls),
+            "feature_dims": int(features[0].shape[1]),
+            # The same distances without the matrix-product path, which copies x with two extra
+            # columns on every call: cheaper when there are only k centres.
+            "reference_cdist_direct_s": _clock(
+                lambda: real_cdist(x64, centres, compute_mode="donot_use_mm_for_euclid_dist")
+            ),
+        }
+    )
 
     modules = lora_modules(full[0])
     stacks: list = []
@@ -183,20 +193,28 @@ def explain(full: list, weights: list, het: list, global_rank: int, het_scaling:
         "stack_s": _clock(lambda: stacks.extend(stacked_update(full, weights, scaling, m) for m in modules)),
         "compact_s": _clock(lambda: [accumulate_delta({}, m, b, a) for m, (b, a) in zip(modules, stacks)]),
         # When the stacked rank reaches min(out, in), the dense product and its SVD are exact too.
-        "reference_dense_product_svd_s": _clock(lambda: [
-            torch.linalg.svd(b.to(torch.float64) @ a.to(torch.float64)) for b, a in stacks]),
+        "reference_dense_product_svd_s": _clock(
+            lambda: [torch.linalg.svd(b.to(torch.float64) @ a.to(torch.float64)) for b, a in stacks]
+        ),
         "stacked_rank": int(stacks[0][0].shape[1]),
     }
-    return {name: {k: round(v, 4) if isinstance(v, float) else v for k, v in parts.items()}
-            for name, parts in out.items()}
+    return {
+        name: {k: round(v, 4) if isinstance(v, float) else v for k, v in parts.items()} for name, parts in out.items()
+    }
 
 
 def run(clients: int, repeats: int, seed: int = 0) -> dict:
     """Build the inputs, time every strategy, and return the report (without ``quick``)."""
     import torch
 
-    from fedlora.strategies import (ffa_aggregate, fedex_aggregate, flora_aggregate, fltac_aggregate,
-                                    hetlora_aggregate, weighted_mean)
+    from fedlora.strategies import (
+        fedex_aggregate,
+        ffa_aggregate,
+        flora_aggregate,
+        fltac_aggregate,
+        hetlora_aggregate,
+        weighted_mean,
+    )
 
     torch.set_num_threads(1)
     rank, global_rank, alpha = 8, 16, 16.0
@@ -241,27 +259,32 @@ def run(clients: int, repeats: int, seed: int = 0) -> dict:
         "fedavg/federa/fedsa": "the same function, weighted_mean; fedsa has no B tensors",
         "hetlora": "rank-16 global state; clients' ranks cycle 4, 8, 16",
         "fltac": "two tasks drawn around two centres, k = 2",
-        "flora": (f"stacks {clients * rank} rank components per module in float64, then thin QR of both "
-                  f"stacks (384 x {clients * rank}) and an SVD of a 384 x 384 core, for each of 12 modules"),
+        "flora": (
+            f"stacks {clients * rank} rank components per module in float64, then thin QR of both "
+            f"stacks (384 x {clients * rank}) and an SVD of a 384 x 384 core, for each of 12 modules"
+        ),
         "fedex": "the FedAvg of fedavg plus the same stacking and compaction on clients + 1 terms per module",
     }
     if not met["hetlora"]:
         notes["hetlora_misses_1s"] = (
             "sparsity_weights takes each client's ||s B A||_F by forming the dense out x in product of "
             "every module in float64 (see breakdown.hetlora); the same norm from the r x r Gram matrices "
-            "<B^T B, A A^T> is breakdown.hetlora.reference_gram_norms_s")
+            "<B^T B, A A^T> is breakdown.hetlora.reference_gram_norms_s"
+        )
     if not met["fltac"]:
         notes["fltac_misses_5s"] = (
             "kmeans calls torch.cdist on float64 features of "
             f"{breakdown['fltac']['feature_dims']} dimensions; with more than 25 rows cdist's default mode takes "
             "its matrix-product path, which builds augmented copies of the whole feature matrix on every call "
             "(see breakdown.fltac: kmeans_cdist_s against reference_cdist_direct_s, one call in "
-            "compute_mode='donot_use_mm_for_euclid_dist')")
+            "compute_mode='donot_use_mm_for_euclid_dist')"
+        )
     for name in EXACT:
         if not met[name]:
             notes[f"{name}_misses_1s"] = (
                 "exact aggregation is a dense factorisation per module, O(out * in * clients * rank) "
-                "flops, not an average; it is not held to the averaging target")
+                "flops, not an average; it is not held to the averaging target"
+            )
     return {
         "clients": clients,
         "repeats": repeats,
@@ -272,8 +295,11 @@ def run(clients: int, repeats: int, seed: int = 0) -> dict:
         "modules": len(adapter_keys()),
         "tensors_per_client": len(full[0]),
         "seconds": {k: round(v, 4) for k, v in seconds.items()},
-        "targets": {**{n: TARGET_AVERAGING_S for n in AVERAGING}, "fltac": TARGET_FLTAC_S,
-                    **{n: TARGET_AVERAGING_S for n in EXACT}},
+        "targets": {
+            **{n: TARGET_AVERAGING_S for n in AVERAGING},
+            "fltac": TARGET_FLTAC_S,
+            **{n: TARGET_AVERAGING_S for n in EXACT},
+        },
         "met": met,
         "averaging_targets_met": all(met[n] for n in AVERAGING),
         "fltac_target_met": met["fltac"],
@@ -290,8 +316,12 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="50 clients, one call each: only checks that it runs")
     parser.add_argument("--clients", type=int, default=None, help="client adapters per call (default 1000)")
     parser.add_argument("--repeats", type=int, default=None, help="calls per strategy, median reported (default 3)")
-    parser.add_argument("--out", nargs="?", const=str(Path(__file__).resolve().parent / "results" / "aggregation.json"),
-                        help="also write the JSON here (no path: benchmarks/results/aggregation.json)")
+    parser.add_argument(
+        "--out",
+        nargs="?",
+        const=str(Path(__file__).resolve().parent / "results" / "aggregation.json"),
+        help="also write the JSON here (no path: benchmarks/results/aggregation.json)",
+    )
     args = parser.parse_args()
     quiet_libraries()
     clients = args.clients or (50 if args.quick else 1000)

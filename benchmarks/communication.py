@@ -26,8 +26,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 clients, 1 local step: only checks that it runs")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--out", nargs="?", const=str(Path(__file__).resolve().parent / "results" / "communication.json"),
-                        help="also write the JSON here (no path: benchmarks/results/communication.json)")
+    parser.add_argument(
+        "--out",
+        nargs="?",
+        const=str(Path(__file__).resolve().parent / "results" / "communication.json"),
+        help="also write the JSON here (no path: benchmarks/results/communication.json)",
+    )
     args = parser.parse_args()
 
     from _common import emit
@@ -40,18 +44,27 @@ def main() -> int:
     from fedlora.strategies import STRATEGIES
 
     _quiet_libraries()
-    common = [f"rounds={args.rounds}", "federation.clients=2" if args.quick else "federation.clients=6",
-              "federation.local_steps=1" if args.quick else "federation.local_steps=6"]
+    common = [
+        f"rounds={args.rounds}",
+        "federation.clients=2" if args.quick else "federation.clients=6",
+        "federation.local_steps=1" if args.quick else "federation.local_steps=6",
+    ]
     runs = {name: ("quickstart", [f"strategy.name={name}"]) for name in sorted(STRATEGIES)}
     runs["hetlora"] = ("hetlora", [])
     runs["fltac"] = ("fltac", [])
     # The same payloads in half precision on the wire.
     runs["fedavg@float16"] = ("quickstart", ["strategy.name=fedavg", "federation.transport_dtype=float16"])
     runs["ffa@float16"] = ("quickstart", ["strategy.name=ffa", "federation.transport_dtype=float16"])
-    report: dict = {"model": "sentence-transformers/all-MiniLM-L6-v2", "rank": 8, "targets": ["query", "value"],
-                    "notes": {"hetlora": "global rank 16, client profiles 4/8/16",
-                              "fltac": "two synthetic tasks; a client sends one adapter per task it holds"},
-                    "strategies": {}}
+    report: dict = {
+        "model": "sentence-transformers/all-MiniLM-L6-v2",
+        "rank": 8,
+        "targets": ["query", "value"],
+        "notes": {
+            "hetlora": "global rank 16, client profiles 4/8/16",
+            "fltac": "two synthetic tasks; a client sends one adapter per task it holds",
+        },
+        "strategies": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for name, (preset, sets) in runs.items():
             cfg = load_run_config(preset, common + sets + [f"name=comm-{name.replace('@', '-')}"])
@@ -60,15 +73,20 @@ def main() -> int:
             rounds = []
             for record in result.rounds:
                 ok = [c for c in record["clients"] if "bytes_up" in c]
-                rounds.append({
-                    "round": record["round"],
-                    "bytes_down_per_client": round(sum(c["bytes_down"] for c in ok) / max(len(ok), 1)),
-                    "bytes_up_per_client": round(sum(c["bytes_up"] for c in ok) / max(len(ok), 1)),
-                    "bytes_up_by_rank": {str(c.get("rank_trained", c["rank"])): c["bytes_up"] for c in ok},
-                    "eval_accuracy": record.get("eval_accuracy"),
-                })
-            report["strategies"][name] = {"rounds": rounds, "initial_accuracy": result.initial.get("eval_accuracy"),
-                                          "seconds": round(time.perf_counter() - start, 2)}
+                rounds.append(
+                    {
+                        "round": record["round"],
+                        "bytes_down_per_client": round(sum(c["bytes_down"] for c in ok) / max(len(ok), 1)),
+                        "bytes_up_per_client": round(sum(c["bytes_up"] for c in ok) / max(len(ok), 1)),
+                        "bytes_up_by_rank": {str(c.get("rank_trained", c["rank"])): c["bytes_up"] for c in ok},
+                        "eval_accuracy": record.get("eval_accuracy"),
+                    }
+                )
+            report["strategies"][name] = {
+                "rounds": rounds,
+                "initial_accuracy": result.initial.get("eval_accuracy"),
+                "seconds": round(time.perf_counter() - start, 2),
+            }
         cfg = load_run_config("quickstart", [])
         loaded = load_model(cfg.model, num_labels=4, seed=cfg.seed)
         host = get_host(loaded)

@@ -93,8 +93,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny data and batches: only checks that it runs")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--out", nargs="?", const=str(Path(__file__).resolve().parent / "results" / "memory.json"),
-                        help="also write the JSON here (no path: benchmarks/results/memory.json)")
+    parser.add_argument(
+        "--out",
+        nargs="?",
+        const=str(Path(__file__).resolve().parent / "results" / "memory.json"),
+        help="also write the JSON here (no path: benchmarks/results/memory.json)",
+    )
     args = parser.parse_args()
     quiet_libraries()
     if args.child is not None:

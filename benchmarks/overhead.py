@@ -59,7 +59,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import emit, quiet_libraries, stdout_to_stderr  # noqa: E402
-
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
@@ -73,17 +72,20 @@ def run_config(settings: dict[str, int]):
     """The quickstart preset with the benchmark's federation (the one config all three run)."""
     from fedlora.cli import load_run_config
 
-    return load_run_config("quickstart", [
-        "name=overhead",
-        f"rounds={settings['rounds']}",
-        f"federation.clients={settings['clients']}",
-        f"federation.local_steps={settings['local_steps']}",
-        f"federation.batch_size={settings['batch_size']}",
-        f"data.max_eval_examples={settings['max_eval_examples']}",
-        "lora.rank=8",
-        "lora.target_modules=['query','value']",
-        "strategy.name=fedavg",
-    ])
+    return load_run_config(
+        "quickstart",
+        [
+            "name=overhead",
+            f"rounds={settings['rounds']}",
+            f"federation.clients={settings['clients']}",
+            f"federation.local_steps={settings['local_steps']}",
+            f"federation.batch_size={settings['batch_size']}",
+            f"data.max_eval_examples={settings['max_eval_examples']}",
+            "lora.rank=8",
+            "lora.target_modules=['query','value']",
+            "strategy.name=fedavg",
+        ],
+    )
 
 
 def client_seed(cfg, server_round: int, partition_id: int) -> int:
@@ -125,9 +127,16 @@ def build_peft_model(cfg, num_labels: int):
     tokenizer = AutoTokenizer.from_pretrained(source)
     for param in model.parameters():
         param.requires_grad_(False)
-    peft_model = get_peft_model(model, LoraConfig(
-        r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-        target_modules=list(cfg.lora.target_modules), task_type=TaskType.SEQ_CLS))
+    peft_model = get_peft_model(
+        model,
+        LoraConfig(
+            r=cfg.lora.rank,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            target_modules=list(cfg.lora.target_modules),
+            task_type=TaskType.SEQ_CLS,
+        ),
+    )
     with torch.no_grad():
         torch.manual_seed(cfg.seed)
         for module in peft_model.modules():
@@ -178,9 +187,17 @@ class PlainLoop:
                 with torch.no_grad():
                     for key, param in self.params.items():
                         param.copy_(state[key])
-                train_local(self.model, list(self.params.values()), data, steps=fed.local_steps,
-                            batch_size=fed.batch_size, lr=fed.lr, pad_id=self.tokenizer.pad_token_id,
-                            causal=False, seed=client_seed(self.cfg, server_round, pid))
+                train_local(
+                    self.model,
+                    list(self.params.values()),
+                    data,
+                    steps=fed.local_steps,
+                    batch_size=fed.batch_size,
+                    lr=fed.lr,
+                    pad_id=self.tokenizer.pad_token_id,
+                    causal=False,
+                    seed=client_seed(self.cfg, server_round, pid),
+                )
                 updates.append({k: p.detach().clone() for k, p in self.params.items()})
                 weights.append(len(data))
             state = weighted_mean(updates, weights)
@@ -282,9 +299,14 @@ def profile_fedlora(cfg, out: Path, top: int = 15) -> dict:
         if not path.startswith(repo) or "/benchmarks/" in path or key in inside:
             continue
         own = cumulative - training if key in above else cumulative
-        rows.append({"function": f"{Path(path).relative_to(repo)}:{line}({func})",
-                     "seconds_outside_training": round(own, 4), "calls": calls,
-                     "encloses_training": key in above})
+        rows.append(
+            {
+                "function": f"{Path(path).relative_to(repo)}:{line}({func})",
+                "seconds_outside_training": round(own, 4),
+                "calls": calls,
+                "encloses_training": key in above,
+            }
+        )
     rows.sort(key=lambda row: -row["seconds_outside_training"])
     total = max((stats[k][3] for k in above), default=training)
     return {
@@ -321,15 +343,30 @@ def stock_train(msg: Message, context: Context) -> Message:
     built = time.perf_counter()
     data = encode(load_partition(cfg, pid, num), tokenizer, cfg.model.max_length)
     loaded = time.perf_counter()
-    result = train_local(model, list(params.values()), data, steps=cfg.federation.local_steps,
-                         batch_size=cfg.federation.batch_size, lr=cfg.federation.lr,
-                         pad_id=tokenizer.pad_token_id, causal=False, seed=client_seed(cfg, server_round, pid))
+    result = train_local(
+        model,
+        list(params.values()),
+        data,
+        steps=cfg.federation.local_steps,
+        batch_size=cfg.federation.batch_size,
+        lr=cfg.federation.lr,
+        pad_id=tokenizer.pad_token_id,
+        causal=False,
+        seed=client_seed(cfg, server_round, pid),
+    )
     trained = time.perf_counter()
     with torch.no_grad():
         reply = ArrayRecord(get_peft_model_state_dict(model))
-    metrics = MetricRecord({"num-examples": len(data), "train-loss": float(result.loss),
-                            "build-seconds": built - start, "data-seconds": loaded - built,
-                            "train-seconds": trained - loaded, "torch-threads": torch.get_num_threads()})
+    metrics = MetricRecord(
+        {
+            "num-examples": len(data),
+            "train-loss": float(result.loss),
+            "build-seconds": built - start,
+            "data-seconds": loaded - built,
+            "train-seconds": trained - loaded,
+            "torch-threads": torch.get_num_threads(),
+        }
+    )
     return Message(content=RecordDict({"arrays": reply, "metrics": metrics}), reply_to=msg)
 
 
@@ -353,10 +390,19 @@ def stock_server_app(cfg, num_labels: int, initial: dict, sink: dict) -> ServerA
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         start = time.perf_counter()
-        strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=cfg.federation.clients,
-                          min_available_nodes=cfg.federation.clients, train_metrics_aggr_fn=keep_metrics)
-        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=cfg.rounds,
-                                train_config=ConfigRecord({"run": cfg.to_json(), "num-labels": num_labels}))
+        strategy = FedAvg(
+            fraction_train=1.0,
+            fraction_evaluate=0.0,
+            min_train_nodes=cfg.federation.clients,
+            min_available_nodes=cfg.federation.clients,
+            train_metrics_aggr_fn=keep_metrics,
+        )
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(initial),
+            num_rounds=cfg.rounds,
+            train_config=ConfigRecord({"run": cfg.to_json(), "num-labels": num_labels}),
+        )
         sink["federation_s"] = time.perf_counter() - start
         sink["state"] = {canonical(k): v for k, v in result.arrays.to_torch_state_dict().items()}
         sink["replies"] = replies
@@ -370,9 +416,13 @@ def run_flower_ray(cfg, num_labels: int, initial: dict) -> dict:
 
     sink: dict = {}
     start = time.perf_counter()
-    run_simulation(server_app=stock_server_app(cfg, num_labels, initial, sink), client_app=stock_client_app,
-                   num_supernodes=cfg.federation.clients, backend_name="ray",
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    run_simulation(
+        server_app=stock_server_app(cfg, num_labels, initial, sink),
+        client_app=stock_client_app,
+        num_supernodes=cfg.federation.clients,
+        backend_name="ray",
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+    )
     sink["total_s"] = time.perf_counter() - start
     if "state" not in sink:
         raise RuntimeError("Flower's Ray simulation ended without finishing the run (see the log above)")
@@ -431,7 +481,7 @@ def run(settings: dict[str, int], repeats: int, ray: bool) -> dict:
         setup["fedlora_warmup_run_s"] = run_fedlora(cfg, Path(tmp) / "warmup")
         for i in range(repeats):
             # Alternating which goes first cancels any advantage of a pair's second slot.
-            for which in (("plain", "fedlora") if i % 2 == 0 else ("fedlora", "plain")):
+            for which in ("plain", "fedlora") if i % 2 == 0 else ("fedlora", "plain"):
                 gc.collect()  # garbage left by one run must not be collected on the other's clock
                 spent = [0.0]
                 with training_clock(spent):
@@ -496,26 +546,35 @@ def run(settings: dict[str, int], repeats: int, ray: bool) -> dict:
         builds = [float(r["build-seconds"]) for r in ray_run["replies"]]
         datas = [float(r["data-seconds"]) for r in ray_run["replies"]]
         trains = [float(r["train-seconds"]) for r in ray_run["replies"]]
-        report.update({
-            "flower_ray_s": round(ray_run["total_s"], 3),
-            "flower_ray_federation_s": round(ray_run["federation_s"], 3),
-            "flower_ray_client_calls": len(builds),
-            "flower_ray_model_build_s": {"sum": round(sum(builds), 3), "mean": round(statistics.mean(builds), 3)},
-            "flower_ray_client_data_s": {"sum": round(sum(datas), 3)},
-            "flower_ray_client_train_s": {"sum": round(sum(trains), 3)},
-            "flower_ray_client_torch_threads": sorted({int(r["torch-threads"]) for r in ray_run["replies"]}),
-            "flower_ray_backend": {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
-        })
+        report.update(
+            {
+                "flower_ray_s": round(ray_run["total_s"], 3),
+                "flower_ray_federation_s": round(ray_run["federation_s"], 3),
+                "flower_ray_client_calls": len(builds),
+                "flower_ray_model_build_s": {"sum": round(sum(builds), 3), "mean": round(statistics.mean(builds), 3)},
+                "flower_ray_client_data_s": {"sum": round(sum(datas), 3)},
+                "flower_ray_client_train_s": {"sum": round(sum(trains), 3)},
+                "flower_ray_client_torch_threads": sorted({int(r["torch-threads"]) for r in ray_run["replies"]}),
+                "flower_ray_backend": {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+            }
+        )
         report["final_max_abs_diff_vs_plain"]["flower_ray"] = max_abs_diff(plain_state, ray_run["state"])
         report["ray_over_fedlora"] = round(ray_run["total_s"] / fedlora_s, 4)
         report["ray_federation_over_fedlora"] = round(ray_run["federation_s"] / fedlora_s, 4)
     else:
-        report.update({"flower_ray_s": None, "flower_ray_federation_s": None, "ray_over_fedlora": None,
-                       "ray_federation_over_fedlora": None})
+        report.update(
+            {
+                "flower_ray_s": None,
+                "flower_ray_federation_s": None,
+                "ray_over_fedlora": None,
+                "ray_federation_over_fedlora": None,
+            }
+        )
     report["targets"] = dict(TARGETS)
     report["fedlora_over_plain_met"] = report["fedlora_over_plain"] <= TARGETS["fedlora_over_plain"]
-    report["ray_over_fedlora_met"] = (report["ray_over_fedlora"] is not None
-                                      and report["ray_over_fedlora"] >= TARGETS["ray_over_fedlora"])
+    report["ray_over_fedlora_met"] = (
+        report["ray_over_fedlora"] is not None and report["ray_over_fedlora"] >= TARGETS["ray_over_fedlora"]
+    )
     return report
 
 
@@ -528,13 +587,21 @@ def _peft_initial(plain: PlainLoop) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="2 clients, 1 round, 1 step, 1 repeat: only checks that it runs (Ray still starts)")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="timed pairs of (a) and (b) runs, medians reported (default 7)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="2 clients, 1 round, 1 step, 1 repeat: only checks that it runs (Ray still starts)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed pairs of (a) and (b) runs, medians reported (default 7)"
+    )
     parser.add_argument("--skip-ray", action="store_true", help="leave out (c); its keys are null")
-    parser.add_argument("--out", nargs="?", const=str(Path(__file__).resolve().parent / "results" / "overhead.json"),
-                        help="also write the JSON here (no path: benchmarks/results/overhead.json)")
+    parser.add_argument(
+        "--out",
+        nargs="?",
+        const=str(Path(__file__).resolve().parent / "results" / "overhead.json"),
+        help="also write the JSON here (no path: benchmarks/results/overhead.json)",
+    )
     args = parser.parse_args()
     quiet_libraries()
     settings = QUICK if args.quick else FULL

@@ -54,15 +54,24 @@ def _final(run: dict, key: str = "eval_accuracy") -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny budget on synthetic data: only checks it runs")
-    parser.add_argument("--data-dir", default=os.environ.get("FEDLORA_BENCH_DATA", str(REPO.parent / "shared" / "data")))
-    parser.add_argument("--strategies", default="fedavg,ffa",
-                        help="comma-separated strategies, or 'all' (default fedavg,ffa: the run that fits in 10 "
-                             "minutes on 2 cores; every strategy takes about 25)")
+    parser.add_argument(
+        "--data-dir", default=os.environ.get("FEDLORA_BENCH_DATA", str(REPO.parent / "shared" / "data"))
+    )
+    parser.add_argument(
+        "--strategies",
+        default="fedavg,ffa",
+        help="comma-separated strategies, or 'all' (default fedavg,ffa: the run that fits in 10 "
+        "minutes on 2 cores; every strategy takes about 25)",
+    )
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--local-steps", type=int, default=8)
     parser.add_argument("--lr", type=float, default=0.002)
-    parser.add_argument("--out", nargs="?", const=str(Path(__file__).resolve().parent / "results" / "quality.json"),
-                        help="also write the JSON here (no path: benchmarks/results/quality.json)")
+    parser.add_argument(
+        "--out",
+        nargs="?",
+        const=str(Path(__file__).resolve().parent / "results" / "quality.json"),
+        help="also write the JSON here (no path: benchmarks/results/quality.json)",
+    )
     args = parser.parse_args()
 
     from _common import emit
@@ -74,8 +83,10 @@ def main() -> int:
     names = sorted(STRATEGIES) if args.quick or args.strategies == "all" else args.strategies.split(",")
     unknown = sorted(set(names) - set(STRATEGIES))
     if unknown:
-        print(f"quality.py: error: unknown strategies {', '.join(unknown)} (known: {', '.join(sorted(STRATEGIES))})",
-              file=sys.stderr)
+        print(
+            f"quality.py: error: unknown strategies {', '.join(unknown)} (known: {', '.join(sorted(STRATEGIES))})",
+            file=sys.stderr,
+        )
         return 2
     with_fltac = "fltac" in names
     names = [n for n in names if n != "fltac"]
@@ -83,32 +94,53 @@ def main() -> int:
     rounds, steps, batch = (1, 1, 8) if args.quick else (args.rounds, args.local_steps, 16)
     if args.quick:
         data = ["data.path=synthetic:topics", "data.max_train_examples=200", "data.max_eval_examples=40"]
-        tasks = ("data.tasks=[{name='topics',path='synthetic:topics',max_train_examples=100,max_eval_examples=20},"
-                 "{name='sentiment',path='synthetic:sentiment',max_train_examples=100,max_eval_examples=20}]")
+        tasks = (
+            "data.tasks=[{name='topics',path='synthetic:topics',max_train_examples=100,max_eval_examples=20},"
+            "{name='sentiment',path='synthetic:sentiment',max_train_examples=100,max_eval_examples=20}]"
+        )
     else:
         sst2, news = Path(args.data_dir) / "sst2", Path(args.data_dir) / "ag_news"
         for folder in (sst2, news):
             if not folder.is_dir():
                 print(f"quality.py: error: {folder} not found (pass --data-dir or use --quick)", file=sys.stderr)
                 return 2
-        data = [f"data.path={sst2}", "data.text_column=sentence", "data.label_column=label",
-                "data.max_eval_examples=436"]
-        tasks = (f"data.tasks=[{{name='sst2',path='{sst2}',text_column='sentence',max_train_examples=8000,"
-                 f"max_eval_examples=436}},{{name='agnews',path='{news}',text_column='content',"
-                 f"max_train_examples=8000,max_eval_examples=436}}]")
-    common = data + [f"rounds={rounds}", f"federation.batch_size={batch}", f"federation.lr={args.lr}",
-                     "model.max_length=32", "lora.dropout=0.0"]
+        data = [
+            f"data.path={sst2}",
+            "data.text_column=sentence",
+            "data.label_column=label",
+            "data.max_eval_examples=436",
+        ]
+        tasks = (
+            f"data.tasks=[{{name='sst2',path='{sst2}',text_column='sentence',max_train_examples=8000,"
+            f"max_eval_examples=436}},{{name='agnews',path='{news}',text_column='content',"
+            f"max_train_examples=8000,max_eval_examples=436}}]"
+        )
+    common = data + [
+        f"rounds={rounds}",
+        f"federation.batch_size={batch}",
+        f"federation.lr={args.lr}",
+        "model.max_length=32",
+        "lora.dropout=0.0",
+    ]
     fed = [f"federation.clients={clients}", f"federation.local_steps={steps}"]
     # One client doing every client's steps: the same examples per round as the federation.
     central = ["federation.clients=1", f"federation.local_steps={clients * steps}", "data.partitioner=iid"]
 
     report: dict = {
-        "model": "sentence-transformers/all-MiniLM-L6-v2", "rank": 8, "targets": ["query", "value"],
+        "model": "sentence-transformers/all-MiniLM-L6-v2",
+        "rank": 8,
+        "targets": ["query", "value"],
         "data": "synthetic (quick)" if args.quick else "SST-2 train -> 436 dev examples (seeded half of dev)",
-        "lr": args.lr, "max_length": 32,
-        "clients": clients, "rounds": rounds, "local_steps": steps, "batch_size": batch,
+        "lr": args.lr,
+        "max_length": 32,
+        "clients": clients,
+        "rounds": rounds,
+        "local_steps": steps,
+        "batch_size": batch,
         "examples_per_round": clients * steps * batch,
-        "targets_ratio": {"iid": 0.97, "dirichlet_0.5": 0.93}, "runs": {}, "ratios": {},
+        "targets_ratio": {"iid": 0.97, "dirichlet_0.5": 0.93},
+        "runs": {},
+        "ratios": {},
     }
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -120,28 +152,46 @@ def main() -> int:
             if strategy == "hetlora":
                 extra.append("federation.profiles=[{name='small',rank=2},{name='medium',rank=4},{name='large',rank=8}]")
             key = "global_eval_accuracy" if strategy == "fedsa" else "eval_accuracy"
-            for split, part in (("iid", ["data.partitioner=iid"]),
-                                ("dirichlet_0.5", ["data.partitioner=dirichlet", "data.dirichlet_alpha=0.5"])):
+            for split, part in (
+                ("iid", ["data.partitioner=iid"]),
+                ("dirichlet_0.5", ["data.partitioner=dirichlet", "data.dirichlet_alpha=0.5"]),
+            ):
                 run = _run(f"{strategy}-{split}", common + fed + part + extra, root)
                 report["runs"][f"{strategy}/{split}"] = run
                 ratio = _final(run, key) / _final(base)
                 report["ratios"][f"{strategy}/{split}"] = {
-                    "ratio": round(ratio, 4), "meets_target": ratio >= report["targets_ratio"][split], "metric": key,
+                    "ratio": round(ratio, 4),
+                    "meets_target": ratio >= report["targets_ratio"][split],
+                    "metric": key,
                 }
         if with_fltac:
             two = [tasks, "data.partition_column=task", "data.max_train_examples=0", "data.max_eval_examples=0"]
-            tac_common = [c for c in common if not c.startswith(("data.path", "data.text_column", "data.label_column",
-                                                                  "data.max_eval_examples", "data.max_train"))]
+            tac_common = [
+                c
+                for c in common
+                if not c.startswith(
+                    ("data.path", "data.text_column", "data.label_column", "data.max_eval_examples", "data.max_train")
+                )
+            ]
             base2 = _run("centralised-2tasks", tac_common + two + central, root)
             report["runs"]["centralised/2tasks"] = base2
             for split, alpha in (("iid", "100.0"), ("dirichlet_0.5", "0.5")):
-                run = _run(f"fltac-{split}", tac_common + two + fed + [
-                    "strategy.name=fltac", "data.partitioner=dirichlet", f"data.dirichlet_alpha={alpha}"], root)
+                run = _run(
+                    f"fltac-{split}",
+                    tac_common
+                    + two
+                    + fed
+                    + ["strategy.name=fltac", "data.partitioner=dirichlet", f"data.dirichlet_alpha={alpha}"],
+                    root,
+                )
                 report["runs"][f"fltac/{split}"] = run
                 ratio = _final(run) / _final(base2)
-                report["ratios"][f"fltac/{split}"] = {"ratio": round(ratio, 4), "metric": "eval_accuracy (mean of tasks)",
-                                                      "meets_target": ratio >= report["targets_ratio"][split],
-                                                      "note": "tasks split over clients by Dirichlet over the task column"}
+                report["ratios"][f"fltac/{split}"] = {
+                    "ratio": round(ratio, 4),
+                    "metric": "eval_accuracy (mean of tasks)",
+                    "meets_target": ratio >= report["targets_ratio"][split],
+                    "note": "tasks split over clients by Dirichlet over the task column",
+                }
     report["seconds"] = round(time.perf_counter() - started, 1)
     emit(report, args.out)
     return 0

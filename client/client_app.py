@@ -67,8 +67,9 @@ def setup(msg: Message) -> Setup:
     return Setup(run, config, labels, tasks, loaded, get_host(loaded), spec, hooks)
 
 
-def train_group(s: Setup, name: str, group: TrainGroup, store: NodeStore, seed: int, index: int
-                ) -> tuple[TrainResult, dict[str, torch.Tensor]]:
+def train_group(
+    s: Setup, name: str, group: TrainGroup, store: NodeStore, seed: int, index: int
+) -> tuple[TrainResult, dict[str, torch.Tensor]]:
     """Install one group's adapter, train it, keep what the node keeps (under the host's lock).
 
     Returns the training result and the trained tensors (live parameters, detached).
@@ -82,8 +83,9 @@ def train_group(s: Setup, name: str, group: TrainGroup, store: NodeStore, seed: 
     kept = s.hooks.kept(shapes, group.tensors, store)
     host.load_state(name, kept)
     params = host.params(name)
-    steps = steps_for(len(group.data), int(config[P.BATCH_SIZE]), int(config[P.LOCAL_STEPS]),
-                      float(config[P.LOCAL_EPOCHS]))
+    steps = steps_for(
+        len(group.data), int(config[P.BATCH_SIZE]), int(config[P.LOCAL_STEPS]), float(config[P.LOCAL_EPOCHS])
+    )
     task = f"  task {group.name}" if group.name else ""
     result = train_local(
         host.peft_model,
@@ -96,8 +98,9 @@ def train_group(s: Setup, name: str, group: TrainGroup, store: NodeStore, seed: 
         causal=s.run.model.task == "causal_lm",
         seed=seed,
         regularizer=s.hooks.regularizer(params, s.spec.rank),
-        on_step=lambda step, loss: status(f"round {config[P.SERVER_ROUND]}  client {index}{task}  "
-                                          f"step {step}/{steps}  loss {loss:.4f}"),
+        on_step=lambda step, loss: status(
+            f"round {config[P.SERVER_ROUND]}  client {index}{task}  step {step}/{steps}  loss {loss:.4f}"
+        ),
     )
     s.hooks.keep(store, {k: params[k].detach().clone() for k in kept})
     return result, {k: params[k].detach() for k in group.tensors}
@@ -138,19 +141,23 @@ def handle_train(msg: Message, context: Context) -> Message:
             examples += len(group.data)
             steps_total += result.steps
         arrays = to_record(arrays_out, str(config[P.TRANSPORT_DTYPE]))
-    metrics.update({
-        P.NUM_EXAMPLES: int(examples),
-        P.TRAIN_LOSS: loss_sum / max(examples, 1),
-        P.TRAIN_STEPS: int(steps_total),
-        P.TRAIN_SECONDS: float(time.perf_counter() - start),
-        P.RANK: int(next_rank),
-    })
+    metrics.update(
+        {
+            P.NUM_EXAMPLES: int(examples),
+            P.TRAIN_LOSS: loss_sum / max(examples, 1),
+            P.TRAIN_STEPS: int(steps_total),
+            P.TRAIN_SECONDS: float(time.perf_counter() - start),
+            P.RANK: int(next_rank),
+        }
+    )
     if is_device(context):
-        print(f"fedlora-client: round {config[P.SERVER_ROUND]}: trained rank {next_rank} on {examples} examples, "
-              f"{steps_total} steps, loss {metrics[P.TRAIN_LOSS]:.4f}, {metrics[P.TRAIN_SECONDS]:.1f} s", flush=True)
+        print(
+            f"fedlora-client: round {config[P.SERVER_ROUND]}: trained rank {next_rank} on {examples} examples, "
+            f"{steps_total} steps, loss {metrics[P.TRAIN_LOSS]:.4f}, {metrics[P.TRAIN_SECONDS]:.1f} s",
+            flush=True,
+        )
     info = capabilities(s.run, context, s.labels, s.tasks)
-    return Message(content=RecordDict({P.ARRAYS: arrays, P.METRICS: MetricRecord(metrics), P.INFO: info}),
-                   reply_to=msg)
+    return Message(content=RecordDict({P.ARRAYS: arrays, P.METRICS: MetricRecord(metrics), P.INFO: info}), reply_to=msg)
 
 
 def handle_evaluate(msg: Message, context: Context) -> Message:
@@ -171,13 +178,25 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
         s.host.load_state(name, received)
         kept = s.hooks.kept(s.host.shapes(name), received, NodeStore(context.state))
         s.host.load_state(name, kept)
-        metrics = evaluate(s.host.peft_model, enc, batch_size=max(int(s.config[P.BATCH_SIZE]), 32),
-                           pad_id=s.loaded.tokenizer.pad_token_id, causal=s.run.model.task == "causal_lm", **kwargs)
+        metrics = evaluate(
+            s.host.peft_model,
+            enc,
+            batch_size=max(int(s.config[P.BATCH_SIZE]), 32),
+            pad_id=s.loaded.tokenizer.pad_token_id,
+            causal=s.run.model.task == "causal_lm",
+            **kwargs,
+        )
         if bool(s.config.get(P.EXPORT, False)) and P.NODE_EXPORT_DIR in context.node_config:
             node = node_index(context) if P.NODE_PARTITION_ID in context.node_config else context.node_id
-            export_adapter(s.host, name, {**received, **kept},
-                           Path(str(context.node_config[P.NODE_EXPORT_DIR])) / str(node) / "adapter",
-                           s.run, s.labels, {"personalized": True, "node": str(node)})
+            export_adapter(
+                s.host,
+                name,
+                {**received, **kept},
+                Path(str(context.node_config[P.NODE_EXPORT_DIR])) / str(node) / "adapter",
+                s.run,
+                s.labels,
+                {"personalized": True, "node": str(node)},
+            )
     metrics = {k: float(v) for k, v in metrics.items()}
     metrics[P.NUM_EXAMPLES] = int(len(enc))
     return Message(content=RecordDict({P.METRICS: MetricRecord(metrics)}), reply_to=msg)
@@ -189,8 +208,11 @@ def handle_query(msg: Message, context: Context) -> Message:
     run = RunConfig.from_dict(json.loads(str(config[P.RUN])))
     info = capabilities(run, context, *run_classes(config))
     if is_device(context):
-        print(f"fedlora-client: reported to the server: rank {info[P.INFO_RANK]}, {info[P.INFO_DEVICE]}, "
-              f"{info[P.INFO_MEMORY_GB]} GB, {info[P.INFO_NUM_EXAMPLES]} examples", flush=True)
+        print(
+            f"fedlora-client: reported to the server: rank {info[P.INFO_RANK]}, {info[P.INFO_DEVICE]}, "
+            f"{info[P.INFO_MEMORY_GB]} GB, {info[P.INFO_NUM_EXAMPLES]} examples",
+            flush=True,
+        )
     return Message(content=RecordDict({P.INFO: info}), reply_to=msg)
 
 

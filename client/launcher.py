@@ -76,8 +76,10 @@ def check_options(opts: ClientOptions) -> tuple[str, int]:
         if opts.key is not None:
             raise FedLoraError("--key needs TLS: node authentication is only possible over TLS; drop --insecure")
     elif opts.ca is None:
-        raise FedLoraError("--ca CA_CERT is required (the ca.crt made by `fedlora certs`, or your organisation's "
-                           "CA), or pass --insecure to talk to a server running with --insecure")
+        raise FedLoraError(
+            "--ca CA_CERT is required (the ca.crt made by `fedlora certs`, or your organisation's "
+            "CA), or pass --insecure to talk to a server running with --insecure"
+        )
     else:
         check_certificate(opts.ca, "--ca")
     if not opts.data.is_file():
@@ -85,8 +87,10 @@ def check_options(opts: ClientOptions) -> tuple[str, int]:
     from fedlora.data import LOCAL_SUFFIXES, _read_local
 
     if opts.data.suffix.lower() not in LOCAL_SUFFIXES:
-        raise FedLoraError(f"--data {opts.data}: unsupported format {opts.data.suffix!r} "
-                           f"({', '.join(sorted(s.lstrip('.') for s in LOCAL_SUFFIXES))})")
+        raise FedLoraError(
+            f"--data {opts.data}: unsupported format {opts.data.suffix!r} "
+            f"({', '.join(sorted(s.lstrip('.') for s in LOCAL_SUFFIXES))})"
+        )
     if len(_read_local(opts.data)) == 0:
         raise FedLoraError(f"--data {opts.data}: no examples")
     if opts.rank is not None and opts.rank < 1:
@@ -119,14 +123,17 @@ def probe(host: str, port: int, ca: Path | None, timeout: float) -> None:
         except ssl.SSLCertVerificationError as err:
             raise ConnectError(
                 f"the server at {host}:{port} has a certificate that --ca {ca} does not trust "
-                f"({err.verify_message}); use the ca.crt made together with the server's certificate") from None
+                f"({err.verify_message}); use the ca.crt made together with the server's certificate"
+            ) from None
         except ssl.SSLError as err:
-            raise ConnectError(f"TLS handshake with {host}:{port} failed ({err.reason}); "
-                               "is the server running with --insecure?") from None
+            raise ConnectError(
+                f"TLS handshake with {host}:{port} failed ({err.reason}); is the server running with --insecure?"
+            ) from None
 
 
-def reach(host: str, port: int, opts: ClientOptions, emit: Callable[[str], None],
-          sleep: Callable[[float], None] = time.sleep) -> None:
+def reach(
+    host: str, port: int, opts: ClientOptions, emit: Callable[[str], None], sleep: Callable[[float], None] = time.sleep
+) -> None:
     """:func:`probe` with exponential backoff (1, 2, 4, ... s, at most 30 s) for ``max_retries`` retries."""
     delay = 1.0
     for attempt in range(opts.max_retries + 1):
@@ -138,10 +145,14 @@ def reach(host: str, port: int, opts: ClientOptions, emit: Callable[[str], None]
         except OSError as err:
             reason = err.strerror or type(err).__name__
             if attempt == opts.max_retries:
-                raise ConnectError(f"cannot reach the server at {host}:{port} after {attempt + 1} attempts "
-                                   f"({reason}); is fedlora-server running there and the port open?") from None
-            emit(f"{PREFIX}server {host}:{port} not reachable ({reason}); retrying in {delay:g} s "
-                 f"({attempt + 1}/{opts.max_retries})")
+                raise ConnectError(
+                    f"cannot reach the server at {host}:{port} after {attempt + 1} attempts "
+                    f"({reason}); is fedlora-server running there and the port open?"
+                ) from None
+            emit(
+                f"{PREFIX}server {host}:{port} not reachable ({reason}); retrying in {delay:g} s "
+                f"({attempt + 1}/{opts.max_retries})"
+            )
             sleep(delay)
             delay = min(delay * 2, 30.0)
 
@@ -168,9 +179,21 @@ def node_config(opts: ClientOptions) -> str:
 def supernode_command(opts: ClientOptions, runtime_port: int) -> list[str]:
     from fedlora.server.launcher import tool
 
-    cmd = [tool("flower-supernode"), "--superlink", opts.server,
-           "--node-config", node_config(opts), "--isolation", "subprocess", "--host", "127.0.0.1",
-           "--port", str(runtime_port), "--max-wait-time", str(opts.max_wait)]
+    cmd = [
+        tool("flower-supernode"),
+        "--superlink",
+        opts.server,
+        "--node-config",
+        node_config(opts),
+        "--isolation",
+        "subprocess",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(runtime_port),
+        "--max-wait-time",
+        str(opts.max_wait),
+    ]
     if opts.insecure:
         cmd.append("--insecure")
     else:
@@ -205,14 +228,18 @@ class _Watcher:
                 self.refused = True
             if "ERROR" in line or "Exit Code" in line or "Traceback" in line:
                 self.last_error = line
-            if self.verbose or line.startswith(PREFIX) or (
-                    line.startswith(("WARNING", "ERROR")) and "Exit Code" not in line):
+            if (
+                self.verbose
+                or line.startswith(PREFIX)
+                or (line.startswith(("WARNING", "ERROR")) and "Exit Code" not in line)
+            ):
                 self.emit(line)
         stream.close()
 
 
-def run_client(opts: ClientOptions, emit: Callable[[str], None] = print,
-               stop_event: threading.Event | None = None) -> int:
+def run_client(
+    opts: ClientOptions, emit: Callable[[str], None] = print, stop_event: threading.Event | None = None
+) -> int:
     """Run the SuperNode until it is stopped (0) or gives up (ConnectError).
 
     ``stop_event`` (tests) or SIGTERM / SIGINT stop it cleanly.
@@ -228,16 +255,24 @@ def run_client(opts: ClientOptions, emit: Callable[[str], None] = print,
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous[sig] = signal.signal(sig, lambda *_: stop_event.set())
-    emit(f"{PREFIX}starting a SuperNode for {host}:{port} (data {opts.data}"
-         f"{', rank ' + str(opts.rank) if opts.rank is not None else ''}"
-         f"{', authenticated' if opts.key is not None else ''})")
+    emit(
+        f"{PREFIX}starting a SuperNode for {host}:{port} (data {opts.data}"
+        f"{', rank ' + str(opts.rank) if opts.rank is not None else ''}"
+        f"{', authenticated' if opts.key is not None else ''})"
+    )
     try:
         # A refusal is retried a few times: the server authorises its keys just after it starts
         # listening, and an operator may be adding this node's key right now.
         for attempt in range(REFUSAL_RETRIES + 1):
-            proc = subprocess.Popen(supernode_command(opts, free_port()), stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, env=tool_env(),
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                supernode_command(opts, free_port()),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                text=True,
+                env=tool_env(),
+                start_new_session=True,
+            )
             watcher = _Watcher(proc.stdout, emit, opts.verbose)
             try:
                 while proc.poll() is None and not stop_event.is_set():
@@ -256,22 +291,27 @@ def run_client(opts: ClientOptions, emit: Callable[[str], None] = print,
                 return 0
             if not watcher.refused or attempt == REFUSAL_RETRIES:
                 break
-            delay = 2.0 ** attempt
+            delay = 2.0**attempt
             emit(f"{PREFIX}the server refused this node; retrying in {delay:g} s ({attempt + 1}/{REFUSAL_RETRIES})")
             if stop_event.wait(delay):
                 emit(f"{PREFIX}stopped")
                 return 0
         if watcher.refused:
             if opts.key is None:
-                raise ConnectError(f"the server at {host}:{port} refused this node: it requires node "
-                                   "authentication; pass --key with a key whose .pub the server lists in --auth-keys")
-            raise ConnectError(f"the server at {host}:{port} refused this node: the public key of --key {opts.key} "
-                               "is not among the server's --auth-keys")
+                raise ConnectError(
+                    f"the server at {host}:{port} refused this node: it requires node "
+                    "authentication; pass --key with a key whose .pub the server lists in --auth-keys"
+                )
+            raise ConnectError(
+                f"the server at {host}:{port} refused this node: the public key of --key {opts.key} "
+                "is not among the server's --auth-keys"
+            )
         if proc.returncode == 0:
             return 0
-        raise ConnectError(f"the SuperNode stopped (exit {proc.returncode}): "
-                           f"{watcher.last_error or 'lost the server and gave up reconnecting'}")
+        raise ConnectError(
+            f"the SuperNode stopped (exit {proc.returncode}): "
+            f"{watcher.last_error or 'lost the server and gave up reconnecting'}"
+        )
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-

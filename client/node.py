@@ -51,12 +51,17 @@ def own_examples(run: RunConfig, context: Context, labels: list[str], tasks: lis
     node_cfg = context.node_config
     if P.NODE_DATA_PATH in node_cfg:
         path = str(node_cfg[P.NODE_DATA_PATH])
-        return process_state().get(NODE_DATA, ("device", path, repr(run.data), run.model.task, tuple(labels),
-                                                tuple(tasks)),
-                                   lambda: load_device_data(run, path, labels, tasks))
+        return process_state().get(
+            NODE_DATA,
+            ("device", path, repr(run.data), run.model.task, tuple(labels), tuple(tasks)),
+            lambda: load_device_data(run, path, labels, tasks),
+        )
     pid, num = int(node_cfg[P.NODE_PARTITION_ID]), int(node_cfg[P.NODE_NUM_PARTITIONS])
-    return process_state().get(NODE_DATA, ("partition", repr(run.data), run.model.task, run.seed, pid, num),
-                               lambda: load_partition(run, pid, num))
+    return process_state().get(
+        NODE_DATA,
+        ("partition", repr(run.data), run.model.task, run.seed, pid, num),
+        lambda: load_partition(run, pid, num),
+    )
 
 
 def personalized(run: RunConfig) -> bool:
@@ -70,12 +75,13 @@ def personalized(run: RunConfig) -> bool:
 def local_split(run: RunConfig, part: Any, pid: int) -> dict[str, Any]:
     """A personalized model is judged on its own distribution: a seeded ``data.eval_fraction`` of
     the node's examples is held out (all of them serve both when it has one example)."""
+
     def build():
         if len(part) < 2:
             return {"train": part, "test": part}
         return part.train_test_split(test_size=run.data.eval_fraction, seed=run.seed + pid, shuffle=True)
-    return process_state().get(DERIVED, ("local-split", repr(run.data), run.model.task, run.seed, pid, id(part)),
-                               build)
+
+    return process_state().get(DERIVED, ("local-split", repr(run.data), run.model.task, run.seed, pid, id(part)), build)
 
 
 def train_examples(run: RunConfig, context: Context, labels: list[str], tasks: list[str]) -> Any:
@@ -94,8 +100,9 @@ def eval_examples(run: RunConfig, context: Context, labels: list[str], tasks: li
 
 def encoded(ds: Any, run: RunConfig, tokenizer: Any) -> Encoded:
     """``ds`` tokenized for ``run``'s model (once per process)."""
-    return process_state().get(ENCODED, (id(ds), run.model.name, run.model.max_length),
-                               lambda: encode(ds, tokenizer, run.model.max_length))
+    return process_state().get(
+        ENCODED, (id(ds), run.model.name, run.model.max_length), lambda: encode(ds, tokenizer, run.model.max_length)
+    )
 
 
 def node_rank(run: RunConfig, context: Context) -> int:
@@ -122,10 +129,12 @@ def memory_gb() -> float:
 def capabilities(run: RunConfig, context: Context, labels: list[str], tasks: list[str]) -> ConfigRecord:
     """What this node has: the rank it trains, device, memory, examples, examples per task."""
     ds = train_examples(run, context, labels, tasks)
-    return ConfigRecord({
-        P.INFO_RANK: node_rank(run, context),
-        P.INFO_DEVICE: "cuda" if torch.cuda.is_available() else "cpu",
-        P.INFO_MEMORY_GB: memory_gb(),
-        P.INFO_NUM_EXAMPLES: int(len(ds)),
-        P.INFO_TASKS: json.dumps({t: len(rows) for t, rows in task_rows(ds).items()}),
-    })
+    return ConfigRecord(
+        {
+            P.INFO_RANK: node_rank(run, context),
+            P.INFO_DEVICE: "cuda" if torch.cuda.is_available() else "cpu",
+            P.INFO_MEMORY_GB: memory_gb(),
+            P.INFO_NUM_EXAMPLES: int(len(ds)),
+            P.INFO_TASKS: json.dumps({t: len(rows) for t, rows in task_rows(ds).items()}),
+        }
+    )

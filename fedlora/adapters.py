@@ -123,9 +123,10 @@ def check_target_modules(model: torch.nn.Module, targets: Iterable[str], model_n
     names = [n for n, _ in model.named_modules()]
     for target in targets:
         if not any(n == target or n.endswith("." + target) for n in names):
-            leaves = sorted({n.rsplit(".", 1)[-1] for n in names if n and isinstance(
-                model.get_submodule(n), torch.nn.Linear)} | {n.rsplit(".", 1)[-1] for n in names
-                if type(model.get_submodule(n)).__name__ == "Conv1D"})
+            leaves = sorted(
+                {n.rsplit(".", 1)[-1] for n in names if n and isinstance(model.get_submodule(n), torch.nn.Linear)}
+                | {n.rsplit(".", 1)[-1] for n in names if type(model.get_submodule(n)).__name__ == "Conv1D"}
+            )
             raise ConfigError(
                 f"config key 'lora.target_modules': model {model_name!r} has no module named {target!r} "
                 f"(linear modules: {', '.join(leaves[:12])})"
@@ -254,7 +255,8 @@ class AdapterHost:
             base, transposed = self._base_layer(module)
             weight = self._originals.get(module, base.weight)
             if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16) or type(weight).__name__.startswith(
-                    ("Params4bit", "Int8Params")):
+                ("Params4bit", "Int8Params")
+            ):
                 raise ConfigError(
                     f"config key 'model.quantization': module {module!r} is quantized "
                     f"({self.loaded.key[3]}); this strategy needs its float weights (use quantization = 'none')"

@@ -51,8 +51,12 @@ class CertFiles:
 
 
 def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedlora development"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedlora development"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
 
 
 def _san(hosts: list[str]) -> x509.SubjectAlternativeName:
@@ -71,21 +75,30 @@ def _write(path: Path, data: bytes, private: bool) -> None:
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def node_key_pair() -> tuple[bytes, bytes]:
     """(private, public) key of one SuperNode: EC P-384 in OpenSSH format."""
     key = ec.generate_private_key(ec.SECP384R1())
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                serialization.NoEncryption())
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     return private, public + b"\n"
 
 
-def create_certs(out: str | Path, server_host: str, *, nodes: int = 3, node_names: list[str] | None = None,
-                 days: int = 365, force: bool = False) -> CertFiles:
+def create_certs(
+    out: str | Path,
+    server_host: str,
+    *,
+    nodes: int = 3,
+    node_names: list[str] | None = None,
+    days: int = 365,
+    force: bool = False,
+) -> CertFiles:
     """Write a development CA, a server certificate and node key pairs into ``out``.
 
     Parameters
@@ -113,36 +126,58 @@ def create_certs(out: str | Path, server_host: str, *, nodes: int = 3, node_name
     if nodes < 0 or any(not n or "/" in n or n.startswith(".") for n in names):
         raise FedLoraError("--nodes must be >= 0 and node names plain file names")
     if (out / CA_CERT).exists() and not force:
-        raise FedLoraError(f"{out / CA_CERT} exists; pass --force to replace the CA (clients trusting it must "
-                           "get the new ca.crt)")
-    now = dt.datetime.now(dt.timezone.utc)
+        raise FedLoraError(
+            f"{out / CA_CERT} exists; pass --force to replace the CA (clients trusting it must get the new ca.crt)"
+        )
+    now = dt.datetime.now(dt.UTC)
     start, end = now - dt.timedelta(minutes=5), now + dt.timedelta(days=days)
 
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = _name("fedlora development CA")
     ca_cert = (
-        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end)
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                     content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                     key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA384())
     )
     server_key = ec.generate_private_key(ec.SECP384R1())
     server_cert = (
-        x509.CertificateBuilder().subject_name(_name(host)).issuer_name(ca_name)
-        .public_key(server_key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(start).not_valid_after(end)
+        x509.CertificateBuilder()
+        .subject_name(_name(host))
+        .issuer_name(ca_name)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
         .add_extension(_san([host, "localhost", "127.0.0.1"]), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA384())
     )
-    files = CertFiles(ca_cert=out / CA_CERT, ca_key=out / CA_KEY, server_cert=out / SERVER_CERT,
-                      server_key=out / SERVER_KEY)
+    files = CertFiles(
+        ca_cert=out / CA_CERT, ca_key=out / CA_KEY, server_cert=out / SERVER_CERT, server_key=out / SERVER_KEY
+    )
     _write(files.ca_key, _pem_key(ca_key), private=True)
     _write(files.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), private=False)
     _write(files.server_key, _pem_key(server_key), private=True)
@@ -180,7 +215,8 @@ def load_public_keys(folder: str | Path) -> dict[str, bytes]:
         except (ValueError, OSError, UnsupportedAlgorithm) as err:
             raise FedLoraError(f"--auth-keys: {path} is not an OpenSSH public key ({err})") from None
         if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(
-                key.curve, (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)):
+            key.curve, (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
+        ):
             raise FedLoraError(f"--auth-keys: {path} is not a NIST EC public key (make one with `fedlora certs`)")
         keys[path.stem] = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     if not keys:

@@ -29,8 +29,9 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_debug(parser: argparse.ArgumentParser, *, subcommand: bool = False) -> None:
     """``--debug`` on ``parser``; a subcommand's leaves the top-level value alone unless given."""
-    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP,
-                        **({"default": argparse.SUPPRESS} if subcommand else {}))
+    parser.add_argument(
+        "--debug", action="store_true", help=_DEBUG_HELP, **({"default": argparse.SUPPRESS} if subcommand else {})
+    )
 
 
 def _debug_enabled(args: argparse.Namespace) -> bool:
@@ -93,8 +94,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         f"{', '.join(f'{t.name}={t.path}' for t in cfg.data.tasks) if cfg.data.tasks else cfg.data.path}  "
         f"backend {args.backend}"
     )
-    result = simulate(cfg, out=args.out, backend=args.backend, resume=args.resume, progress=progress,
-                      ray_address=args.ray_address)
+    result = simulate(
+        cfg, out=args.out, backend=args.backend, resume=args.resume, progress=progress, ray_address=args.ray_address
+    )
     metric = "eval_accuracy" if cfg.model.task == "classification" else "eval_perplexity"
     print(f"\nResults in {result.run_dir}/ (metrics.jsonl, config.toml, checkpoints/, adapter/)")
     print(f"{metric} per round:")
@@ -140,8 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("preset", nargs="?", help="preset TOML path or packaged name (default: quickstart)")
     sim.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     sim.add_argument("--out", help="run directory (default: runs/<name>/); never overwritten silently")
-    sim.add_argument("--backend", default="inprocess", choices=["inprocess", "ray"],
-                     help="inprocess (one shared base model) or ray (Flower's Ray simulation)")
+    sim.add_argument(
+        "--backend",
+        default="inprocess",
+        choices=["inprocess", "ray"],
+        help="inprocess (one shared base model) or ray (Flower's Ray simulation)",
+    )
     sim.add_argument("--resume", action="store_true", help="continue the run directory from its last checkpoint")
     sim.add_argument("--ray-address", help="existing Ray cluster address (with --backend ray)")
     sim.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -150,8 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     pre.set_defaults(func=cmd_presets)
     rep = sub.add_parser("report", help="report.md and plots comparing run directories")
     rep.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (runs/<name>)")
-    rep.add_argument("--out", help="output folder (default: the run's own folder for one run, "
-                                    "reports/<a>-vs-<b>/ for several)")
+    rep.add_argument(
+        "--out", help="output folder (default: the run's own folder for one run, reports/<a>-vs-<b>/ for several)"
+    )
     rep.set_defaults(func=cmd_report)
     par = sub.add_parser("partition", help="write each simulated client's data to a CSV (for fedlora-client --data)")
     par.add_argument("preset", nargs="?", help="preset TOML path or packaged name (default: quickstart)")
@@ -161,8 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     par.set_defaults(func=cmd_partition)
     cer = sub.add_parser("certs", help="development CA, server certificate and node keys for a deployment")
     cer.add_argument("--out", required=True, help="output folder (e.g. certs/)")
-    cer.add_argument("--server-host", required=True, metavar="HOST",
-                     help="DNS name or IP the clients dial; localhost and 127.0.0.1 are always included")
+    cer.add_argument(
+        "--server-host",
+        required=True,
+        metavar="HOST",
+        help="DNS name or IP the clients dial; localhost and 127.0.0.1 are always included",
+    )
     cer.add_argument("--nodes", type=int, default=3, help="node key pairs to make (default 3: node1..node3)")
     cer.add_argument("--node-names", metavar="A,B,...", help="names of the node key pairs instead of node1..N")
     cer.add_argument("--days", type=int, default=365, help="certificate validity in days (default 365)")
@@ -202,12 +213,15 @@ def cmd_certs(args: argparse.Namespace) -> int:
     from fedlora.certs import create_certs
 
     names = [n.strip() for n in args.node_names.split(",") if n.strip()] if args.node_names else None
-    files = create_certs(args.out, args.server_host, nodes=args.nodes, node_names=names, days=args.days,
-                         force=args.force)
+    files = create_certs(
+        args.out, args.server_host, nodes=args.nodes, node_names=names, days=args.days, force=args.force
+    )
     print(f"CA certificate:     {files.ca_cert}  (copy to every client: fedlora-client --ca)")
     print(f"CA key:             {files.ca_key}  (keep private; it signs certificates)")
-    print(f"server certificate: {files.server_cert}, key {files.server_key}  (fedlora-server --certs "
-          f"{args.out}), valid for {args.server_host}, localhost, 127.0.0.1")
+    print(
+        f"server certificate: {files.server_cert}, key {files.server_key}  (fedlora-server --certs "
+        f"{args.out}), valid for {args.server_host}, localhost, 127.0.0.1"
+    )
     for key, pub in zip(files.node_keys, files.node_public_keys):
         print(f"node key pair:      {key} (give to one device: fedlora-client --key), {pub}")
     if files.node_keys:
@@ -230,30 +244,60 @@ def cmd_partition(args: argparse.Namespace) -> int:
 def _server_parser() -> argparse.ArgumentParser:
     from fedlora.server.launcher import DEFAULT_PORT
 
-    p = _Parser(prog="fedlora-server", description=(
-        "Start a Flower SuperLink and run one federation on it: clients join with fedlora-client. "
-        "Writes runs/<name>/ as `fedlora simulate` does."))
+    p = _Parser(
+        prog="fedlora-server",
+        description=(
+            "Start a Flower SuperLink and run one federation on it: clients join with fedlora-client. "
+            "Writes runs/<name>/ as `fedlora simulate` does."
+        ),
+    )
     p.add_argument("preset", help="preset TOML path or packaged name")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--certs", help="folder with ca.crt, server.crt, server.key (from `fedlora certs`)")
     p.add_argument("--insecure", action="store_true", help="no TLS (trusted test networks only; prints a warning)")
-    p.add_argument("--auth-keys", metavar="DIR",
-                   help="only SuperNodes whose public key is a *.pub file in DIR may join (needs TLS)")
+    p.add_argument(
+        "--auth-keys",
+        metavar="DIR",
+        help="only SuperNodes whose public key is a *.pub file in DIR may join (needs TLS)",
+    )
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT,
-                   help=f"port of the SuperLink's APIs, which clients dial (default {DEFAULT_PORT})")
-    p.add_argument("--database", metavar="PATH",
-                   help="SuperLink state file (SQLite) that survives restarts (default: in memory)")
+    p.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        help=f"port of the SuperLink's APIs, which clients dial (default {DEFAULT_PORT})",
+    )
+    p.add_argument(
+        "--database", metavar="PATH", help="SuperLink state file (SQLite) that survives restarts (default: in memory)"
+    )
     p.add_argument("--out", help="run directory (default: runs/<name>/)")
     p.add_argument("--resume", action="store_true", help="continue the run directory from its last checkpoint")
-    p.add_argument("--min-clients", type=int, metavar="N",
-                   help="clients that must be connected before round 1 (default: federation.clients)")
-    p.add_argument("--wait-clients", type=float, default=300.0, metavar="SECONDS",
-                   help="how long to wait for them before giving up (default 300)")
-    p.add_argument("--round-timeout", type=float, metavar="SECONDS",
-                   help="seconds to wait for replies each round (sets federation.round_timeout)")
-    p.add_argument("--startup-timeout", type=float, default=60.0, metavar="SECONDS",
-                   help="how long the SuperLink may take to start (default 60)")
+    p.add_argument(
+        "--min-clients",
+        type=int,
+        metavar="N",
+        help="clients that must be connected before round 1 (default: federation.clients)",
+    )
+    p.add_argument(
+        "--wait-clients",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="how long to wait for them before giving up (default 300)",
+    )
+    p.add_argument(
+        "--round-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="seconds to wait for replies each round (sets federation.round_timeout)",
+    )
+    p.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long the SuperLink may take to start (default 60)",
+    )
     _add_debug(p)
     return p
 
@@ -272,34 +316,60 @@ def server_main(argv: list[str] | None = None) -> int:
         cfg = load_run_config(args.preset, overrides)
         opts = ServerOptions(
             out=Path(args.out) if args.out else Path("runs") / cfg.name,
-            certs=Path(args.certs) if args.certs else None, insecure=args.insecure,
-            auth_keys=Path(args.auth_keys) if args.auth_keys else None, host=args.host, port=args.port,
+            certs=Path(args.certs) if args.certs else None,
+            insecure=args.insecure,
+            auth_keys=Path(args.auth_keys) if args.auth_keys else None,
+            host=args.host,
+            port=args.port,
             database=str(Path(args.database).resolve()) if args.database else None,
-            min_clients=args.min_clients, wait_clients=args.wait_clients, resume=args.resume,
-            startup_timeout=args.startup_timeout)
+            min_clients=args.min_clients,
+            wait_clients=args.wait_clients,
+            resume=args.resume,
+            startup_timeout=args.startup_timeout,
+        )
         return serve(cfg, opts, emit=lambda line: print(line, flush=True))
 
     return _run(go, args, prog="fedlora-server")
 
 
 def _client_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="fedlora-client", description=(
-        "Join a fedlora federation from this device: a Flower SuperNode running fedlora's ClientApp on "
-        "a local data file, which never leaves the device."))
+    p = _Parser(
+        prog="fedlora-client",
+        description=(
+            "Join a fedlora federation from this device: a Flower SuperNode running fedlora's ClientApp on "
+            "a local data file, which never leaves the device."
+        ),
+    )
     p.add_argument("--server", required=True, metavar="HOST:PORT", help="the fedlora-server to join")
     p.add_argument("--ca", help="CA certificate that signed the server's (ca.crt from `fedlora certs`)")
     p.add_argument("--insecure", action="store_true", help="no TLS, for a server started with --insecure")
     p.add_argument("--data", required=True, help="local csv/tsv/json/jsonl/parquet file with the run's columns")
     p.add_argument("--rank", type=int, help="LoRA rank this device trains (default: the run's)")
     p.add_argument("--key", help="this node's private key (from `fedlora certs`), when the server uses --auth-keys")
-    p.add_argument("--partition-id", type=int, metavar="N",
-                   help="this device's index: seeds its training and picks its [[federation.profiles]] entry")
-    p.add_argument("--export-dir", default="fedlora-adapters",
-                   help="where a personalized run writes this device's own adapter (default ./fedlora-adapters)")
-    p.add_argument("--max-retries", type=int, default=8,
-                   help="connection attempts to a server that is not up yet, with backoff (default 8)")
-    p.add_argument("--max-wait", type=float, default=600.0, metavar="SECONDS",
-                   help="how long to keep reconnecting after the server goes away (default 600)")
+    p.add_argument(
+        "--partition-id",
+        type=int,
+        metavar="N",
+        help="this device's index: seeds its training and picks its [[federation.profiles]] entry",
+    )
+    p.add_argument(
+        "--export-dir",
+        default="fedlora-adapters",
+        help="where a personalized run writes this device's own adapter (default ./fedlora-adapters)",
+    )
+    p.add_argument(
+        "--max-retries",
+        type=int,
+        default=8,
+        help="connection attempts to a server that is not up yet, with backoff (default 8)",
+    )
+    p.add_argument(
+        "--max-wait",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="how long to keep reconnecting after the server goes away (default 600)",
+    )
     p.add_argument("--verbose", action="store_true", help="also show Flower's SuperNode log")
     _add_debug(p)
     return p
@@ -314,10 +384,18 @@ def client_main(argv: list[str] | None = None) -> int:
         from fedlora.client.launcher import ClientOptions, run_client
 
         opts = ClientOptions(
-            server=args.server, data=Path(args.data), ca=Path(args.ca) if args.ca else None, insecure=args.insecure,
-            rank=args.rank, key=Path(args.key) if args.key else None, partition_id=args.partition_id,
-            export_dir=Path(args.export_dir) if args.export_dir else None, max_retries=args.max_retries,
-            max_wait=args.max_wait, verbose=args.verbose)
+            server=args.server,
+            data=Path(args.data),
+            ca=Path(args.ca) if args.ca else None,
+            insecure=args.insecure,
+            rank=args.rank,
+            key=Path(args.key) if args.key else None,
+            partition_id=args.partition_id,
+            export_dir=Path(args.export_dir) if args.export_dir else None,
+            max_retries=args.max_retries,
+            max_wait=args.max_wait,
+            verbose=args.verbose,
+        )
         return run_client(opts, emit=lambda line: print(line, flush=True))
 
     return _run(go, args, prog="fedlora-client")

@@ -336,23 +336,35 @@ def _check(ok: bool, key: str, message: str) -> None:
 
 def validate(cfg: RunConfig) -> None:
     """Range and choice checks that need no model or data (those come at preparation)."""
-    _check(bool(re.fullmatch(r"[A-Za-z0-9._-]+", cfg.name)), "name",
-           f"must be letters, digits, '.', '_' or '-', got {cfg.name!r}")
+    _check(
+        bool(re.fullmatch(r"[A-Za-z0-9._-]+", cfg.name)),
+        "name",
+        f"must be letters, digits, '.', '_' or '-', got {cfg.name!r}",
+    )
     _check(cfg.rounds >= 1, "rounds", f"must be >= 1, got {cfg.rounds}")
     _check(cfg.model.task in TASKS, "model.task", f"must be one of {', '.join(TASKS)}, got {cfg.model.task!r}")
-    _check(cfg.model.quantization in QUANTIZATIONS, "model.quantization",
-           f"must be one of {', '.join(QUANTIZATIONS)}, got {cfg.model.quantization!r}")
+    _check(
+        cfg.model.quantization in QUANTIZATIONS,
+        "model.quantization",
+        f"must be one of {', '.join(QUANTIZATIONS)}, got {cfg.model.quantization!r}",
+    )
     _check(bool(cfg.model.name), "model.name", "must not be empty")
     _check(cfg.model.max_length >= 2, "model.max_length", f"must be >= 2, got {cfg.model.max_length}")
     _check(cfg.lora.rank >= 1, "lora.rank", f"must be >= 1, got {cfg.lora.rank}")
     _check(cfg.lora.alpha > 0, "lora.alpha", f"must be > 0, got {cfg.lora.alpha}")
     _check(0 <= cfg.lora.dropout < 1, "lora.dropout", f"must be in [0, 1), got {cfg.lora.dropout}")
     _check(bool(cfg.data.path), "data.path", "must not be empty")
-    _check(cfg.data.partitioner in PARTITIONERS, "data.partitioner",
-           f"must be one of {', '.join(PARTITIONERS)}, got {cfg.data.partitioner!r}")
+    _check(
+        cfg.data.partitioner in PARTITIONERS,
+        "data.partitioner",
+        f"must be one of {', '.join(PARTITIONERS)}, got {cfg.data.partitioner!r}",
+    )
     _check(cfg.data.dirichlet_alpha > 0, "data.dirichlet_alpha", f"must be > 0, got {cfg.data.dirichlet_alpha}")
-    _check(cfg.data.partitioner != "column" or bool(cfg.data.partition_column), "data.partition_column",
-           "must name a column when data.partitioner = 'column'")
+    _check(
+        cfg.data.partitioner != "column" or bool(cfg.data.partition_column),
+        "data.partition_column",
+        "must name a column when data.partitioner = 'column'",
+    )
     _check(0 < cfg.data.eval_fraction < 1, "data.eval_fraction", f"must be in (0, 1), got {cfg.data.eval_fraction}")
     _check(cfg.data.max_train_examples >= 0, "data.max_train_examples", "must be >= 0")
     _check(cfg.data.max_eval_examples >= 0, "data.max_eval_examples", "must be >= 0")
@@ -364,14 +376,20 @@ def validate(cfg: RunConfig) -> None:
     _check(fed.local_epochs >= 0, "federation.local_epochs", f"must be >= 0, got {fed.local_epochs}")
     _check(fed.batch_size >= 1, "federation.batch_size", f"must be >= 1, got {fed.batch_size}")
     _check(fed.lr > 0, "federation.lr", f"must be > 0, got {fed.lr}")
-    _check(fed.transport_dtype in TRANSPORT_DTYPES, "federation.transport_dtype",
-           f"must be one of {', '.join(TRANSPORT_DTYPES)}, got {fed.transport_dtype!r}")
+    _check(
+        fed.transport_dtype in TRANSPORT_DTYPES,
+        "federation.transport_dtype",
+        f"must be one of {', '.join(TRANSPORT_DTYPES)}, got {fed.transport_dtype!r}",
+    )
     _check(fed.round_timeout > 0, "federation.round_timeout", "must be > 0")
     _check(fed.max_reply_mb > 0, "federation.max_reply_mb", "must be > 0")
     for i, profile in enumerate(fed.profiles):
         _check(profile.rank >= 1, f"federation.profiles[{i}].rank", f"must be >= 1, got {profile.rank}")
-        _check(profile.rank <= cfg.lora.rank, f"federation.profiles[{i}].rank",
-               f"= {profile.rank} exceeds lora.rank = {cfg.lora.rank}, the global adapter's rank")
+        _check(
+            profile.rank <= cfg.lora.rank,
+            f"federation.profiles[{i}].rank",
+            f"= {profile.rank} exceeds lora.rank = {cfg.lora.rank}, the global adapter's rank",
+        )
 
 
 def _validate_tasks(data: DataConfig) -> None:
@@ -385,8 +403,11 @@ def _validate_tasks(data: DataConfig) -> None:
     seen: set[str] = set()
     for i, task in enumerate(data.tasks):
         key = f"data.tasks[{i}]"
-        _check(bool(re.fullmatch(r"[A-Za-z0-9_-]+", task.name)), f"{key}.name",
-               f"must be letters, digits, '_' or '-', got {task.name!r}")
+        _check(
+            bool(re.fullmatch(r"[A-Za-z0-9_-]+", task.name)),
+            f"{key}.name",
+            f"must be letters, digits, '_' or '-', got {task.name!r}",
+        )
         _check(task.name not in seen, f"{key}.name", f"duplicates an earlier task name {task.name!r}")
         seen.add(task.name)
         _check(bool(task.path), f"{key}.path", "must not be empty")

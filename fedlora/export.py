@@ -46,7 +46,7 @@ def fold_base_delta(
         else:
             b_new, a_new = b_d, a_d
         out[a_key], out[b_key] = a_new, b_new
-        rel = module[len(PEFT_PREFIX):] if module.startswith(PEFT_PREFIX) else module
+        rel = module[len(PEFT_PREFIX) :] if module.startswith(PEFT_PREFIX) else module
         ranks[rel] = int(a_new.shape[0])
         alphas[rel] = float(a_new.shape[0])
     return replace(spec, rank_pattern=tuple(sorted(ranks.items())), alpha_pattern=tuple(sorted(alphas.items()))), out

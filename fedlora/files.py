@@ -47,8 +47,9 @@ def public_mode() -> int:
     return 0o666 & ~current_umask()
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | bytearray | memoryview, *,
-                       private: bool = False) -> Path:
+def atomic_write_bytes(
+    path: str | os.PathLike[str], data: bytes | bytearray | memoryview, *, private: bool = False
+) -> Path:
     """Replace ``path`` with ``data`` atomically; create its parent folders if missing.
 
     Parameters
@@ -96,8 +97,9 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | bytearray | m
     return path
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str, *, encoding: str = "utf-8",
-                      private: bool = False) -> Path:
+def atomic_write_text(
+    path: str | os.PathLike[str], text: str, *, encoding: str = "utf-8", private: bool = False
+) -> Path:
     """:func:`atomic_write_bytes` for text (``encoding`` defaults to UTF-8)."""
     return atomic_write_bytes(path, text.encode(encoding), private=private)
 

@@ -37,8 +37,6 @@ class LoadedModel:
     key: tuple
 
 
-
-
 def resolve_model_source(name: str) -> str:
     """Local directory if ``name`` is one, else a packaged offline copy, else the hub name."""
     if Path(name).expanduser().is_dir():

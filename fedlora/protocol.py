@@ -95,4 +95,4 @@ def task_metric(metric: str, task: str) -> str:
 def task_metrics(metrics: dict, metric: str) -> dict[str, object]:
     """``{task: value}`` of the per-task entries of ``metric`` (see :func:`task_metric`)."""
     prefix = f"{metric}{TASK_SEP}"
-    return {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}

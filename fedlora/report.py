@@ -58,7 +58,9 @@ def load_run(path: str | Path) -> RunRecord:
     try:
         rounds = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
     except json.JSONDecodeError as err:
-        raise FedLoraError(f"fedlora report: {metrics} is not valid JSON lines ({err.msg}, line {err.lineno})") from None
+        raise FedLoraError(
+            f"fedlora report: {metrics} is not valid JSON lines ({err.msg}, line {err.lineno})"
+        ) from None
     summary = json.loads((p / "summary.json").read_text()) if (p / "summary.json").is_file() else {}
     config: dict[str, Any] = {}
     if (p / "config.toml").is_file():
@@ -75,8 +77,11 @@ def _metric_keys(runs: Sequence[RunRecord]) -> list[str]:
     keys: set[str] = set()
     for run in runs:
         for record in run.rounds:
-            keys |= {k for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-                     and k not in ("round",)}
+            keys |= {
+                k
+                for k, v in record.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("round",)
+            }
     return sorted(keys)
 
 
@@ -163,7 +168,9 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
         plots["epsilon.png"] = "cumulative (epsilon, delta)-DP budget per round"
 
     md = ["# fedlora report", ""]
-    md.append("| run | strategy | clients | rounds | " + quality + " before → after | total bytes down / up | seconds |")
+    md.append(
+        "| run | strategy | clients | rounds | " + quality + " before → after | total bytes down / up | seconds |"
+    )
     md.append("| --- | --- | --- | --- | --- | --- | --- |")
     for run in runs:
         cfg = run.config
@@ -172,8 +179,9 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
         down = sum(int(r.get("bytes_down", 0)) for r in run.rounds)
         up = sum(int(r.get("bytes_up", 0)) for r in run.rounds)
         secs = sum(float(r.get("seconds", 0.0)) for r in run.rounds)
+        strategy = cfg.get("strategy", {}).get("name", run.rounds[0].get("strategy", "?") if run.rounds else "?")
         md.append(
-            f"| {_label(run, runs)} | {cfg.get('strategy', {}).get('name', run.rounds[0].get('strategy', '?') if run.rounds else '?')} "
+            f"| {_label(run, runs)} | {strategy} "
             f"| {cfg.get('federation', {}).get('clients', '?')} | {len(run.rounds)} | {_fmt(before)} → {_fmt(after)} "
             f"| {down:,} / {up:,} | {secs:.1f} |"
         )

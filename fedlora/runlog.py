@@ -50,7 +50,9 @@ class RunDirectory:
             if run.latest_checkpoint_round() is None:
                 raise FedLoraError(f"--resume: no checkpoint under {run.path / 'checkpoints'}")
         elif run.path.exists() and any(run.path.iterdir()):
-            raise FedLoraError(f"run directory {run.path} already exists; pick another with --out DIR or continue it with --resume")
+            raise FedLoraError(
+                f"run directory {run.path} already exists; pick another with --out DIR or continue it with --resume"
+            )
         return run
 
     # -- files ---------------------------------------------------------------------------------
@@ -210,8 +212,15 @@ class ScalarLog:
                 self._scalar(f"round/{key}", value, step)
         for client in record.get("clients", []):
             node = client.get("node_id")
-            for key in ("train_loss", "bytes_up", "bytes_down", "rank", "seconds", "eval_accuracy",
-                        "aggregation_weight"):
+            for key in (
+                "train_loss",
+                "bytes_up",
+                "bytes_down",
+                "rank",
+                "seconds",
+                "eval_accuracy",
+                "aggregation_weight",
+            ):
                 if key in client:
                     self._scalar(f"client/{node}/{key}", client[key], step)
         self._writer.flush()

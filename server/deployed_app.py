@@ -54,8 +54,10 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float, progress: Progress, p
         if connected >= count:
             return connected
         if time.monotonic() >= deadline:
-            raise FedLoraError(f"only {connected} of {count} clients connected within {timeout:g} s "
-                               "(start more fedlora-client processes, or lower --min-clients / raise --wait-clients)")
+            raise FedLoraError(
+                f"only {connected} of {count} clients connected within {timeout:g} s "
+                "(start more fedlora-client processes, or lower --min-clients / raise --wait-clients)"
+            )
         time.sleep(poll)
 
 
@@ -68,8 +70,9 @@ def main(grid: Grid, context: Context) -> None:
         resume = bool(rc.get("resume", False))
         run_dir = RunDirectory(str(rc["run-dir"]))
         prepared = prepare(cfg, check_partitions=False)  # the clients bring their own data
-        wait_for_nodes(grid, int(rc.get("min-clients", cfg.federation.clients)),
-                       float(rc.get("wait-clients", 300.0)), progress)
+        wait_for_nodes(
+            grid, int(rc.get("min-clients", cfg.federation.clients)), float(rc.get("wait-clients", 300.0)), progress
+        )
         result = run_server(grid, prepared, run_dir, progress=progress, resume=resume, announce_nodes=True)
     except FedLoraError as err:
         # The launcher shows this line as the run's error; the exception marks the run failed.

@@ -49,8 +49,9 @@ def evaluate_view(prepared: Prepared, view: GlobalView, rows: list[int] | None =
         host.set_base_delta(dense, token)
         # A view may leave out LoRA factors whose product is zero (FLoRA after a merge): zero
         # their B so nothing a client left in the shared adapter leaks into the evaluation.
-        missing_b = {k: torch.zeros(shape) for k, shape in host.shapes(name).items()
-                     if k not in view.state and ".lora_B." in k}
+        missing_b = {
+            k: torch.zeros(shape) for k, shape in host.shapes(name).items() if k not in view.state and ".lora_B." in k
+        }
         host.load_state(name, {**view.state, **missing_b})
         return evaluate(
             host.peft_model,
@@ -90,8 +91,9 @@ def evaluate_views(prepared: Prepared, views: list[GlobalView]) -> dict[str, flo
     return dict(sorted(out.items()))
 
 
-def evaluate_state(prepared: Prepared, state: dict[str, torch.Tensor],
-                   strategy: LoRAStrategy | None = None) -> dict[str, float]:
+def evaluate_state(
+    prepared: Prepared, state: dict[str, torch.Tensor], strategy: LoRAStrategy | None = None
+) -> dict[str, float]:
     """Server-side evaluation of a global state on the held-out split."""
     if strategy is None:
         strategy = create(prepared.cfg, prepared.spec, tasks=list(getattr(prepared.data, "tasks", []) or []))

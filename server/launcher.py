@@ -101,8 +101,9 @@ def check_port_free(host: str, port: int) -> None:
 def tls_files(certs: Path) -> dict[str, Path]:
     """The CA, server certificate and key in ``certs``; a FedLoraError names a missing or bad one."""
     if not certs.is_dir():
-        raise FedLoraError(f"--certs {certs}: not a folder (make one with `fedlora certs --out {certs} "
-                           f"--server-host HOST`)")
+        raise FedLoraError(
+            f"--certs {certs}: not a folder (make one with `fedlora certs --out {certs} --server-host HOST`)"
+        )
     certs = certs.resolve()
     files = {"ca": certs / CA_CERT, "cert": certs / SERVER_CERT, "key": certs / SERVER_KEY}
     for path in files.values():
@@ -126,17 +127,23 @@ def fab_files(cfg: RunConfig, run_dir: Path, opts: ServerOptions) -> dict[str, b
             # fedlora is installed on the server and on every device; nothing to install per run.
             "dependencies": [],
         },
-        "tool": {"flwr": {"app": {
-            "publisher": "fedlora",
-            "components": {"serverapp": SERVER_APP, "clientapp": CLIENT_APP},
-            "config": {
-                "fedlora-config": cfg.to_json(),
-                "run-dir": str(run_dir),
-                "resume": bool(opts.resume),
-                "min-clients": int(opts.min_clients if opts.min_clients is not None else cfg.federation.clients),
-                "wait-clients": float(opts.wait_clients),
-            },
-        }}},
+        "tool": {
+            "flwr": {
+                "app": {
+                    "publisher": "fedlora",
+                    "components": {"serverapp": SERVER_APP, "clientapp": CLIENT_APP},
+                    "config": {
+                        "fedlora-config": cfg.to_json(),
+                        "run-dir": str(run_dir),
+                        "resume": bool(opts.resume),
+                        "min-clients": int(
+                            opts.min_clients if opts.min_clients is not None else cfg.federation.clients
+                        ),
+                        "wait-clients": float(opts.wait_clients),
+                    },
+                }
+            }
+        },
     }
     return {"pyproject.toml": tomli_w.dumps(project).encode()}
 
@@ -153,13 +160,27 @@ class SuperLink:
 
     def command(self) -> list[str]:
         o = self.opts
-        cmd = [tool("flower-superlink"), "--host", o.host, "--port", str(o.port), "--isolation", "subprocess",
-               "--disable-runtime-dependency-installation"]
+        cmd = [
+            tool("flower-superlink"),
+            "--host",
+            o.host,
+            "--port",
+            str(o.port),
+            "--isolation",
+            "subprocess",
+            "--disable-runtime-dependency-installation",
+        ]
         if self.tls is None:
             cmd.append("--insecure")
         else:
-            cmd += ["--ssl-ca-certfile", str(self.tls["ca"]), "--ssl-certfile", str(self.tls["cert"]),
-                    "--ssl-keyfile", str(self.tls["key"])]
+            cmd += [
+                "--ssl-ca-certfile",
+                str(self.tls["ca"]),
+                "--ssl-certfile",
+                str(self.tls["cert"]),
+                "--ssl-keyfile",
+                str(self.tls["key"]),
+            ]
         if o.auth_keys is not None:
             cmd.append("--enable-supernode-auth")
         if o.database:
@@ -171,8 +192,14 @@ class SuperLink:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log_file:
             # Own session: stopping it takes the SuperExec and ServerApp processes along.
-            self.process = subprocess.Popen(self.command(), stdout=log_file, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, env=tool_env(), start_new_session=True)
+            self.process = subprocess.Popen(
+                self.command(),
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=tool_env(),
+                start_new_session=True,
+            )
 
     def wait_ready(self) -> None:
         self.client = self._wait_ready()
@@ -192,15 +219,20 @@ class SuperLink:
 
         host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.opts.host, self.opts.host)
         address = f"[{host}]:{self.opts.port}" if ":" in host else f"{host}:{self.opts.port}"
-        conn = SuperLinkConnection(name="fedlora-server", address=address,
-                                   root_certificates=str(self.tls["ca"]) if self.tls else None,
-                                   insecure=self.tls is None)
+        conn = SuperLinkConnection(
+            name="fedlora-server",
+            address=address,
+            root_certificates=str(self.tls["ca"]) if self.tls else None,
+            insecure=self.tls is None,
+        )
         deadline = time.monotonic() + self.opts.startup_timeout
         last: Exception | None = None
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
-                raise FedLoraError(f"the SuperLink exited at start-up (code {self.process.returncode}): "
-                                   f"{self._log_error()} (log: {self.log_path})")
+                raise FedLoraError(
+                    f"the SuperLink exited at start-up (code {self.process.returncode}): "
+                    f"{self._log_error()} (log: {self.log_path})"
+                )
             client = None
             try:
                 with contextlib.redirect_stdout(io.StringIO()):  # Flower's CLI announces the connection
@@ -212,8 +244,10 @@ class SuperLink:
                 if client is not None:
                     client.close()
                 time.sleep(0.3)
-        raise FedLoraError(f"the SuperLink did not answer on {address} within {self.opts.startup_timeout:g} s "
-                           f"({type(last).__name__}: {str(last).splitlines()[0] if last else ''}; log: {self.log_path})")
+        raise FedLoraError(
+            f"the SuperLink did not answer on {address} within {self.opts.startup_timeout:g} s "
+            f"({type(last).__name__}: {str(last).splitlines()[0] if last else ''}; log: {self.log_path})"
+        )
 
     def register_keys(self, keys: dict[str, bytes]) -> int:
         """Authorise these node public keys (PEM); keys the state already knows are fine."""
@@ -229,8 +263,9 @@ class SuperLink:
                 added += 1
             except Exception as err:  # noqa: BLE001 - a key a persistent --database already holds
                 if "already" not in str(err).lower():
-                    raise FedLoraError(f"--auth-keys: the SuperLink refused key {name!r}: "
-                                       f"{str(err).splitlines()[0]}") from None
+                    raise FedLoraError(
+                        f"--auth-keys: the SuperLink refused key {name!r}: {str(err).splitlines()[0]}"
+                    ) from None
         return added
 
     def start_run(self, files: dict[str, bytes]) -> int:
@@ -240,8 +275,12 @@ class SuperLink:
         from flwr.supercore.fab import Fab
 
         fab, _ = build_fab_from_files(files)
-        res = self.client.StartRun(StartRunRequest(fab=fab_to_proto(Fab(hashlib.sha256(fab).hexdigest(), fab, {})),
-                                                   override_config=user_config_to_proto({})))
+        res = self.client.StartRun(
+            StartRunRequest(
+                fab=fab_to_proto(Fab(hashlib.sha256(fab).hexdigest(), fab, {})),
+                override_config=user_config_to_proto({}),
+            )
+        )
         if not res.HasField("run_id"):
             raise FedLoraError(f"the SuperLink did not accept the run{': ' + res.note if res.HasField('note') else ''}")
         return int(res.run_id)
@@ -306,7 +345,7 @@ def _show(text: str, emit: Callable[[str], None], errors: list[str]) -> None:
     for raw in text.splitlines():
         line = _ANSI.sub("", raw).rstrip()
         if line.startswith(ERROR_PREFIX):
-            errors.append(line[len(ERROR_PREFIX):])
+            errors.append(line[len(ERROR_PREFIX) :])
             continue
         if errors:  # after fedlora's own error line, Flower's traceback of it adds nothing
             continue
@@ -326,12 +365,16 @@ def serve(cfg: RunConfig, opts: ServerOptions, emit: Callable[[str], None] = pri
         raise FedLoraError("--auth-keys needs TLS: node authentication is signed over TLS; drop --insecure")
     tls = None
     if opts.insecure:
-        emit("fedlora-server: WARNING: --insecure: traffic to and from the clients is NOT encrypted; "
-             "use it only on a trusted network")
+        emit(
+            "fedlora-server: WARNING: --insecure: traffic to and from the clients is NOT encrypted; "
+            "use it only on a trusted network"
+        )
     else:
         if opts.certs is None:
-            raise FedLoraError("--certs DIR is required (make one with `fedlora certs --out certs/ --server-host "
-                               "HOST`), or pass --insecure for an unencrypted test setup")
+            raise FedLoraError(
+                "--certs DIR is required (make one with `fedlora certs --out certs/ --server-host "
+                "HOST`), or pass --insecure for an unencrypted test setup"
+            )
         tls = tls_files(opts.certs)
     keys = load_public_keys(opts.auth_keys) if opts.auth_keys is not None else {}
     if opts.min_clients is not None and opts.min_clients < 1:
@@ -360,14 +403,18 @@ def serve(cfg: RunConfig, opts: ServerOptions, emit: Callable[[str], None] = pri
         clear_cache()  # the ServerApp process loads its own copy
         link.wait_ready()
         scheme = "insecure" if tls is None else "TLS"
-        emit(f"fedlora-server: SuperLink on {opts.host}:{opts.port} ({scheme}"
-             f"{', node authentication' if keys else ''}{', state ' + opts.database if opts.database else ''})")
+        emit(
+            f"fedlora-server: SuperLink on {opts.host}:{opts.port} ({scheme}"
+            f"{', node authentication' if keys else ''}{', state ' + opts.database if opts.database else ''})"
+        )
         if keys:
             link.register_keys(keys)
             emit(f"fedlora-server: {len(keys)} node key(s) authorised from {opts.auth_keys}: {', '.join(keys)}")
         run_id = link.start_run(fab_files(cfg, run_dir.path.resolve(), opts))
-        emit(f"fedlora-server: run {run_id} ({cfg.name}, strategy {cfg.strategy.name}, {cfg.rounds} rounds) "
-             f"submitted; clients connect with fedlora-client --server <this host>:{opts.port}")
+        emit(
+            f"fedlora-server: run {run_id} ({cfg.name}, strategy {cfg.strategy.name}, {cfg.rounds} rounds) "
+            f"submitted; clients connect with fedlora-client --server <this host>:{opts.port}"
+        )
         errors: list[str] = []
         pending = [""]  # a chunk may end mid-line
 

@@ -90,8 +90,9 @@ class RoundBook:
         self.entry(node)["dropped"] = short or reason
 
 
-def collect(grid: Grid, messages: list[Message], timeout: float,
-            on_reply: Callable[[Message, int, int], None] | None = None) -> list[Message]:
+def collect(
+    grid: Grid, messages: list[Message], timeout: float, on_reply: Callable[[Message, int, int], None] | None = None
+) -> list[Message]:
     """Push ``messages`` and pull replies as they arrive, until all are in or ``timeout``."""
     ids = [i for i in grid.push_messages(messages) if i]
     pending = dict.fromkeys(ids)  # ordered: the in-process grid delivers in sampling order
@@ -133,8 +134,9 @@ class RoundLoop:
         simulated ones).
     """
 
-    def __init__(self, grid: Grid, prepared: Prepared, run_dir: RunDirectory, progress: Progress,
-                 announce_nodes: bool = False) -> None:
+    def __init__(
+        self, grid: Grid, prepared: Prepared, run_dir: RunDirectory, progress: Progress, announce_nodes: bool = False
+    ) -> None:
         self.grid = grid
         self.prepared = prepared
         self.cfg = prepared.cfg
@@ -142,11 +144,15 @@ class RoundLoop:
         self.progress = progress
         self.announce_nodes = announce_nodes
         self.nodes = NodeDirectory()
-        self.strategy: LoRAStrategy = create(self.cfg, prepared.spec, tasks=list(prepared.data.tasks or []),
-                                             nodes=self.nodes)
+        self.strategy: LoRAStrategy = create(
+            self.cfg, prepared.spec, tasks=list(prepared.data.tasks or []), nodes=self.nodes
+        )
         #: ConfigRecord entries every message carries: the run, its classes and tasks.
-        self.shared = {P.RUN: self.cfg.to_json(), P.LABELS: json.dumps(prepared.data.labels),
-                       P.RUN_TASKS: json.dumps(list(prepared.data.tasks))}
+        self.shared = {
+            P.RUN: self.cfg.to_json(),
+            P.LABELS: json.dumps(prepared.data.labels),
+            P.RUN_TASKS: json.dumps(list(prepared.data.tasks)),
+        }
         self.max_reply_bytes = int(self.cfg.federation.max_reply_mb * 1024 * 1024)
         self.scalars: ScalarLog | None = None
 
@@ -193,8 +199,12 @@ class RoundLoop:
             self.query_new_nodes()
         messages = self.configure(server_round, state)
         book = RoundBook(sent={m.metadata.dst_node_id: m.content[P.ARRAYS] for m in messages})
-        replies = collect(self.grid, messages, self.cfg.federation.round_timeout,
-                          lambda reply, count, total: self.check_reply(server_round, reply, count, total, book))
+        replies = collect(
+            self.grid,
+            messages,
+            self.cfg.federation.round_timeout,
+            lambda reply, count, total: self.check_reply(server_round, reply, count, total, book),
+        )
         replied = {r.metadata.src_node_id for r in replies}
         for node in book.sent:
             if node not in replied:
@@ -217,8 +227,15 @@ class RoundLoop:
         unknown = self.nodes.unknown(self.grid.get_node_ids())
         if not unknown:
             return
-        messages = [Message(content=RecordDict({P.CONFIG: ConfigRecord(dict(self.shared))}),
-                            message_type=MessageType.QUERY, dst_node_id=node, group_id="query") for node in unknown]
+        messages = [
+            Message(
+                content=RecordDict({P.CONFIG: ConfigRecord(dict(self.shared))}),
+                message_type=MessageType.QUERY,
+                dst_node_id=node,
+                group_id="query",
+            )
+            for node in unknown
+        ]
         for reply in collect(self.grid, messages, self.cfg.federation.round_timeout):
             node = reply.metadata.src_node_id
             if reply.has_error() or P.INFO not in reply.content.config_records:
@@ -231,13 +248,15 @@ class RoundLoop:
         """Keep what ``node`` says it has (a malformed record is ignored); announce it if asked."""
         got = self.nodes.record(node, info)
         if got is not None and self.announce_nodes:
-            self.progress.line(f"node {node} joined: rank {got.rank}, {got.device}, {got.memory_gb:g} GB, "
-                               f"{got.num_examples} examples")
+            self.progress.line(
+                f"node {node} joined: rank {got.rank}, {got.device}, {got.memory_gb:g} GB, {got.num_examples} examples"
+            )
 
     def configure(self, server_round: int, state: dict[str, torch.Tensor]) -> list[Message]:
         """The strategy's train messages for this round."""
-        return list(self.strategy.configure_train(server_round, to_record(state), ConfigRecord(dict(self.shared)),
-                                                  self.grid))
+        return list(
+            self.strategy.configure_train(server_round, to_record(state), ConfigRecord(dict(self.shared)), self.grid)
+        )
 
     def check_reply(self, server_round: int, reply: Message, count: int, total: int, book: RoundBook) -> None:
         """Validate one reply against what its node was sent; keep it, or drop it and say why."""
@@ -247,8 +266,9 @@ class RoundLoop:
         try:
             if node not in book.sent:
                 raise ReplyError("reply from a node that was not sent a message this round")
-            validate_reply(reply, book.sent[node], dtype=self.cfg.federation.transport_dtype,
-                           max_bytes=self.max_reply_bytes)
+            validate_reply(
+                reply, book.sent[node], dtype=self.cfg.federation.transport_dtype, max_bytes=self.max_reply_bytes
+            )
         except ReplyError as err:
             book.drop(node, str(err))
             self.progress.line(f"{where}  DROPPED: {err}")
@@ -256,22 +276,26 @@ class RoundLoop:
         if node not in self.nodes and P.INFO in reply.content.config_records:
             self.record_node(node, reply.content.config_records[P.INFO])
         metrics = dict(reply.content[P.METRICS])
-        entry.update({
-            "train_loss": float(metrics[P.TRAIN_LOSS]),
-            "num_examples": int(metrics[P.NUM_EXAMPLES]),
-            "bytes_up": record_bytes(reply.content[P.ARRAYS]),
-            "seconds": round(float(metrics.get(P.TRAIN_SECONDS, 0.0)), 4),
-            "rank": int(metrics.get(P.RANK, self.prepared.spec.rank)),
-        })
+        entry.update(
+            {
+                "train_loss": float(metrics[P.TRAIN_LOSS]),
+                "num_examples": int(metrics[P.NUM_EXAMPLES]),
+                "bytes_up": record_bytes(reply.content[P.ARRAYS]),
+                "seconds": round(float(metrics.get(P.TRAIN_SECONDS, 0.0)), 4),
+                "rank": int(metrics.get(P.RANK, self.prepared.spec.rank)),
+            }
+        )
         tasks = {task: int(v) for task, v in P.task_metrics(metrics, P.NUM_EXAMPLES).items()}
         if tasks:
             entry["tasks"] = tasks
         book.valid.append(reply)
-        self.progress.line(f"{where}  loss {entry['train_loss']:.4f}  examples {entry['num_examples']}  "
-                           f"{entry['seconds']:.1f}s")
+        self.progress.line(
+            f"{where}  loss {entry['train_loss']:.4f}  examples {entry['num_examples']}  {entry['seconds']:.1f}s"
+        )
 
-    def aggregate(self, server_round: int, state: dict[str, torch.Tensor],
-                  book: RoundBook) -> tuple[dict[str, torch.Tensor], float | None]:
+    def aggregate(
+        self, server_round: int, state: dict[str, torch.Tensor], book: RoundBook
+    ) -> tuple[dict[str, torch.Tensor], float | None]:
         """(new global state, example-weighted train loss); the state is unchanged when no reply is valid."""
         arrays, agg = self.strategy.aggregate_train(server_round, book.valid)
         if arrays is not None:
@@ -291,20 +315,29 @@ class RoundLoop:
 
     def evaluate_on_nodes(self, server_round: int, state: dict[str, torch.Tensor], book: RoundBook) -> dict[str, float]:
         """Every node evaluates its own model; each node's numbers land in its client entry."""
-        messages = list(self.strategy.configure_evaluate(server_round, to_record(state),
-                                                         ConfigRecord(dict(self.shared)), self.grid))
+        messages = list(
+            self.strategy.configure_evaluate(server_round, to_record(state), ConfigRecord(dict(self.shared)), self.grid)
+        )
         replies = collect(self.grid, messages, self.cfg.federation.round_timeout)
         for reply in replies:
             if reply.has_error() or P.METRICS not in reply.content.metric_records:
                 continue
             got = dict(reply.content.metric_records[P.METRICS])
             book.entry(reply.metadata.src_node_id).update(
-                {k: float(v) for k, v in got.items() if k in ("eval_accuracy", "eval_loss", "eval_perplexity")})
+                {k: float(v) for k, v in got.items() if k in ("eval_accuracy", "eval_loss", "eval_perplexity")}
+            )
         agg = self.strategy.aggregate_evaluate(server_round, replies)
         return {k: float(v) for k, v in dict(agg).items()} if agg is not None else {}
 
-    def record(self, server_round: int, book: RoundBook, train_loss: float | None, eval_metrics: dict[str, float],
-               started: float, result: RunResult) -> dict[str, Any]:
+    def record(
+        self,
+        server_round: int,
+        book: RoundBook,
+        train_loss: float | None,
+        eval_metrics: dict[str, float],
+        started: float,
+        result: RunResult,
+    ) -> dict[str, Any]:
         """metrics.jsonl's line for this round (also to TensorBoard and the progress output)."""
         clients = book.clients
         record: dict[str, Any] = {
@@ -332,8 +365,9 @@ class RoundLoop:
 
     def checkpoint(self, server_round: int, state: dict[str, torch.Tensor], result: RunResult) -> None:
         """The round's global state and strategy state, written atomically (``--resume`` reads it)."""
-        self.run_dir.save_checkpoint(server_round, state, {"strategy": self.strategy.state_dict(),
-                                                           "initial": result.initial})
+        self.run_dir.save_checkpoint(
+            server_round, state, {"strategy": self.strategy.state_dict(), "initial": result.initial}
+        )
 
     def export(self, state: dict[str, torch.Tensor], result: RunResult) -> None:
         """The final adapter(s) in peft's format (base deltas folded in) and summary.json."""
@@ -346,14 +380,24 @@ class RoundLoop:
                 extra = {"task": view.name, "task_label_ids": prepared.data.task_labels.get(view.name, [])}
             with host.lock:
                 host.set_base_delta({}, "")
-                export_adapter(host, host.ensure(spec, seed=cfg.seed), tensors,
-                               adapter_dir / view.name if view.name else adapter_dir, cfg, prepared.data.labels, extra)
+                export_adapter(
+                    host,
+                    host.ensure(spec, seed=cfg.seed),
+                    tensors,
+                    adapter_dir / view.name if view.name else adapter_dir,
+                    cfg,
+                    prepared.data.labels,
+                    extra,
+                )
         result.adapter_dir = str(adapter_dir)
-        self.run_dir.write_json("summary.json", {
-            "name": cfg.name,
-            "strategy": cfg.strategy.name,
-            "rounds": cfg.rounds,
-            "initial": result.initial,
-            "final": {k: v for k, v in result.rounds[-1].items() if k.startswith("eval_")} if result.rounds else {},
-            "adapter": "adapter",
-        })
+        self.run_dir.write_json(
+            "summary.json",
+            {
+                "name": cfg.name,
+                "strategy": cfg.strategy.name,
+                "rounds": cfg.rounds,
+                "initial": result.initial,
+                "final": {k: v for k, v in result.rounds[-1].items() if k.startswith("eval_")} if result.rounds else {},
+                "adapter": "adapter",
+            },
+        )

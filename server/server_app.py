@@ -31,8 +31,16 @@ from .rounds import RoundLoop, RunResult
 # Kept importable from here for callers of the earlier single-module layout.
 _dense_deltas = dense_deltas
 
-__all__ = ["Prepared", "RunResult", "evaluate_state", "evaluate_view", "evaluate_views", "make_server_app", "prepare",
-           "run_server"]
+__all__ = [
+    "Prepared",
+    "RunResult",
+    "evaluate_state",
+    "evaluate_view",
+    "evaluate_views",
+    "make_server_app",
+    "prepare",
+    "run_server",
+]
 
 
 @dataclass
@@ -98,8 +106,15 @@ def prepare(cfg: RunConfig, *, check_partitions: bool = True) -> Prepared:
     return Prepared(cfg=cfg, data=data, loaded=loaded, spec=spec, eval_data=eval_data)
 
 
-def run_server(grid: Grid, prepared: Prepared, run_dir: RunDirectory, *, progress: Progress | None = None,
-               resume: bool = False, announce_nodes: bool = False) -> RunResult:
+def run_server(
+    grid: Grid,
+    prepared: Prepared,
+    run_dir: RunDirectory,
+    *,
+    progress: Progress | None = None,
+    resume: bool = False,
+    announce_nodes: bool = False,
+) -> RunResult:
     """Run the configured rounds over ``grid`` and write the run directory (see :class:`RoundLoop`).
 
     Parameters
@@ -126,8 +141,14 @@ def run_server(grid: Grid, prepared: Prepared, run_dir: RunDirectory, *, progres
         set_active(None)
 
 
-def make_server_app(prepared: Prepared, run_dir: RunDirectory, *, progress: Progress | None = None,
-                    resume: bool = False, results: list[RunResult] | None = None) -> ServerApp:
+def make_server_app(
+    prepared: Prepared,
+    run_dir: RunDirectory,
+    *,
+    progress: Progress | None = None,
+    resume: bool = False,
+    results: list[RunResult] | None = None,
+) -> ServerApp:
     """A Flower ServerApp whose main runs :func:`run_server`; the result lands in ``results``."""
     app = ServerApp()
 

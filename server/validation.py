@@ -77,4 +77,6 @@ def validate_reply(reply: Message, sent: ArrayRecord, *, dtype: str, max_bytes: 
         if key in metrics:
             value = metrics[key]
             if not isinstance(value, int) or isinstance(value, bool) or value < (1 if key == P.RANK else 0):
-                raise ReplyError(f"{key} must be a {'positive' if key == P.RANK else 'non-negative'} integer, got {value!r}")
+                raise ReplyError(
+                    f"{key} must be a {'positive' if key == P.RANK else 'non-negative'} integer, got {value!r}"
+                )

@@ -43,8 +43,7 @@ class InProcessGrid(Grid):
         Extra entries merged into every node's ``node_config``.
     """
 
-    def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1,
-                 node_config: dict | None = None) -> None:
+    def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1, node_config: dict | None = None) -> None:
         self.client_app = client_app
         self._run = Run.create_empty(run_id)
         # Node ids start high and are not partition ids, as on a real SuperLink.
@@ -69,8 +68,9 @@ class InProcessGrid(Grid):
     def run(self) -> Run:
         return self._run
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
@@ -94,8 +94,9 @@ class InProcessGrid(Grid):
             reply = self.client_app(msg, context)
         except Exception as ex:  # noqa: BLE001 - a client failure becomes an error reply, as in Flower
             log(ERROR, "node %s: %s", msg.metadata.dst_node_id, traceback.format_exc())
-            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
-                                  reason=f"{type(ex).__name__}: {ex}"), reply_to=msg)
+            reply = Message(
+                Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(ex).__name__}: {ex}"), reply_to=msg
+            )
         reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex
         return reply
 

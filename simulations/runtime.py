@@ -69,8 +69,9 @@ def simulate(
         from flwr.supercore.task_identity import TaskIdentity
 
         # Personalized strategies' clients write their own adapters under the run directory.
-        grid = InProcessGrid(client_app, cfg.federation.clients,
-                             node_config={NODE_EXPORT_DIR: str(Path(run_dir.path) / "clients")})
+        grid = InProcessGrid(
+            client_app, cfg.federation.clients, node_config={NODE_EXPORT_DIR: str(Path(run_dir.path) / "clients")}
+        )
         # Message() stamps the sender's identity from TaskIdentity, as the SuperLink runtime sets it.
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, grid.run.run_id, SUPERLINK_NODE_ID
         server_app(grid, Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={}))
@@ -80,8 +81,13 @@ def simulate(
         backend_config: dict = {"client_resources": {"num_cpus": ray_cpus_per_client, "num_gpus": 0.0}}
         if ray_address:
             backend_config["init_args"] = {"address": ray_address}
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.federation.clients,
-                       backend_name="ray", backend_config=backend_config)
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=cfg.federation.clients,
+            backend_name="ray",
+            backend_config=backend_config,
+        )
     if not results:
         raise FedLoraError(f"the {backend} simulation ended without finishing the run (see the log above)")
     if report:

@@ -47,8 +47,18 @@ from fedlora.protocol import TASK_SEP, split_task_key, task_key
 from .hooks import ClientHooks
 from .options import StrategyOptions
 
-__all__ = ["TASK_SEP", "ClientUpdate", "GlobalView", "LoRAStrategy", "NodeDirectory", "NodeInfo", "decode_reply",
-           "split_base_delta", "split_task_key", "task_key"]
+__all__ = [
+    "TASK_SEP",
+    "ClientUpdate",
+    "GlobalView",
+    "LoRAStrategy",
+    "NodeDirectory",
+    "NodeInfo",
+    "decode_reply",
+    "split_base_delta",
+    "split_task_key",
+    "task_key",
+]
 
 
 @dataclass
@@ -85,7 +95,9 @@ class NodeInfo:
         if not isinstance(tasks, dict):
             raise ValueError("tasks is not a JSON object")
         return cls(
-            node_id=node_id, rank=int(info[P.INFO_RANK]), device=str(info.get(P.INFO_DEVICE, "cpu")),
+            node_id=node_id,
+            rank=int(info[P.INFO_RANK]),
+            device=str(info.get(P.INFO_DEVICE, "cpu")),
             memory_gb=float(info.get(P.INFO_MEMORY_GB, 0.0)),
             num_examples=int(info.get(P.INFO_NUM_EXAMPLES, 0)),
             tasks={str(k): int(v) for k, v in tasks.items()},
@@ -144,8 +156,9 @@ class GlobalView:
     base_delta: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
-def split_base_delta(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
-                                                                 dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+def split_base_delta(
+    state: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """(adapter tensors, {module: (B_d, A_d)}) from a state that may hold base-delta factors."""
     adapter = {k: v for k, v in state.items() if not is_base_delta(k)}
     deltas: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -209,8 +222,9 @@ class LoRAStrategy(Strategy):
     #: server must query a node before its first train message.
     needs_node_info: ClassVar[bool] = False
 
-    def __init__(self, cfg: RunConfig, spec: AdapterSpec, *, tasks: Sequence[str] = (),
-                 nodes: NodeDirectory | None = None) -> None:
+    def __init__(
+        self, cfg: RunConfig, spec: AdapterSpec, *, tasks: Sequence[str] = (), nodes: NodeDirectory | None = None
+    ) -> None:
         self.cfg = cfg
         self.spec = spec
         self.options = self.parse_options(cfg.strategy.options)
@@ -246,7 +260,8 @@ class LoRAStrategy(Strategy):
         if not cls.heterogeneous_ranks and ranks - {cfg.lora.rank}:
             raise ConfigError(
                 f"config key 'federation.profiles': strategy '{cls.name}' trains every client at lora.rank = "
-                f"{cfg.lora.rank}; profiles with ranks {sorted(ranks)} need a heterogeneous-rank strategy (hetlora, flora)"
+                f"{cfg.lora.rank}; profiles with ranks {sorted(ranks)} need a heterogeneous-rank strategy "
+                "(hetlora, flora)"
             )
 
     def node_rank(self, node_id: int) -> int:
@@ -370,8 +385,11 @@ class LoRAStrategy(Strategy):
             if signature not in records:
                 records[signature] = to_record(payload, self.cfg.federation.transport_dtype)
             content = RecordDict({P.ARRAYS: records[signature], P.CONFIG: ConfigRecord(entries)})
-            messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id,
-                                    group_id=str(server_round)))
+            messages.append(
+                Message(
+                    content=content, message_type=MessageType.TRAIN, dst_node_id=node_id, group_id=str(server_round)
+                )
+            )
         return messages
 
     def aggregate_train(

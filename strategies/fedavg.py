@@ -56,7 +56,9 @@ class FedAvgLoRA(LoRAStrategy):
 
     name = "fedavg"
 
-    def aggregate(self, server_round: int, state: dict[str, torch.Tensor], updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
+    def aggregate(
+        self, server_round: int, state: dict[str, torch.Tensor], updates: list[ClientUpdate]
+    ) -> dict[str, torch.Tensor]:
         averaged = weighted_mean([u.state for u in updates], [u.num_examples for u in updates])
         state.update(averaged)
         return state

@@ -35,9 +35,7 @@ from .registry import register
 SVD_RANK = "svd-rank"
 
 
-def federa_init(
-    weights: Mapping[str, torch.Tensor], rank: int, alpha: float
-) -> dict[str, torch.Tensor]:
+def federa_init(weights: Mapping[str, torch.Tensor], rank: int, alpha: float) -> dict[str, torch.Tensor]:
     """Round-0 state of every module: SVD-initialised A, B and the base delta that makes the
     frozen weight the residual.
 
@@ -77,8 +75,14 @@ class FeDeRAClient(ClientHooks):
 
     def base_delta(self, host, modules, factors):
         rank = int(self.config[SVD_RANK])
-        dense = {m: process_state().get(DERIVED, ("federa-residual", host.loaded.key, m, rank),
-                                        lambda m=m: residual_delta(host.base_weight(m), rank)) for m in modules}
+        dense = {
+            m: process_state().get(
+                DERIVED,
+                ("federa-residual", host.loaded.key, m, rank),
+                lambda m=m: residual_delta(host.base_weight(m), rank),
+            )
+            for m in modules
+        }
         for module, delta in fold_factors(factors).items():
             dense[module] = dense[module] + delta if module in dense else delta
         return dense, digest(factors, f"svd{rank}")
@@ -99,7 +103,9 @@ class FeDeRA(LoRAStrategy):
         try:
             init = federa_init({m: host.base_weight(m) for m in modules}, self.spec.rank, self.spec.alpha)
         except ValueError as err:
-            raise ConfigError(f"config key 'lora.rank': FeDeRA cannot take a rank-{self.spec.rank} SVD: {err}") from None
+            raise ConfigError(
+                f"config key 'lora.rank': FeDeRA cannot take a rank-{self.spec.rank} SVD: {err}"
+            ) from None
         state = dict(state)
         state.update(init)
         return state
@@ -110,6 +116,8 @@ class FeDeRA(LoRAStrategy):
     def client_config(self, node_id: int, server_round: int) -> dict[str, Any]:
         return {SVD_RANK: self.spec.rank}
 
-    def aggregate(self, server_round: int, state: dict[str, torch.Tensor], updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
+    def aggregate(
+        self, server_round: int, state: dict[str, torch.Tensor], updates: list[ClientUpdate]
+    ) -> dict[str, torch.Tensor]:
         state.update(weighted_mean([u.state for u in updates], [u.num_examples for u in updates]))
         return state

@@ -31,7 +31,9 @@ from .registry import register
 
 
 def fedex_aggregate(
-    state: Mapping[str, torch.Tensor], updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float],
+    state: Mapping[str, torch.Tensor],
+    updates: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float],
     scaling: float,
 ) -> dict[str, torch.Tensor]:
     """Averaged (zero-padded) factors and head, plus the exact residual added to the base delta.
@@ -62,5 +64,7 @@ class FedExLoRA(HeterogeneousRankStrategy):
     name = "fedex"
     needs_float_base = True
 
-    def aggregate(self, server_round: int, state: dict[str, torch.Tensor], updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
+    def aggregate(
+        self, server_round: int, state: dict[str, torch.Tensor], updates: list[ClientUpdate]
+    ) -> dict[str, torch.Tensor]:
         return fedex_aggregate(state, [u.state for u in updates], [u.num_examples for u in updates], self.spec.scaling)

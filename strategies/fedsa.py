@@ -60,8 +60,10 @@ class FedSAClient(ClientHooks):
     def kept(self, shapes, received, store: NodeStore) -> dict[str, torch.Tensor]:
         stored = store.load()
         keys = [k for k in shapes if is_lora_b(k) and k not in received]
-        return {k: stored[k] if k in stored and tuple(stored[k].shape) == tuple(shapes[k]) else torch.zeros(shapes[k])
-                for k in keys}
+        return {
+            k: stored[k] if k in stored and tuple(stored[k].shape) == tuple(shapes[k]) else torch.zeros(shapes[k])
+            for k in keys
+        }
 
     def keep(self, store: NodeStore, kept: dict[str, torch.Tensor]) -> None:
         if kept:
@@ -79,7 +81,9 @@ class FedSALoRA(LoRAStrategy):
     def payload(self, node_id: int, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return shared_part(state)
 
-    def aggregate(self, server_round: int, state: dict[str, torch.Tensor], updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
+    def aggregate(
+        self, server_round: int, state: dict[str, torch.Tensor], updates: list[ClientUpdate]
+    ) -> dict[str, torch.Tensor]:
         state.update(weighted_mean([u.state for u in updates], [u.num_examples for u in updates]))
         return state
 
@@ -97,8 +101,14 @@ class FedSALoRA(LoRAStrategy):
             entries.update(self.client_config(node_id, server_round))
             entries[P.EXPORT] = server_round == self.cfg.rounds
             content = RecordDict({P.ARRAYS: record, P.CONFIG: ConfigRecord(entries)})
-            messages.append(Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node_id,
-                                    group_id=f"eval-{server_round}"))
+            messages.append(
+                Message(
+                    content=content,
+                    message_type=MessageType.EVALUATE,
+                    dst_node_id=node_id,
+                    group_id=f"eval-{server_round}",
+                )
+            )
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -106,8 +116,11 @@ class FedSALoRA(LoRAStrategy):
         for reply in replies:
             if reply.has_error() or P.METRICS not in reply.content.metric_records:
                 continue
-            m = {k: v for k, v in dict(reply.content.metric_records[P.METRICS]).items()
-                 if isinstance(v, (int, float)) and math.isfinite(v)}  # a faulty node's NaN is left out
+            m = {
+                k: v
+                for k, v in dict(reply.content.metric_records[P.METRICS]).items()
+                if isinstance(v, (int, float)) and math.isfinite(v)
+            }  # a faulty node's NaN is left out
             metrics.append(m)
             weights.append(float(m.get(P.NUM_EXAMPLES, 1)))
         if not metrics:

@@ -86,5 +86,7 @@ class FFALoRA(LoRAStrategy):
     def client_config(self, node_id: int, server_round: int) -> dict[str, Any]:
         return {A_SEED: self.a_seed}
 
-    def aggregate(self, server_round: int, state: dict[str, torch.Tensor], updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
+    def aggregate(
+        self, server_round: int, state: dict[str, torch.Tensor], updates: list[ClientUpdate]
+    ) -> dict[str, torch.Tensor]:
         return ffa_aggregate(state, [u.state for u in updates], [u.num_examples for u in updates])

@@ -53,7 +53,9 @@ def accumulate_delta(
 
 
 def flora_aggregate(
-    state: Mapping[str, torch.Tensor], updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float],
+    state: Mapping[str, torch.Tensor],
+    updates: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float],
     scaling: float,
 ) -> dict[str, torch.Tensor]:
     """Merge the exact weighted mean of the clients' updates into the base delta; average the rest.
@@ -90,13 +92,20 @@ class FLoRA(HeterogeneousRankStrategy):
     def initialize(self, state: dict[str, torch.Tensor], host: AdapterHost | None = None) -> dict[str, torch.Tensor]:
         return self._fresh_lora(state, 0)
 
-    def aggregate(self, server_round: int, state: dict[str, torch.Tensor], updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
-        merged = flora_aggregate(state, [u.state for u in updates], [u.num_examples for u in updates], self.spec.scaling)
+    def aggregate(
+        self, server_round: int, state: dict[str, torch.Tensor], updates: list[ClientUpdate]
+    ) -> dict[str, torch.Tensor]:
+        merged = flora_aggregate(
+            state, [u.state for u in updates], [u.num_examples for u in updates], self.spec.scaling
+        )
         return self._fresh_lora(merged, server_round)
 
     def views(self, state: Mapping[str, torch.Tensor]) -> list[GlobalView]:
         adapter, deltas = split_base_delta(state)
         # B is zero after every merge: the model is W0 + D, exported as D alone.
-        adapter = {k: v for k, v in adapter.items() if not ((is_lora_a(k) or is_lora_b(k)) and
-                                                             any(k.startswith(m + ".") for m in deltas))}
+        adapter = {
+            k: v
+            for k, v in adapter.items()
+            if not ((is_lora_a(k) or is_lora_b(k)) and any(k.startswith(m + ".") for m in deltas))
+        }
         return [GlobalView(name="", spec=self.spec, state=adapter, base_delta=deltas)]

@@ -226,7 +226,9 @@ class FLTAC(LoRAStrategy):
     def client_config(self, node_id: int, server_round: int) -> dict[str, Any]:
         return {TASKS: json.dumps(self.node_tasks(node_id))}
 
-    def aggregate(self, server_round: int, state: dict[str, torch.Tensor], updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
+    def aggregate(
+        self, server_round: int, state: dict[str, torch.Tensor], updates: list[ClientUpdate]
+    ) -> dict[str, torch.Tensor]:
         adapters, tags, weights, owners = [], [], [], []
         for update in updates:
             for task in self.tasks:

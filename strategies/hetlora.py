@@ -97,8 +97,13 @@ def hetlora_aggregate(
     by_rank: dict[int, list[int]] = {}
     for i, update in enumerate(updates):
         by_rank.setdefault(int(next(v for k, v in update.items() if is_lora_a(k)).shape[0]), []).append(i)
-    groups = {rank: (weighted_mean([updates[i] for i in members], [weights[i] for i in members]),
-                     sum(weights[i] for i in members)) for rank, members in by_rank.items()}
+    groups = {
+        rank: (
+            weighted_mean([updates[i] for i in members], [weights[i] for i in members]),
+            sum(weights[i] for i in members),
+        )
+        for rank, members in by_rank.items()
+    }
     for key in updates[0]:
         shape = list(updates[0][key].shape)
         if is_lora_a(key) or is_lora_b(key):
@@ -203,8 +208,13 @@ class HetLoRAClient(ClientHooks):
         return lambda: lam * tail_penalty(params, keep)
 
     def after_train(self, trained, rank):
-        out, new_rank = self_prune(trained, rank, gamma=float(self.config[PRUNE_GAMMA]),
-                                   threshold=float(self.config[PRUNE_THRESHOLD]), min_rank=int(self.config[MIN_RANK]))
+        out, new_rank = self_prune(
+            trained,
+            rank,
+            gamma=float(self.config[PRUNE_GAMMA]),
+            threshold=float(self.config[PRUNE_THRESHOLD]),
+            min_rank=int(self.config[MIN_RANK]),
+        )
         return out, {RANK: new_rank}
 
 
@@ -240,14 +250,18 @@ class HetLoRA(HeterogeneousRankStrategy):
             MIN_RANK: int(self.options.min_rank),
         }
 
-    def aggregate(self, server_round: int, state: dict[str, torch.Tensor], updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
+    def aggregate(
+        self, server_round: int, state: dict[str, torch.Tensor], updates: list[ClientUpdate]
+    ) -> dict[str, torch.Tensor]:
         new_state, weights = hetlora_aggregate(state, [u.state for u in updates], self.spec.scaling)
         for update, weight in zip(updates, weights):
             trained = self.node_rank(update.node_id)
             reported = int(update.metrics.get(RANK, trained))
             self.ranks[update.node_id] = max(1, min(reported, trained))
             self._client_facts[update.node_id] = {
-                "aggregation_weight": round(weight, 6), "rank_trained": trained, "rank_next": self.ranks[update.node_id],
+                "aggregation_weight": round(weight, 6),
+                "rank_trained": trained,
+                "rank_next": self.ranks[update.node_id],
             }
         return new_state
 

@@ -105,8 +105,9 @@ class ClientHooks:
 
     # -- before training ---------------------------------------------------------------------
 
-    def base_delta(self, host: Any, modules: list[str],
-                   factors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    def base_delta(
+        self, host: Any, modules: list[str], factors: Mapping[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], str]:
         """What to add to the frozen base weights this round, and a token naming it.
 
         Parameters
@@ -126,8 +127,9 @@ class ClientHooks:
         """
         return fold_factors(factors), digest(factors) if factors else ""
 
-    def groups(self, received: Mapping[str, torch.Tensor], data: Any,
-               task_rows: Mapping[str, list[int]]) -> list[TrainGroup]:
+    def groups(
+        self, received: Mapping[str, torch.Tensor], data: Any, task_rows: Mapping[str, list[int]]
+    ) -> list[TrainGroup]:
         """The adapters to train and on which examples (default: one, on all of them).
 
         Parameters
@@ -146,8 +148,9 @@ class ClientHooks:
         they keep what they hold)."""
         return {}
 
-    def kept(self, shapes: Mapping[str, tuple[int, ...]], received: Mapping[str, torch.Tensor],
-             store: NodeStore) -> dict[str, torch.Tensor]:
+    def kept(
+        self, shapes: Mapping[str, tuple[int, ...]], received: Mapping[str, torch.Tensor], store: NodeStore
+    ) -> dict[str, torch.Tensor]:
         """Tensors this node keeps for itself: installed over the received ones, trained with
         them, never sent (default: none)."""
         return {}
@@ -160,7 +163,9 @@ class ClientHooks:
 
     # -- after training -----------------------------------------------------------------------
 
-    def after_train(self, trained: dict[str, torch.Tensor], rank: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def after_train(
+        self, trained: dict[str, torch.Tensor], rank: int
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """What to send for one group, and metrics to add to the reply (``rank``: the rank the
         node trains next). Default: the trained tensors as they are."""
         return trained, {}

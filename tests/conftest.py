@@ -30,8 +30,14 @@ def tiny_bert(tmp_path_factory) -> str:
     directory = tmp_path_factory.mktemp("tiny-bert")
     tok = _tokenizer(directory)
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
+    config = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     BertModel(config).save_pretrained(directory)
     tok.save_pretrained(directory)
     return str(directory)
@@ -46,8 +52,16 @@ def tiny_gpt2(tmp_path_factory) -> str:
     directory = tmp_path_factory.mktemp("tiny-gpt2")
     tok = _tokenizer(directory)
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=64,
-                        pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)
+    config = GPT2Config(
+        vocab_size=len(tok),
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        n_positions=64,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.cls_token_id,
+        eos_token_id=tok.sep_token_id,
+    )
     GPT2LMHeadModel(config).save_pretrained(directory)
     tok.save_pretrained(directory)
     return str(directory)
@@ -62,10 +76,18 @@ def tiny_config(model_dir: str, *, task: str = "classification", strategy: str =
         "rounds": 2,
         "seed": 0,
         "model": {"name": model_dir, "task": task, "max_length": 16},
-        "lora": {"rank": 4, "alpha": 8, "dropout": 0.0,
-                 "target_modules": ["query", "value"] if task == "classification" else ["c_attn"]},
-        "data": {"path": "synthetic:topics", "max_train_examples": 150, "max_eval_examples": 40,
-                 "partitioner": "dirichlet" if task == "classification" else "iid"},
+        "lora": {
+            "rank": 4,
+            "alpha": 8,
+            "dropout": 0.0,
+            "target_modules": ["query", "value"] if task == "classification" else ["c_attn"],
+        },
+        "data": {
+            "path": "synthetic:topics",
+            "max_train_examples": 150,
+            "max_eval_examples": 40,
+            "partitioner": "dirichlet" if task == "classification" else "iid",
+        },
         "federation": {"clients": 3, "local_steps": 2, "batch_size": 8, "lr": 0.01},
         "strategy": {"name": strategy},
     }

@@ -20,8 +20,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_quick(script: str, tmp_path: Path, timeout: float) -> dict:
     """Run ``benchmarks/<script> --quick --out``; check stdout is exactly the JSON it wrote."""
     out = tmp_path / "x.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     printed = json.loads(proc.stdout)
     assert json.loads(out.read_text()) == printed
@@ -79,9 +84,13 @@ def test_communication_quick(tmp_path):
         assert all(r["bytes_down_per_client"] > 0 and r["bytes_up_per_client"] > 0 for r in entry["rounds"]), name
     rounds = report["strategies"]
     # FFA sends B only: about half of FedIT's LoRA bytes; float16 halves the bytes again.
-    assert rounds["ffa"]["rounds"][0]["bytes_up_per_client"] < 0.6 * rounds["fedavg"]["rounds"][0]["bytes_up_per_client"]
-    assert rounds["fedavg@float16"]["rounds"][0]["bytes_up_per_client"] < \
-        0.55 * rounds["fedavg"]["rounds"][0]["bytes_up_per_client"]
+    assert (
+        rounds["ffa"]["rounds"][0]["bytes_up_per_client"] < 0.6 * rounds["fedavg"]["rounds"][0]["bytes_up_per_client"]
+    )
+    assert (
+        rounds["fedavg@float16"]["rounds"][0]["bytes_up_per_client"]
+        < 0.55 * rounds["fedavg"]["rounds"][0]["bytes_up_per_client"]
+    )
     assert set(report["framing_overhead"]) == {"fedavg", "ffa", "fedavg@float16", "ffa@float16"}
     assert report["full_model_bytes"] > report["raw_trainable_bytes"] > 0
 

@@ -12,10 +12,29 @@ from fedlora.cli import main
 
 
 def _write_preset(path, model_dir, **sections):
-    lines = ['name = "cli"', "rounds = 1", "seed = 0", "", "[model]", f'name = "{model_dir}"', "max_length = 16",
-             "", "[lora]", "rank = 2", 'target_modules = ["query", "value"]', "", "[data]",
-             'path = "synthetic:topics"', "max_train_examples = 60", "max_eval_examples = 20", "",
-             "[federation]", "clients = 3", "local_steps = 1", "batch_size = 4"]
+    lines = [
+        'name = "cli"',
+        "rounds = 1",
+        "seed = 0",
+        "",
+        "[model]",
+        f'name = "{model_dir}"',
+        "max_length = 16",
+        "",
+        "[lora]",
+        "rank = 2",
+        'target_modules = ["query", "value"]',
+        "",
+        "[data]",
+        'path = "synthetic:topics"',
+        "max_train_examples = 60",
+        "max_eval_examples = 20",
+        "",
+        "[federation]",
+        "clients = 3",
+        "local_steps = 1",
+        "batch_size = 4",
+    ]
     text = "\n".join(lines) + "\n"
     for key, value in sections.items():
         text += f"{key} = {value}\n"
@@ -86,8 +105,13 @@ def test_existing_run_dir_is_not_overwritten(in_tmp, capsys, tiny_bert):
 
 def test_console_script_runs_and_reports(in_tmp, tiny_bert):
     preset = _write_preset(in_tmp / "p.toml", tiny_bert)
-    proc = subprocess.run([sys.executable, "-m", "fedlora.cli", "simulate", str(preset), "--set", "rounds=2"],
-                          capture_output=True, text=True, timeout=300, cwd=in_tmp)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedlora.cli", "simulate", str(preset), "--set", "rounds=2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=in_tmp,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "round 1/2  client 1/3" in proc.stdout
     assert "round 2:" in proc.stdout and "runs/cli" in proc.stdout

@@ -13,10 +13,10 @@ from fedlora.adapters import delta_keys, lora_keys, seeded_lora_a
 from fedlora.data import Encoded
 from fedlora.strategies import STRATEGIES, ClientHooks, NodeStore, TrainGroup
 from fedlora.strategies.federa import SVD_RANK, FeDeRAClient
+from fedlora.strategies.fedsa import FedSAClient
 from fedlora.strategies.ffa import A_SEED, FFAClient
 from fedlora.strategies.fltac import TASKS, FLTACClient
 from fedlora.strategies.hetlora import MIN_RANK, PRUNE_GAMMA, PRUNE_LAMBDA, PRUNE_THRESHOLD, HetLoRAClient, tail_penalty
-from fedlora.strategies.fedsa import FedSAClient
 
 MOD = "base_model.model.bert.encoder.layer.0.attention.self.query"
 A_KEY, B_KEY = lora_keys(MOD)
@@ -77,7 +77,9 @@ def test_federa_makes_the_frozen_weight_its_svd_residual():
 
     g = torch.Generator().manual_seed(4)
     weight = torch.randn(8, 10, generator=g)
-    host = SimpleNamespace(loaded=SimpleNamespace(key=("test-federa", id(weight))), base_weight=lambda m: weight.clone())
+    host = SimpleNamespace(
+        loaded=SimpleNamespace(key=("test-federa", id(weight))), base_weight=lambda m: weight.clone()
+    )
     rank = 3
     dense, token = FeDeRAClient({SVD_RANK: rank}).base_delta(host, [MOD], {})
     residual = weight + dense[MOD]
@@ -97,8 +99,10 @@ def test_hetlora_regularizer_penalises_only_the_tail():
     assert torch.allclose(value, 0.1 * tail_penalty(params, 2))
     value.backward()
     assert float(params[A_KEY].grad[:2].abs().max()) == 0.0 and float(params[A_KEY].grad[2:].abs().max()) > 0
-    assert HetLoRAClient({PRUNE_GAMMA: 0.5, PRUNE_THRESHOLD: 0.05, PRUNE_LAMBDA: 0.0, MIN_RANK: 1}).regularizer(
-        params, 4) is None
+    assert (
+        HetLoRAClient({PRUNE_GAMMA: 0.5, PRUNE_THRESHOLD: 0.05, PRUNE_LAMBDA: 0.0, MIN_RANK: 1}).regularizer(params, 4)
+        is None
+    )
 
 
 def test_hetlora_prunes_a_weak_tail_and_reports_the_new_rank():
@@ -177,8 +181,8 @@ def test_the_client_app_knows_no_strategy():
     from pathlib import Path
 
     import fedlora.client as client_pkg
-    from fedlora import protocol
     import fedlora.strategies as strategies_pkg
+    from fedlora import protocol
 
     source = "\n".join(p.read_text() for p in Path(client_pkg.__file__).parent.glob("*.py"))
     for cls in STRATEGIES.values():
@@ -187,8 +191,9 @@ def test_the_client_app_knows_no_strategy():
         assert f"strategies.{module.__name__.rsplit('.', 1)[-1]}" not in source, module.__name__
         assert cls.__name__ not in source
         assert cls.client_hooks is ClientHooks or cls.client_hooks.__name__ not in source
-        own_keys = {v for k, v in vars(module).items()
-                    if k.isupper() and isinstance(v, str) and not hasattr(protocol, k)}  # not shared wire keys
+        own_keys = {
+            v for k, v in vars(module).items() if k.isupper() and isinstance(v, str) and not hasattr(protocol, k)
+        }  # not shared wire keys
         for key in own_keys:
             assert f'"{key}"' not in source and f"'{key}'" not in source, (module.__name__, key)
     assert Path(strategies_pkg.__file__).parent.name == "strategies"

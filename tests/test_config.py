@@ -21,7 +21,10 @@ def test_strategy_presets_say_what_the_issue_asks():
     assert het.strategy.name == "hetlora" and sorted(p.rank for p in het.federation.profiles) == [4, 8, 16]
     assert het.lora.rank == 16
     tac = load_config(preset_path("fltac"))
-    assert tac.strategy.name == "fltac" and [t.path for t in tac.data.tasks] == ["synthetic:topics", "synthetic:sentiment"]
+    assert tac.strategy.name == "fltac" and [t.path for t in tac.data.tasks] == [
+        "synthetic:topics",
+        "synthetic:sentiment",
+    ]
     assert tac.data.partition_column == "task"
     real = load_config(preset_path("sst2_agnews"))
     assert [t.name for t in real.data.tasks] == ["sst2", "agnews"]

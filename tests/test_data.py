@@ -55,7 +55,8 @@ def test_local_formats(tmp_path, fmt):
 
 def test_directory_with_train_and_dev(tmp_path):
     pd.DataFrame({"label": [0, 1] * 20, "sentence": ["good film", "bad film"] * 20}).to_csv(
-        tmp_path / "train.tsv", sep="\t", index=False)
+        tmp_path / "train.tsv", sep="\t", index=False
+    )
     pd.DataFrame({"label": [1, 0], "sentence": ["awful", "great"]}).to_csv(tmp_path / "dev.tsv", sep="\t", index=False)
     data = load_task_data(_cfg(tmp_path, text_column="sentence"))
     assert len(data.train) == 40 and len(data.eval) == 2 and data.labels == ["0", "1"]
@@ -86,8 +87,9 @@ def _partition_labels(cfg):
 
 @pytest.mark.parametrize("partitioner", ["iid", "dirichlet"])
 def test_each_example_in_exactly_one_client(partitioner):
-    cfg = RunConfig.from_dict({"data": {"partitioner": partitioner, "max_train_examples": 600},
-                               "federation": {"clients": 6}})
+    cfg = RunConfig.from_dict(
+        {"data": {"partitioner": partitioner, "max_train_examples": 600}, "federation": {"clients": 6}}
+    )
     data = load_task_data(cfg)
     texts = []
     for i in range(6):
@@ -99,8 +101,12 @@ def test_each_example_in_exactly_one_client(partitioner):
 
 def test_dirichlet_skew_is_visible():
     def skew(partitioner, alpha=0.5):
-        cfg = RunConfig.from_dict({"data": {"partitioner": partitioner, "dirichlet_alpha": alpha,
-                                            "max_train_examples": 800}, "federation": {"clients": 8}})
+        cfg = RunConfig.from_dict(
+            {
+                "data": {"partitioner": partitioner, "dirichlet_alpha": alpha, "max_train_examples": 800},
+                "federation": {"clients": 8},
+            }
+        )
         # mean over clients of the share of its most common label
         shares = [Counter(p).most_common(1)[0][1] / len(p) for p in _partition_labels(cfg) if p]
         return sum(shares) / len(shares)
@@ -112,12 +118,14 @@ def test_dirichlet_skew_is_visible():
 
 def test_column_partitioner(tmp_path):
     rows = _rows(80)
-    frame = pd.DataFrame({"text": rows["text"], "label": rows["label"],
-                          "task": ["a" if i % 2 else "b" for i in range(80)]})
+    frame = pd.DataFrame(
+        {"text": rows["text"], "label": rows["label"], "task": ["a" if i % 2 else "b" for i in range(80)]}
+    )
     path = tmp_path / "tasks.csv"
     frame.to_csv(path, index=False)
-    cfg = RunConfig.from_dict({"data": {"path": str(path), "partitioner": "column", "partition_column": "task"},
-                               "federation": {"clients": 4}})
+    cfg = RunConfig.from_dict(
+        {"data": {"path": str(path), "partitioner": "column", "partition_column": "task"}, "federation": {"clients": 4}}
+    )
     parts = [load_partition(cfg, i, 4) for i in range(4)]
     for part in parts:
         assert len(set(part["task"])) == 1
@@ -132,10 +140,13 @@ def _two_task_files(tmp_path):
     """Two csv files whose label values overlap (0/1 in both), with their own column names."""
     pd.DataFrame({"sentence": ["good film", "bad film"] * 10, "y": [1, 0] * 10}).to_csv(tmp_path / "a.csv", index=False)
     pd.DataFrame({"text": ["goal scored", "rain fell", "chip made"] * 6, "label": [0, 1, 2] * 6}).to_csv(
-        tmp_path / "b.csv", index=False)
+        tmp_path / "b.csv", index=False
+    )
     pd.DataFrame({"text": ["rain fell", "chip made"], "label": [1, 2]}).to_csv(tmp_path / "b_dev.csv", index=False)
-    return [{"name": "sst", "path": str(tmp_path / "a.csv"), "text_column": "sentence", "label_column": "y"},
-            {"name": "news", "path": str(tmp_path / "b.csv"), "eval_path": str(tmp_path / "b_dev.csv")}]
+    return [
+        {"name": "sst", "path": str(tmp_path / "a.csv"), "text_column": "sentence", "label_column": "y"},
+        {"name": "news", "path": str(tmp_path / "b.csv"), "eval_path": str(tmp_path / "b_dev.csv")},
+    ]
 
 
 def test_tasks_from_two_files_get_qualified_labels(tmp_path):
@@ -157,8 +168,9 @@ def test_tasks_from_two_files_get_qualified_labels(tmp_path):
 
 def test_task_column(tmp_path):
     path = tmp_path / "mixed.csv"
-    pd.DataFrame({"text": ["a b", "c d", "e f", "g h"] * 10, "label": [0, 1, 0, 1] * 10,
-                  "domain": ["x", "x", "w", "w"] * 10}).to_csv(path, index=False)
+    pd.DataFrame(
+        {"text": ["a b", "c d", "e f", "g h"] * 10, "label": [0, 1, 0, 1] * 10, "domain": ["x", "x", "w", "w"] * 10}
+    ).to_csv(path, index=False)
     data = load_task_data(_cfg(path, task_column="domain", eval_fraction=0.25))
     assert data.tasks == ["w", "x"]  # sorted task values
     assert data.labels == ["w:0", "w:1", "x:0", "x:1"] and data.task_labels == {"w": [0, 1], "x": [2, 3]}
@@ -184,8 +196,10 @@ def test_missing_file_in_a_task_names_the_task_key(tmp_path):
 @pytest.mark.parametrize(
     ("tasks", "message"),
     [
-        ([{"name": "a", "path": "x.csv"}, {"name": "b", "path": "y.csv", "foo": 1}],
-         "unknown config key 'data.tasks[1].foo'"),
+        (
+            [{"name": "a", "path": "x.csv"}, {"name": "b", "path": "y.csv", "foo": 1}],
+            "unknown config key 'data.tasks[1].foo'",
+        ),
         ([{"name": "a", "path": "x.csv"}, {"name": "a", "path": "y.csv"}], "'data.tasks[1].name' duplicates"),
         ([{"name": "a", "path": "x.csv"}], "'data.tasks' needs at least 2"),
         ([{"name": "a/b", "path": "x.csv"}, {"name": "c", "path": "y.csv"}], "'data.tasks[0].name' must be"),
@@ -206,9 +220,11 @@ def test_tasks_and_task_column_exclude_each_other():
 
 def test_tasks_preset_round_trips(tmp_path):
     preset = tmp_path / "mt.toml"
-    preset.write_text('name = "mt"\n[data]\npartition_column = "task"\n'
-                      '[[data.tasks]]\nname = "topics"\npath = "synthetic:topics"\nmax_train_examples = 40\n'
-                      '[[data.tasks]]\nname = "sentiment"\npath = "synthetic:sentiment"\n')
+    preset.write_text(
+        'name = "mt"\n[data]\npartition_column = "task"\n'
+        '[[data.tasks]]\nname = "topics"\npath = "synthetic:topics"\nmax_train_examples = 40\n'
+        '[[data.tasks]]\nname = "sentiment"\npath = "synthetic:sentiment"\n'
+    )
     cfg = load_config(preset)
     assert has_tasks(cfg.data) and [t.name for t in cfg.data.tasks] == ["topics", "sentiment"]
     assert isinstance(cfg.data.tasks[0], TaskSource) and cfg.data.tasks[0].max_train_examples == 40
@@ -218,8 +234,10 @@ def test_tasks_preset_round_trips(tmp_path):
 
 
 def _synthetic_tasks(**data):
-    tasks = [{"name": "topics", "path": "synthetic:topics", "max_train_examples": 200, "max_eval_examples": 20},
-             {"name": "sentiment", "path": "synthetic:sentiment", "max_train_examples": 200, "max_eval_examples": 20}]
+    tasks = [
+        {"name": "topics", "path": "synthetic:topics", "max_train_examples": 200, "max_eval_examples": 20},
+        {"name": "sentiment", "path": "synthetic:sentiment", "max_train_examples": 200, "max_eval_examples": 20},
+    ]
     return {"data": {"tasks": tasks, **data}}
 
 
@@ -235,8 +253,9 @@ def test_dirichlet_over_tasks_gives_some_clients_one_task():
 
 
 def test_column_partitioner_over_tasks():
-    cfg = RunConfig.from_dict({**_synthetic_tasks(partitioner="column", partition_column="task"),
-                               "federation": {"clients": 2}})
+    cfg = RunConfig.from_dict(
+        {**_synthetic_tasks(partitioner="column", partition_column="task"), "federation": {"clients": 2}}
+    )
     parts = [load_partition(cfg, i, 2) for i in range(2)]
     assert sorted(p["task"][0] for p in parts) == ["sentiment", "topics"]
     assert all(len(set(p["task"])) == 1 for p in parts)
@@ -282,8 +301,9 @@ def test_evaluate_masks_each_row_to_its_task_labels():
     enc = Encoded(input_ids=[[0], [0], [1], [1], [1]], labels=[0, 1, 4, 2, 4], task_ids=[0, 0, 1, 1, 1])
     plain = evaluate(model, enc, batch_size=2, pad_id=0, causal=False)
     assert plain["eval_accuracy"] == 0.0 and set(plain) == {"eval_loss", "eval_accuracy"}
-    masked = evaluate(model, enc, batch_size=2, pad_id=0, causal=False,
-                      task_labels={0: [0, 1], 1: [2, 3, 4]}, task_names=["a", "b"])
+    masked = evaluate(
+        model, enc, batch_size=2, pad_id=0, causal=False, task_labels={0: [0, 1], 1: [2, 3, 4]}, task_names=["a", "b"]
+    )
     assert masked["eval_accuracy"] == pytest.approx(3 / 5)
     assert masked["eval_accuracy/a"] == pytest.approx(1 / 2) and masked["eval_accuracy/b"] == pytest.approx(2 / 3)
     assert masked["eval_loss"] == pytest.approx(plain["eval_loss"])

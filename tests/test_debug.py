@@ -29,12 +29,15 @@ def test_without_debug_one_line_no_traceback(capsys):
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("argv", [
-    ["--debug", "simulate", MISSING],
-    ["simulate", "--debug", MISSING],
-    ["simulate", MISSING, "--debug"],
-    ["--debug", "simulate", "--debug", MISSING],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--debug", "simulate", MISSING],
+        ["simulate", "--debug", MISSING],
+        ["simulate", MISSING, "--debug"],
+        ["--debug", "simulate", "--debug", MISSING],
+    ],
+)
 def test_debug_flag_before_or_after_the_subcommand(capsys, argv):
     assert main(argv) == 2
     err = _error(capsys, "fedlora", "preset not found")

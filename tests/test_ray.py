@@ -15,12 +15,15 @@ pytestmark = pytest.mark.ray
 PROFILES = "federation.profiles=[{name='phone',rank=1},{name='tablet',rank=2},{name='laptop',rank=4}]"
 
 
-@pytest.mark.parametrize(("task", "strategy", "sets"), [
-    ("classification", "fedavg", ()),
-    ("causal_lm", "ffa", ()),
-    # Ranks come from the clients' query replies, whatever node ids Ray assigns.
-    ("classification", "hetlora", (PROFILES,)),
-])
+@pytest.mark.parametrize(
+    ("task", "strategy", "sets"),
+    [
+        ("classification", "fedavg", ()),
+        ("causal_lm", "ffa", ()),
+        # Ranks come from the clients' query replies, whatever node ids Ray assigns.
+        ("classification", "hetlora", (PROFILES,)),
+    ],
+)
 def test_ray_backend_matches_inprocess(tmp_path, tiny_bert, tiny_gpt2, make_config, task, strategy, sets):
     import torch
 

@@ -62,8 +62,18 @@ def test_report_command_compares_runs(two_runs, tmp_path, capsys):
     for name in ("accuracy.png", "loss.png", "bytes.png"):
         _valid_png(out / name)
     text = (out / "report.md").read_text()
-    for needle in ("rep-fedavg", "rep-ffa", "eval_accuracy", "eval_loss", "train_loss", "bytes_down", "bytes_up",
-                   "accuracy.png", "loss.png", "bytes.png"):
+    for needle in (
+        "rep-fedavg",
+        "rep-ffa",
+        "eval_accuracy",
+        "eval_loss",
+        "train_loss",
+        "bytes_down",
+        "bytes_up",
+        "accuracy.png",
+        "loss.png",
+        "bytes.png",
+    ):
         assert needle in text
     assert not (out / "epsilon.png").exists()  # no run used DP
 

@@ -77,8 +77,9 @@ def test_ffa_sends_half_the_lora_bytes(tmp_path, tiny_gpt2, make_config):
     (Half exactly when A and B have equal size, i.e. a square target such as attn.c_proj.)"""
     up = {}
     for strategy in ("fedavg", "ffa"):
-        cfg = make_config(tiny_gpt2, task="causal_lm", strategy=strategy,
-                          sets=("rounds=1", "lora.target_modules=['attn.c_proj']"))
+        cfg = make_config(
+            tiny_gpt2, task="causal_lm", strategy=strategy, sets=("rounds=1", "lora.target_modules=['attn.c_proj']")
+        )
         result = simulate(cfg, out=tmp_path / strategy, progress=Progress(quiet=True))
         up[strategy] = result.rounds[0]["bytes_up"]
         assert result.rounds[0]["bytes_down"] == up[strategy]
@@ -183,10 +184,14 @@ STRATEGY_RUNS = {
     "hetlora": (PROFILES, "strategy.prune_threshold=0.5"),
     "flora": (PROFILES,),
     "fedex": (PROFILES,),
-    "fltac": ("data.max_train_examples=0", "data.max_eval_examples=0", "data.partition_column=task",
-              "data.dirichlet_alpha=0.3",
-              "data.tasks=[{name='topics',path='synthetic:topics',max_train_examples=90,max_eval_examples=30},"
-              "{name='sentiment',path='synthetic:sentiment',max_train_examples=90,max_eval_examples=30}]"),
+    "fltac": (
+        "data.max_train_examples=0",
+        "data.max_eval_examples=0",
+        "data.partition_column=task",
+        "data.dirichlet_alpha=0.3",
+        "data.tasks=[{name='topics',path='synthetic:topics',max_train_examples=90,max_eval_examples=30},"
+        "{name='sentiment',path='synthetic:sentiment',max_train_examples=90,max_eval_examples=30}]",
+    ),
 }
 
 

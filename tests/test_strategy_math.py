@@ -7,8 +7,8 @@ import torch
 
 from fedlora.adapters import delta_keys, lora_keys
 from fedlora.lowrank import compact, stack, svd_init
-from fedlora.strategies.fedex import fedex_aggregate
 from fedlora.strategies.federa import federa_init
+from fedlora.strategies.fedex import fedex_aggregate
 from fedlora.strategies.flora import flora_aggregate
 from fedlora.strategies.fltac import cluster_purity, fltac_aggregate, kmeans, task_clusters
 from fedlora.strategies.hetlora import hetlora_aggregate, self_prune, sparsity_weights, update_norm
@@ -40,6 +40,7 @@ def base_delta(state, module):
 
 # -- FeDeRA ---------------------------------------------------------------------------------------
 
+
 def test_federa_init_is_the_rank_r_svd_and_keeps_the_weight():
     torch.manual_seed(0)
     weight = torch.randn(12, 10)
@@ -52,8 +53,9 @@ def test_federa_init_is_the_rank_r_svd_and_keeps_the_weight():
 
     state = federa_init({MOD: weight}, rank, alpha)
     a_key, b_key = lora_keys(MOD)
-    assert torch.allclose(weight.double() + base_delta(state, MOD) + product(state, MOD, alpha / rank),
-                          weight.double(), atol=1e-5)
+    assert torch.allclose(
+        weight.double() + base_delta(state, MOD) + product(state, MOD, alpha / rank), weight.double(), atol=1e-5
+    )
     assert torch.allclose(weight.double() + base_delta(state, MOD), residual.double(), atol=1e-5)
 
 
@@ -63,6 +65,7 @@ def test_svd_init_rejects_a_rank_above_the_matrix():
 
 
 # -- HetLoRA --------------------------------------------------------------------------------------
+
 
 def test_hetlora_pad_truncate_round_trip():
     state = adapter(4)
@@ -112,6 +115,7 @@ def test_hetlora_self_pruning_lowers_the_rank_only_when_the_tail_is_small():
 
 # -- FLoRA and FedEx-LoRA: exact means for mixed ranks -------------------------------------------
 
+
 @pytest.mark.parametrize("aggregate", [flora_aggregate, fedex_aggregate])
 def test_exact_strategies_give_the_mean_of_the_products(aggregate):
     scaling = 0.5
@@ -143,6 +147,7 @@ def test_compact_keeps_the_product_and_caps_the_rank():
 
 # -- FL-TAC ---------------------------------------------------------------------------------------
 
+
 def test_fltac_recovers_well_separated_tasks_and_aggregates_within_clusters():
     adapters, tags = [], []
     for i in range(12):
@@ -173,6 +178,7 @@ def test_kmeans_purity_and_cluster_naming():
 
 # -- FedSA-LoRA -----------------------------------------------------------------------------------
 
+
 def test_fedsa_never_sends_b():
     from flwr.app import ConfigRecord
     from flwr.common.constant import SUPERLINK_NODE_ID
@@ -183,7 +189,9 @@ def test_fedsa_never_sends_b():
     from fedlora.strategies import create
 
     cfg = RunConfig.from_dict({"strategy": {"name": "fedsa"}, "rounds": 2})
-    strategy = create(cfg, AdapterSpec(rank=2, alpha=4.0, dropout=0.0, target_modules=("query",), task="classification"))
+    strategy = create(
+        cfg, AdapterSpec(rank=2, alpha=4.0, dropout=0.0, target_modules=("query",), task="classification")
+    )
     state = {**adapter(2), "base_model.model.classifier.modules_to_save.weight": torch.randn(4, 12)}
     assert not [k for k in strategy.payload(1, state) if ".lora_B." in k]
     assert "base_model.model.classifier.modules_to_save.weight" in strategy.payload(1, state)
@@ -194,8 +202,9 @@ def test_fedsa_never_sends_b():
 
     # Messages are stamped with the sender's identity, which a runtime sets; this test is the runtime.
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
-    messages = list(strategy.configure_evaluate(2, to_record(state), ConfigRecord({"run": "{}", "labels": "[]"}),
-                                                TwoNodes()))
+    messages = list(
+        strategy.configure_evaluate(2, to_record(state), ConfigRecord({"run": "{}", "labels": "[]"}), TwoNodes())
+    )
     assert len(messages) == 2
     for msg in messages:
         assert not [k for k in from_record(msg.content["arrays"]) if ".lora_B." in k]

@@ -12,8 +12,16 @@ import torch
 from fedlora.errors import ConfigError
 from fedlora.runlog import Progress, RunDirectory
 from fedlora.simulations.runtime import simulate
-from fedlora.strategies import (ClientHooks, LoRAStrategy, StrategyOptions, get_strategy_class, option, register,
-                                require, unregister)
+from fedlora.strategies import (
+    ClientHooks,
+    LoRAStrategy,
+    StrategyOptions,
+    get_strategy_class,
+    option,
+    register,
+    require,
+    unregister,
+)
 
 SHRINK = "toy-shrink"  # this strategy's own round-config key: only its two halves know it
 CALLS = {"regularizer": 0, "after_train": 0}
@@ -33,6 +41,7 @@ class ToyClient(ClientHooks):
         def penalty():
             CALLS["regularizer"] += 1
             return 1e-4 * sum(p.pow(2).sum() for k, p in params.items() if ".lora_" in k)
+
         return penalty
 
     def after_train(self, trained, rank):

@@ -14,13 +14,25 @@ SENT = to_record({"m.q.lora_A.weight": torch.ones(2, 4), "m.q.lora_B.weight": to
 
 
 def _reply(arrays=None, metrics=None, error=None) -> Message:
-    meta = Metadata(run_id=1, message_id="m", src_node_id=5, dst_node_id=0, reply_to_message_id="x",
-                    group_id="1", created_at=0.0, ttl=100.0, message_type="train")
+    meta = Metadata(
+        run_id=1,
+        message_id="m",
+        src_node_id=5,
+        dst_node_id=0,
+        reply_to_message_id="x",
+        group_id="1",
+        created_at=0.0,
+        ttl=100.0,
+        message_type="train",
+    )
     if error is not None:
         return Message(error, metadata=meta)
-    content = RecordDict({"arrays": arrays if arrays is not None else SENT,
-                          "metrics": MetricRecord(metrics if metrics is not None else
-                                                  {"num-examples": 10, "train-loss": 0.5})})
+    content = RecordDict(
+        {
+            "arrays": arrays if arrays is not None else SENT,
+            "metrics": MetricRecord(metrics if metrics is not None else {"num-examples": 10, "train-loss": 0.5}),
+        }
+    )
     return Message(content, metadata=meta)
 
 
@@ -33,11 +45,23 @@ def test_good_reply_passes():
 
 
 def test_base_delta_factors_are_sent_but_not_returned():
-    sent = to_record({"m.q.lora_A.weight": torch.ones(2, 4), "m.q.lora_B.weight": torch.zeros(4, 2),
-                      "m.q.base_delta_A": torch.ones(3, 4), "m.q.base_delta_B": torch.ones(4, 3)})
+    sent = to_record(
+        {
+            "m.q.lora_A.weight": torch.ones(2, 4),
+            "m.q.lora_B.weight": torch.zeros(4, 2),
+            "m.q.base_delta_A": torch.ones(3, 4),
+            "m.q.base_delta_B": torch.ones(4, 3),
+        }
+    )
     validate_reply(_reply(), sent, dtype="float32", max_bytes=10_000)
-    echoed = to_record({"m.q.lora_A.weight": torch.ones(2, 4), "m.q.lora_B.weight": torch.zeros(4, 2),
-                        "m.q.base_delta_A": torch.ones(3, 4), "m.q.base_delta_B": torch.ones(4, 3)})
+    echoed = to_record(
+        {
+            "m.q.lora_A.weight": torch.ones(2, 4),
+            "m.q.lora_B.weight": torch.zeros(4, 2),
+            "m.q.base_delta_A": torch.ones(3, 4),
+            "m.q.base_delta_B": torch.ones(4, 3),
+        }
+    )
     with pytest.raises(ReplyError, match="unexpected"):
         validate_reply(_reply(echoed), sent, dtype="float32", max_bytes=10_000)
 
@@ -46,15 +70,33 @@ def test_base_delta_factors_are_sent_but_not_returned():
     ("arrays", "metrics", "reason"),
     [
         (to_record({"m.q.lora_A.weight": torch.ones(2, 4)}), None, "lacks"),
-        (to_record({"m.q.lora_A.weight": torch.ones(2, 4), "m.q.lora_B.weight": torch.zeros(4, 2),
-                    "m.k.lora_B.weight": torch.zeros(4, 2)}), None, "unexpected"),
+        (
+            to_record(
+                {
+                    "m.q.lora_A.weight": torch.ones(2, 4),
+                    "m.q.lora_B.weight": torch.zeros(4, 2),
+                    "m.k.lora_B.weight": torch.zeros(4, 2),
+                }
+            ),
+            None,
+            "unexpected",
+        ),
         (to_record({"m.q.lora_A.weight": torch.ones(3, 4), "m.q.lora_B.weight": torch.zeros(4, 2)}), None, "shape"),
-        (to_record({"m.q.lora_A.weight": torch.full((2, 4), float("nan")), "m.q.lora_B.weight": torch.zeros(4, 2)}),
-         None, "non-finite"),
-        (to_record({"m.q.lora_A.weight": torch.ones(2, 4), "m.q.lora_B.weight": torch.zeros(4, 2)}, "float16"),
-         None, "dtype"),
-        (to_record({"m.q.lora_A.weight": torch.ones(2, 1000), "m.q.lora_B.weight": torch.zeros(1000, 2)}), None,
-         "exceeds"),
+        (
+            to_record({"m.q.lora_A.weight": torch.full((2, 4), float("nan")), "m.q.lora_B.weight": torch.zeros(4, 2)}),
+            None,
+            "non-finite",
+        ),
+        (
+            to_record({"m.q.lora_A.weight": torch.ones(2, 4), "m.q.lora_B.weight": torch.zeros(4, 2)}, "float16"),
+            None,
+            "dtype",
+        ),
+        (
+            to_record({"m.q.lora_A.weight": torch.ones(2, 1000), "m.q.lora_B.weight": torch.zeros(1000, 2)}),
+            None,
+            "exceeds",
+        ),
         (None, {"num-examples": 0, "train-loss": 0.5}, "num-examples"),
         (None, {"num-examples": 3, "train-loss": float("inf")}, "train-loss"),
         (None, {"train-loss": 0.5}, "num-examples"),
@@ -70,9 +112,12 @@ def test_bad_replies_are_rejected(arrays, metrics, reason):
 
 def test_undecodable_bytes():
     good = SENT["m.q.lora_A.weight"]
-    broken = ArrayRecord({"m.q.lora_A.weight": Array(dtype="float32", shape=good.shape, stype=good.stype,
-                                                     data=b"garbage"),
-                          "m.q.lora_B.weight": SENT["m.q.lora_B.weight"]})
+    broken = ArrayRecord(
+        {
+            "m.q.lora_A.weight": Array(dtype="float32", shape=good.shape, stype=good.stype, data=b"garbage"),
+            "m.q.lora_B.weight": SENT["m.q.lora_B.weight"],
+        }
+    )
     with pytest.raises(ReplyError, match="undecodable"):
         _check(_reply(broken))
 

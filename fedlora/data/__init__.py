@@ -20,16 +20,31 @@ in one process read and partition the data once; ``process_state().clear()`` for
 
 from fedlora.data.batching import Encoded, collate, encode, split_by_task, subset, task_rows
 from fedlora.data.labels import LabelEncoder, labels_from_training, task_label_ids, tasks_from_column
-from fedlora.data.partition import (load_partition, make_partitioner, partition_by, partition_sizes_ok,
-                                    write_partitions)
+from fedlora.data.partition import load_partition, make_partitioner, partition_by, partition_sizes_ok, write_partitions
 from fedlora.data.sources import EVAL_STEMS, LOCAL_SUFFIXES, SYNTHETIC_PREFIX
 from fedlora.data.sources import _read_local as _read_local  # the client launcher checks a device's file
 from fedlora.data.tasks import TaskData, load_device_data, load_task_data
 
 __all__ = [
-    "EVAL_STEMS", "LOCAL_SUFFIXES", "SYNTHETIC_PREFIX",
-    "Encoded", "LabelEncoder", "TaskData",
-    "collate", "encode", "labels_from_training", "load_device_data", "load_partition", "load_task_data",
-    "make_partitioner", "partition_by", "partition_sizes_ok", "split_by_task", "subset", "task_label_ids",
-    "task_rows", "tasks_from_column", "write_partitions",
+    "EVAL_STEMS",
+    "LOCAL_SUFFIXES",
+    "SYNTHETIC_PREFIX",
+    "Encoded",
+    "LabelEncoder",
+    "TaskData",
+    "collate",
+    "encode",
+    "labels_from_training",
+    "load_device_data",
+    "load_partition",
+    "load_task_data",
+    "make_partitioner",
+    "partition_by",
+    "partition_sizes_ok",
+    "split_by_task",
+    "subset",
+    "task_label_ids",
+    "task_rows",
+    "tasks_from_column",
+    "write_partitions",
 ]

@@ -57,8 +57,9 @@ def tasks_from_column(train: Any, evals: Any) -> tuple[Any, Any, list[str]]:
     return train, evals, tasks
 
 
-def labels_from_training(train: Any, tasks: list[str], source: str,
-                         label_column: str) -> tuple[list[str], dict[str, list[int]]]:
+def labels_from_training(
+    train: Any, tasks: list[str], source: str, label_column: str
+) -> tuple[list[str], dict[str, list[int]]]:
     """The class names of the pooled training data in id order, and each task's ids among them.
 
     Without tasks the names are the ``label`` values, sorted. With tasks they are qualified,
@@ -132,8 +133,9 @@ class LabelEncoder:
             return
         if self.from_training:
             raise DataError(f"{where}: tasks (data.task_column) not seen in training: {', '.join(unknown[:5])}")
-        raise DataError(f"{where}: tasks not in this run: {', '.join(unknown[:5])} "
-                        f"(the run's tasks: {', '.join(self.tasks)})")
+        raise DataError(
+            f"{where}: tasks not in this run: {', '.join(unknown[:5])} (the run's tasks: {', '.join(self.tasks)})"
+        )
 
     def _check_labels(self, names: list[str], where: str) -> None:
         unknown = sorted(set(names) - set(self._label_ids))
@@ -141,8 +143,10 @@ class LabelEncoder:
             return
         if self.from_training:
             raise DataError(f"{where}: labels not seen in training: {', '.join(unknown[:5])}")
-        raise DataError(f"{where}: labels not in this run: {', '.join(unknown[:5])} "
-                        f"(the run's labels: {', '.join((self.labels or [])[:10])})")
+        raise DataError(
+            f"{where}: labels not in this run: {', '.join(unknown[:5])} "
+            f"(the run's labels: {', '.join((self.labels or [])[:10])})"
+        )
 
     def encode(self, ds: Any, where: str) -> Any:
         """``ds`` with its names replaced by ids.

@@ -29,15 +29,26 @@ def make_partitioner(cfg: RunConfig, num_partitions: int):
         # Over the labels unless a column is named: partition_column = "task" skews the mix of tasks.
         by = by or ("labels" if cfg.model.task == "classification" else "")
         if not by:
-            raise DataError("data.partitioner: 'dirichlet' splits over labels; causal LM data has none "
-                            "(use iid or column, or set data.partition_column)")
+            raise DataError(
+                "data.partitioner: 'dirichlet' splits over labels; causal LM data has none "
+                "(use iid or column, or set data.partition_column)"
+            )
         return DirichletPartitioner(
-            num_partitions=num_partitions, partition_by=by, alpha=d.dirichlet_alpha,
-            min_partition_size=1, self_balancing=False, shuffle=True, seed=cfg.seed,
+            num_partitions=num_partitions,
+            partition_by=by,
+            alpha=d.dirichlet_alpha,
+            min_partition_size=1,
+            self_balancing=False,
+            shuffle=True,
+            seed=cfg.seed,
         )
     return PathologicalPartitioner(
-        num_partitions=num_partitions, partition_by=by,
-        num_classes_per_partition=1, class_assignment_mode="deterministic", shuffle=True, seed=cfg.seed,
+        num_partitions=num_partitions,
+        partition_by=by,
+        num_classes_per_partition=1,
+        class_assignment_mode="deterministic",
+        shuffle=True,
+        seed=cfg.seed,
     )
 
 

@@ -66,7 +66,7 @@ def _load_raw(cfg: DataConfig, seed: int, prefix: str = "data.") -> tuple[Any, A
     if cfg.path.startswith(SYNTHETIC_PREFIX):
         from fedlora.synthetic import GENERATORS
 
-        kind = cfg.path[len(SYNTHETIC_PREFIX):]
+        kind = cfg.path[len(SYNTHETIC_PREFIX) :]
         if kind not in GENERATORS:
             known = ", ".join(SYNTHETIC_PREFIX + name for name in sorted(GENERATORS))
             raise DataError(f"{prefix}path: unknown synthetic task {kind!r} (known: {known})")
@@ -162,8 +162,9 @@ def _source_columns(cfg: RunConfig, prefix: str, text_column: str, label_column:
     if by and by not in _derived_columns(cfg):
         # A column of the source itself: kept under its own name, which must not be one we make.
         if by in {new for _, _, new, _ in columns}:
-            raise DataError(f"data.partition_column: column {by!r} clashes with a column made while loading; "
-                            f"rename it in the data")
+            raise DataError(
+                f"data.partition_column: column {by!r} clashes with a column made while loading; rename it in the data"
+            )
         columns.append(("data.partition_column", by, by, False))
     return columns
 

@@ -117,9 +117,16 @@ def _load_task_data(cfg: RunConfig) -> TaskData:
         trains, evals_list, sources = [], [], []
         for i, task in enumerate(d.tasks):
             prefix = f"data.tasks[{i}]."
-            src = DataConfig(path=task.path, text_column=task.text_column, label_column=task.label_column,
-                             eval_path=task.eval_path, eval_split=task.eval_split, eval_fraction=d.eval_fraction,
-                             max_train_examples=task.max_train_examples, max_eval_examples=task.max_eval_examples)
+            src = DataConfig(
+                path=task.path,
+                text_column=task.text_column,
+                label_column=task.label_column,
+                eval_path=task.eval_path,
+                eval_split=task.eval_split,
+                eval_fraction=d.eval_fraction,
+                max_train_examples=task.max_train_examples,
+                max_eval_examples=task.max_eval_examples,
+            )
             columns = _source_columns(cfg, prefix, task.text_column, task.label_column)
             train, evals, source = _load_source(src, cfg.seed, columns, prefix)
             if len(train) == 0:
