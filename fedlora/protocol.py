@@ -66,6 +66,13 @@ NODE_NUM_PARTITIONS = "num-partitions"
 NODE_RANK = "rank"
 NODE_EXPORT_DIR = "export-dir"
 
+# -- run_config keys of a deployed run (written by fedlora-server, read by the deployed ServerApp)
+RUN_CONFIG_FEDLORA = "fedlora-config"  # the resolved RunConfig as JSON
+RUN_CONFIG_RUN_DIR = "run-dir"  # absolute runs/<name>/ on the server machine
+RUN_CONFIG_RESUME = "resume"
+RUN_CONFIG_MIN_CLIENTS = "min-clients"
+RUN_CONFIG_WAIT_CLIENTS = "wait-clients"
+
 # -- what a node keeps in Flower's Context.state across rounds --------------------------------
 LOCAL_STATE = "fedlora-local"
 

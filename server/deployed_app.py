@@ -27,6 +27,7 @@ import time
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedlora import protocol as P
 from fedlora.config import RunConfig
 from fedlora.errors import FedLoraError
 from fedlora.runlog import Progress, RunDirectory
@@ -66,12 +67,15 @@ def main(grid: Grid, context: Context) -> None:
     progress = Progress()
     try:
         rc = context.run_config
-        cfg = RunConfig.from_dict(json.loads(str(rc["fedlora-config"])))
-        resume = bool(rc.get("resume", False))
-        run_dir = RunDirectory(str(rc["run-dir"]))
+        cfg = RunConfig.from_dict(json.loads(str(rc[P.RUN_CONFIG_FEDLORA])))
+        resume = bool(rc.get(P.RUN_CONFIG_RESUME, False))
+        run_dir = RunDirectory(str(rc[P.RUN_CONFIG_RUN_DIR]))
         prepared = prepare(cfg, check_partitions=False)  # the clients bring their own data
         wait_for_nodes(
-            grid, int(rc.get("min-clients", cfg.federation.clients)), float(rc.get("wait-clients", 300.0)), progress
+            grid,
+            int(rc.get(P.RUN_CONFIG_MIN_CLIENTS, cfg.federation.clients)),
+            float(rc.get(P.RUN_CONFIG_WAIT_CLIENTS, 300.0)),
+            progress,
         )
         result = run_server(grid, prepared, run_dir, progress=progress, resume=resume, announce_nodes=True)
     except FedLoraError as err:

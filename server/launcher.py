@@ -39,6 +39,7 @@ from typing import Any
 import tomli_w
 
 import fedlora
+from fedlora import protocol as P
 from fedlora.certs import CA_CERT, SERVER_CERT, SERVER_KEY, check_certificate, load_public_keys
 from fedlora.config import RunConfig
 from fedlora.errors import FedLoraError, RunFailed
@@ -133,13 +134,13 @@ def fab_files(cfg: RunConfig, run_dir: Path, opts: ServerOptions) -> dict[str, b
                     "publisher": "fedlora",
                     "components": {"serverapp": SERVER_APP, "clientapp": CLIENT_APP},
                     "config": {
-                        "fedlora-config": cfg.to_json(),
-                        "run-dir": str(run_dir),
-                        "resume": bool(opts.resume),
-                        "min-clients": int(
+                        P.RUN_CONFIG_FEDLORA: cfg.to_json(),
+                        P.RUN_CONFIG_RUN_DIR: str(run_dir),
+                        P.RUN_CONFIG_RESUME: bool(opts.resume),
+                        P.RUN_CONFIG_MIN_CLIENTS: int(
                             opts.min_clients if opts.min_clients is not None else cfg.federation.clients
                         ),
-                        "wait-clients": float(opts.wait_clients),
+                        P.RUN_CONFIG_WAIT_CLIENTS: float(opts.wait_clients),
                     },
                 }
             }
