@@ -76,3 +76,32 @@ def test_tasks_from_a_column_must_cover_the_held_out_set():
     with pytest.raises(DataError) as err:
         tasks_from_column(Dataset.from_dict({"task": ["a"]}), Dataset.from_dict({"task": ["c", "b"]}))
     assert str(err.value) == "evaluation data: tasks (data.task_column) not seen in training: b, c"
+
+
+def test_tasks_with_int_and_string_labels_combine(tmp_path):
+    """SST-2 labels its rows 0/1, AG News by name: one run takes both (labels qualified by task)."""
+    import pandas as pd
+
+    from fedlora.config import RunConfig
+    from fedlora.data import load_task_data
+
+    pd.DataFrame({"text": [f"a{i}" for i in range(20)], "label": [i % 2 for i in range(20)]}).to_csv(
+        tmp_path / "ints.csv", index=False
+    )
+    pd.DataFrame({"text": [f"b{i}" for i in range(20)], "label": ["x", "y"] * 10}).to_csv(
+        tmp_path / "names.csv", index=False
+    )
+    cfg = RunConfig.from_dict(
+        {
+            "name": "mixed-labels",
+            "data": {
+                "tasks": [
+                    {"name": "ints", "path": str(tmp_path / "ints.csv")},
+                    {"name": "names", "path": str(tmp_path / "names.csv")},
+                ]
+            },
+        }
+    )
+    data = load_task_data(cfg)
+    assert data.labels == ["ints:0", "ints:1", "names:x", "names:y"]
+    assert sorted(set(data.train["labels"])) == [0, 1, 2, 3]

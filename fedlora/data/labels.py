@@ -23,8 +23,16 @@ def _label_sort_key(value: str) -> tuple:
 
 
 def _as_str(ds: Any, column: str) -> Any:
-    """``column`` as strings, so sources whose labels are ints and strings combine."""
-    return ds.map(lambda batch: {column: [str(v) for v in batch[column]]}, batched=True)
+    """``column`` as strings, so sources whose labels are ints and strings combine.
+
+    A cast, not a ``map``: ``datasets`` keeps a mapped column's int64 type, so ``"1"`` came back
+    as ``1`` and an int-labelled task could not be concatenated with a string-labelled one.
+    """
+    from datasets import Value
+
+    if ds.features[column] == Value("string"):
+        return ds
+    return ds.cast_column(column, Value("string"))
 
 
 def _label_names(ds: Any, qualified: bool) -> list[str]:
