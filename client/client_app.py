@@ -28,14 +28,14 @@ from flwr.clientapp import ClientApp
 from fedlora import protocol as P
 from fedlora.adapters import AdapterHost, AdapterSpec, from_record, get_host, lora_modules, to_record
 from fedlora.config import RunConfig
-from fedlora.data import task_label_ids, task_rows
+from fedlora.data import task_label_ids
 from fedlora.models import LoadedModel, load_model
 from fedlora.runlog import status
 from fedlora.strategies import ClientHooks, NodeStore, TrainGroup, get_strategy_class
 from fedlora.strategies.hooks import split_received
 from fedlora.training import TrainResult, steps_for, train_local
 
-from .node import capabilities, encoded, eval_examples, is_device, node_index, run_classes, train_examples
+from .node import capabilities, encoded, eval_examples, is_device, node_index, rows_by_task, run_classes, train_examples
 
 app = ClientApp()
 
@@ -102,7 +102,8 @@ def train_group(
             f"round {config[P.SERVER_ROUND]}  client {index}{task}  step {step}/{steps}  loss {loss:.4f}"
         ),
     )
-    s.hooks.keep(store, {k: params[k].detach().clone() for k in kept})
+    # Live values: a hook that stores them serializes (copies) them at once, so no clone here.
+    s.hooks.keep(store, {k: params[k].detach() for k in kept})
     return result, {k: params[k].detach() for k in group.tensors}
 
 
@@ -123,7 +124,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     with s.host.lock:  # one adapter per rank is shared by the virtual clients of this process
         name = s.host.ensure(s.spec, seed=s.run.seed)
         s.host.set_base_delta(*s.hooks.base_delta(s.host, lora_modules(s.host.shapes(name)), factors))
-        groups = s.hooks.groups(trained, data, task_rows(raw))
+        groups = s.hooks.groups(trained, data, rows_by_task(raw))
         for group in groups:
             result, live = train_group(s, name, group, store, seed, index)
             # The live parameters are serialized under the lock below; only when another group's

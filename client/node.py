@@ -126,6 +126,11 @@ def memory_gb() -> float:
         return 0.0
 
 
+def rows_by_task(ds: Any) -> dict[str, list[int]]:
+    """Row indices of ``ds`` (this node's examples) per task, computed once per process."""
+    return process_state().get(DERIVED, ("task-rows", id(ds)), lambda: task_rows(ds))
+
+
 def capabilities(run: RunConfig, context: Context, labels: list[str], tasks: list[str]) -> ConfigRecord:
     """What this node has: the rank it trains, device, memory, examples, examples per task."""
     ds = train_examples(run, context, labels, tasks)
@@ -135,6 +140,6 @@ def capabilities(run: RunConfig, context: Context, labels: list[str], tasks: lis
             P.INFO_DEVICE: "cuda" if torch.cuda.is_available() else "cpu",
             P.INFO_MEMORY_GB: memory_gb(),
             P.INFO_NUM_EXAMPLES: int(len(ds)),
-            P.INFO_TASKS: json.dumps({t: len(rows) for t, rows in task_rows(ds).items()}),
+            P.INFO_TASKS: json.dumps({t: len(rows) for t, rows in rows_by_task(ds).items()}),
         }
     )

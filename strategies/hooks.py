@@ -171,7 +171,10 @@ class ClientHooks:
         return trained, {}
 
     def keep(self, store: NodeStore, kept: dict[str, torch.Tensor]) -> None:
-        """Store what :meth:`kept` installed, as trained, for the next round (default: nothing)."""
+        """Store what :meth:`kept` installed, as trained, for the next round (default: nothing).
+
+        ``kept`` holds the live parameters: :meth:`NodeStore.save` serializes (copies) them.
+        """
 
 
 def split_received(received: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

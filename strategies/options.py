@@ -86,10 +86,5 @@ class StrategyOptions:
             kwargs[key] = _check_type(key, value, hints[key])
         return cls(**kwargs)
 
-    @classmethod
-    def help(cls) -> dict[str, str]:
-        """``{option: help text (default)}`` for documentation and ``fedlora`` messages."""
-        return {f.name: f"{f.metadata.get('help', '')} (default {f.default!r})" for f in dataclasses.fields(cls)}
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
