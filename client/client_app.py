@@ -30,12 +30,14 @@ from fedlora.adapters import AdapterHost, AdapterSpec, from_record, get_host, lo
 from fedlora.config import RunConfig
 from fedlora.data import task_label_ids
 from fedlora.models import LoadedModel, load_model
+from fedlora.privacy import DPSettings
 from fedlora.runlog import status
 from fedlora.strategies import ClientHooks, NodeStore, TrainGroup, get_strategy_class
 from fedlora.strategies.hooks import split_received
 from fedlora.training import TrainResult, steps_for, train_local
 
 from .node import capabilities, encoded, eval_examples, is_device, node_index, rows_by_task, run_classes, train_examples
+from .privacy import NodePrivacy
 
 app = ClientApp()
 
@@ -68,9 +70,17 @@ def setup(msg: Message) -> Setup:
 
 
 def train_group(
-    s: Setup, name: str, group: TrainGroup, store: NodeStore, seed: int, index: int
+    s: Setup,
+    name: str,
+    group: TrainGroup,
+    store: NodeStore,
+    seed: int,
+    index: int,
+    steps: int,
+    dp: DPSettings | None = None,
 ) -> tuple[TrainResult, dict[str, torch.Tensor]]:
-    """Install one group's adapter, train it, keep what the node keeps (under the host's lock).
+    """Install one group's adapter, train it (with DP-SGD when ``dp`` is given), keep what the
+    node keeps (under the host's lock).
 
     Returns the training result and the trained tensors (live parameters, detached).
     """
@@ -83,28 +93,48 @@ def train_group(
     kept = s.hooks.kept(shapes, group.tensors, store)
     host.load_state(name, kept)
     params = host.params(name)
-    steps = steps_for(
-        len(group.data), int(config[P.BATCH_SIZE]), int(config[P.LOCAL_STEPS]), float(config[P.LOCAL_EPOCHS])
-    )
     task = f"  task {group.name}" if group.name else ""
-    result = train_local(
-        host.peft_model,
-        [params[k] for k in group.tensors] + [params[k] for k in kept],
-        group.data,
-        steps=steps,
-        batch_size=int(config[P.BATCH_SIZE]),
-        lr=float(config[P.LR]),
-        pad_id=s.loaded.tokenizer.pad_token_id,
-        causal=s.run.model.task == "causal_lm",
-        seed=seed,
-        regularizer=s.hooks.regularizer(params, s.spec.rank),
-        on_step=lambda step, loss: status(
-            f"round {config[P.SERVER_ROUND]}  client {index}{task}  step {step}/{steps}  loss {loss:.4f}"
-        ),
-    )
+    with s.hooks.training(host.peft_model, s.spec) as before_step:
+        result = train_local(
+            host.peft_model,
+            [params[k] for k in group.tensors] + [params[k] for k in kept],
+            group.data,
+            steps=steps,
+            batch_size=int(config[P.BATCH_SIZE]),
+            lr=float(config[P.LR]),
+            pad_id=s.loaded.tokenizer.pad_token_id,
+            causal=s.run.model.task == "causal_lm",
+            seed=seed,
+            regularizer=s.hooks.regularizer(params, s.spec.rank),
+            before_step=before_step,
+            dp=dp,
+            on_step=lambda step, loss: status(
+                f"round {config[P.SERVER_ROUND]}  client {index}{task}  step {step}/{steps}  loss {loss:.4f}"
+            ),
+        )
     # Live values: a hook that stores them serializes (copies) them at once, so no clone here.
     s.hooks.keep(store, {k: params[k].detach() for k in kept})
     return result, {k: params[k].detach() for k in group.tensors}
+
+
+def group_steps(config: ConfigRecord, group: TrainGroup) -> int:
+    """Local steps for one group this round (``local_epochs`` passes, else ``local_steps``)."""
+    return steps_for(
+        len(group.data), int(config[P.BATCH_SIZE]), int(config[P.LOCAL_STEPS]), float(config[P.LOCAL_EPOCHS])
+    )
+
+
+def budget_stop(msg: Message, privacy: NodePrivacy, reached: float, index: int, device: bool) -> Message:
+    """The reply of a node whose privacy budget this round would exceed: no tensors, the numbers."""
+    spent, budget = privacy.epsilon(), privacy.run.privacy.budget
+    if device:
+        print(
+            f"fedlora-client: privacy budget reached: epsilon {spent:.4g} spent, this round would reach "
+            f"{reached:.4g} > budget {budget:g}; not training",
+            flush=True,
+        )
+    metrics = {P.BUDGET_STOP: 1, P.EPSILON: float(spent), P.EPSILON_NEXT: float(reached), P.EPSILON_BUDGET: budget}
+    return Message(content=RecordDict({P.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
 def handle_train(msg: Message, context: Context) -> Message:
@@ -117,6 +147,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     index = node_index(context)
     seed = int(config[P.SEED]) + 7919 * index
     store = NodeStore(context.state)
+    privacy = NodePrivacy.load(s.run, context.state) if s.run.privacy.mode == "local" else None
     start = time.perf_counter()
     arrays_out: dict[str, Any] = {}
     metrics: dict[str, Any] = {}
@@ -125,8 +156,21 @@ def handle_train(msg: Message, context: Context) -> Message:
         name = s.host.ensure(s.spec, seed=s.run.seed)
         s.host.set_base_delta(*s.hooks.base_delta(s.host, lora_modules(s.host.shapes(name)), factors))
         groups = s.hooks.groups(trained, data, rows_by_task(raw))
+        plans = {group.name: (None, group_steps(config, group)) for group in groups}
+        if privacy is not None:  # plan every group's DP-SGD and check the budget before any training
+            batch = int(config[P.BATCH_SIZE])
+            plans = {
+                g.name: (privacy.plan(g.name, len(g.data), batch, n), n) for g, (_, n) in zip(groups, plans.values())
+            }
+            reached = privacy.would_exceed(plans)
+            if reached is not None:
+                return budget_stop(msg, privacy, reached, index, is_device(context))
         for group in groups:
-            result, live = train_group(s, name, group, store, seed, index)
+            dp, steps = plans[group.name]
+            if privacy is not None:  # spent when the steps start: recorded (and kept) before them
+                privacy.record(group.name, dp, steps)
+                privacy.save(context.state)
+            result, live = train_group(s, name, group, store, seed, index, steps, dp)
             # The live parameters are serialized under the lock below; only when another group's
             # adapter is loaded into them next must this group's values be copied out first.
             if len(groups) > 1:
@@ -151,10 +195,13 @@ def handle_train(msg: Message, context: Context) -> Message:
             P.RANK: int(next_rank),
         }
     )
+    if privacy is not None:
+        metrics[P.EPSILON] = privacy.epsilon()
     if is_device(context):
         print(
             f"fedlora-client: round {config[P.SERVER_ROUND]}: trained rank {next_rank} on {examples} examples, "
-            f"{steps_total} steps, loss {metrics[P.TRAIN_LOSS]:.4f}, {metrics[P.TRAIN_SECONDS]:.1f} s",
+            f"{steps_total} steps, loss {metrics[P.TRAIN_LOSS]:.4f}, {metrics[P.TRAIN_SECONDS]:.1f} s"
+            + (f", epsilon {metrics[P.EPSILON]:.4g}" if P.EPSILON in metrics else ""),
             flush=True,
         )
     info = capabilities(s.run, context, s.labels, s.tasks)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import tomllib
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -223,6 +225,55 @@ class FederationConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Differential privacy (``[privacy]``); see :mod:`fedlora.privacy`.
+
+    Attributes
+    ----------
+    mode : str
+        ``off``; ``local`` (DP-SGD on every client with Opacus: sample-level DP for each
+        client); ``central`` (the server clips each client's update and noises their mean:
+        user-level DP for the federation).
+    noise_multiplier : float, optional
+        Noise std over the clipping bound. Set this or ``target_epsilon``.
+    target_epsilon : float, optional
+        The epsilon to end the run at: the noise multiplier is computed for it (local: for
+        each client's steps over all rounds; central: over the rounds at the sampling rate).
+    delta : float
+        Target delta; below 1/examples (local) or 1/clients (central).
+    max_grad_norm : float
+        ``local``: per-example gradient clipping bound.
+    clip_norm : float
+        ``central``: per-client update clipping bound (L2 over all its tensors).
+    accountant : str
+        ``rdp`` or ``prv`` (Opacus accountants; ``central`` uses RDP over rounds).
+    epsilon_budget : float, optional
+        ``local``: a client whose epsilon would exceed this stops training (default:
+        ``target_epsilon`` when set, else no cap).
+    """
+
+    mode: str = "off"
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    clip_norm: float = 1.0
+    accountant: str = "rdp"
+    epsilon_budget: float | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+    @property
+    def budget(self) -> float:
+        """The epsilon a client may not exceed (inf: no cap)."""
+        if self.epsilon_budget is not None:
+            return self.epsilon_budget
+        return self.target_epsilon if self.target_epsilon is not None else math.inf
+
+
+@dataclass
 class StrategyConfig:
     """Aggregation strategy: ``name`` plus strategy-specific options (checked by the strategy)."""
 
@@ -242,12 +293,15 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Nested plain dict, with strategy options flattened into ``[strategy]`` as in a preset."""
         out = dataclasses.asdict(self)
         options = out["strategy"].pop("options")
         out["strategy"].update(options)
+        # An unset optional key (``privacy.target_epsilon``) is left out: TOML has no null.
+        out["privacy"] = {k: v for k, v in out["privacy"].items() if v is not None}
         return out
 
     def to_json(self) -> str:
@@ -296,6 +350,11 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
 def _coerce(key: str, value: Any, typ: Any) -> Any:
     """Check ``value`` against the annotation ``typ``; ints are accepted where floats are."""
     origin = get_origin(typ)
+    if origin is types.UnionType:  # ``float | None``: optional, unset unless given
+        if value is None:
+            return None
+        (inner,) = [a for a in get_args(typ) if a is not type(None)]
+        return _coerce(key, value, inner)
     if origin is list:
         (item,) = get_args(typ)
         if isinstance(value, str) and not dataclasses.is_dataclass(item):  # --set lora.target_modules=query,value
@@ -389,6 +448,47 @@ def validate(cfg: RunConfig) -> None:
             profile.rank <= cfg.lora.rank,
             f"federation.profiles[{i}].rank",
             f"= {profile.rank} exceeds lora.rank = {cfg.lora.rank}, the global adapter's rank",
+        )
+    _validate_privacy(cfg)
+
+
+def _validate_privacy(cfg: RunConfig) -> None:
+    from fedlora.privacy import ACCOUNTANTS, MODES
+
+    p = cfg.privacy
+    _check(p.mode in MODES, "privacy.mode", f"must be one of {', '.join(MODES)}, got {p.mode!r}")
+    _check(
+        p.accountant in ACCOUNTANTS,
+        "privacy.accountant",
+        f"must be one of {', '.join(ACCOUNTANTS)}, got {p.accountant!r}",
+    )
+    if p.target_epsilon is not None:
+        _check(p.target_epsilon > 0, "privacy.target_epsilon", f"must be > 0, got {p.target_epsilon}")
+    if p.noise_multiplier is not None:
+        _check(p.noise_multiplier > 0, "privacy.noise_multiplier", f"must be > 0, got {p.noise_multiplier}")
+    if p.epsilon_budget is not None:
+        _check(p.epsilon_budget > 0, "privacy.epsilon_budget", f"must be > 0, got {p.epsilon_budget}")
+    _check(0 < p.delta < 1, "privacy.delta", f"must be in (0, 1), got {p.delta}")
+    _check(p.max_grad_norm > 0, "privacy.max_grad_norm", f"must be > 0, got {p.max_grad_norm}")
+    _check(p.clip_norm > 0, "privacy.clip_norm", f"must be > 0, got {p.clip_norm}")
+    if not p.enabled:
+        return
+    _check(
+        (p.noise_multiplier is None) != (p.target_epsilon is None),
+        "privacy.noise_multiplier",
+        f"or privacy.target_epsilon: set exactly one with privacy.mode = {p.mode!r}",
+    )
+    if p.mode == "central":
+        _check(
+            p.delta < 1 / cfg.federation.clients,
+            "privacy.delta",
+            f"= {p.delta:g} must be < 1/clients = {1 / cfg.federation.clients:.3g} for user-level DP "
+            f"(federation.clients = {cfg.federation.clients})",
+        )
+        _check(
+            p.epsilon_budget is None,
+            "privacy.epsilon_budget",
+            "applies to mode = 'local' (a client's own budget); for central DP set privacy.target_epsilon",
         )
 
 

@@ -50,6 +50,13 @@ TRAIN_LOSS = "train-loss"
 TRAIN_STEPS = "train-steps"
 TRAIN_SECONDS = "train-seconds"
 # RANK (above) also: the rank the node will train next (after any self-pruning).
+# Local DP (privacy.mode = "local"): the node's sample-level epsilon so far, at privacy.delta.
+EPSILON = "epsilon"
+# A node whose privacy budget the round would exceed trains nothing and replies with these
+# (no ARRAYS): the epsilon this round would have reached, and the budget.
+BUDGET_STOP = "budget-stop"
+EPSILON_NEXT = "epsilon-next"
+EPSILON_BUDGET = "epsilon-budget"
 # A node training one adapter per task adds NUM_EXAMPLES and TRAIN_LOSS per task: task_metric().
 
 # -- ConfigRecord keys of a node's capability record (INFO) -----------------------------------
@@ -75,6 +82,7 @@ RUN_CONFIG_WAIT_CLIENTS = "wait-clients"
 
 # -- what a node keeps in Flower's Context.state across rounds --------------------------------
 LOCAL_STATE = "fedlora-local"
+PRIVACY_STATE = "fedlora-privacy"  # the node's privacy ledger (JSON), never sent
 
 # -- several adapters in one flat state --------------------------------------------------------
 TASK_SEP = "::"

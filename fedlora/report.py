@@ -186,10 +186,13 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
             f"| {down:,} / {up:,} | {secs:.1f} |"
         )
     md.append("")
+    for run in runs:
+        if run.rounds and run.rounds[-1].get("privacy"):
+            md += [f"Privacy of {_label(run, runs)}: {run.rounds[-1]['privacy']}.", ""]
     for name, caption in plots.items():
         md += [f"![{caption}]({name})", "", f"*{caption}*", ""]
     for run in runs:
-        keys = [k for k in _metric_keys([run]) if k not in ("clients_ok", "clients_sampled")]
+        keys = [k for k in _metric_keys([run]) if k not in ("clients_ok", "clients_sampled", "privacy")]
         md += [f"## {_label(run, runs)}", "", f"Run directory: `{run.path}`", ""]
         md.append("| round | " + " | ".join(keys) + " |")
         md.append("| --- |" + " --- |" * len(keys))

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from fedlora.data import Encoded, collate
+from fedlora.privacy import DPSGD, DPSettings, check_moved, per_example_causal_loss, poisson_batches
 
 
 @dataclass
@@ -49,6 +50,8 @@ def train_local(
     seed: int,
     on_step: Callable[[int, float], None] | None = None,
     regularizer: Callable[[], torch.Tensor] | None = None,
+    before_step: Callable[[int], None] | None = None,
+    dp: DPSettings | None = None,
 ) -> TrainResult:
     """Run ``steps`` AdamW steps on ``params`` (all other parameters stay frozen).
 
@@ -67,12 +70,20 @@ def train_local(
     causal : bool
         Next-token loss (causal LM) instead of classification.
     seed : int
-        Seeds dropout and the batch order, so a client's round is reproducible.
+        Seeds dropout, the batch order (or Poisson sampling) and the DP noise, so a client's
+        round is reproducible.
     on_step : callable, optional
         Called with (step, loss) after every step, for progress display.
     regularizer : callable, optional
         Returns a penalty added to each step's loss (HetLoRA's rank regulariser); the reported
-        loss excludes it.
+        loss excludes it. Under DP-SGD its gradient, which depends on no example, is added to
+        the privatized gradient.
+    before_step : callable, optional
+        Called with the 0-based step before its forward pass (DyLoRA samples the step's rank).
+    dp : DPSettings, optional
+        Train with DP-SGD (:class:`fedlora.privacy.DPSGD`): Poisson batches at
+        ``dp.sample_rate``, per-example clipping, Gaussian noise. After every step the trained
+        tensors must have moved, else RuntimeError.
     """
     params = list(params)
     for p in params:
@@ -81,21 +92,51 @@ def train_local(
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     model.train()
     total, seen = 0.0, 0
-    batches = batch_indices(len(data), batch_size, seed)
     try:
-        for step in range(steps):
-            idx = next(batches)
-            batch = collate(data, idx, pad_id, causal)
-            out = model(**batch)
-            loss = out.loss
-            optimizer.zero_grad(set_to_none=True)
-            (loss + regularizer() if regularizer is not None else loss).backward()
-            optimizer.step()
-            value = float(loss.detach())
-            total += value * len(idx)
-            seen += len(idx)
-            if on_step is not None:
-                on_step(step + 1, value)
+        if dp is None:
+            batches = batch_indices(len(data), batch_size, seed)
+            for step in range(steps):
+                idx = next(batches)
+                if before_step is not None:
+                    before_step(step)
+                batch = collate(data, idx, pad_id, causal)
+                loss = model(**batch).loss
+                optimizer.zero_grad(set_to_none=True)
+                (loss + regularizer() if regularizer is not None else loss).backward()
+                optimizer.step()
+                value = float(loss.detach())
+                total += value * len(idx)
+                seen += len(idx)
+                if on_step is not None:
+                    on_step(step + 1, value)
+        else:
+            with DPSGD(model, params, optimizer, dp, seed) as engine:
+                for step, idx in enumerate(poisson_batches(len(data), dp.sample_rate, steps, seed)):
+                    if before_step is not None:
+                        before_step(step)
+                    before = [p.detach().clone() for p in params]
+                    engine.optimizer.zero_grad(set_to_none=True)
+                    value = 0.0
+                    if idx:
+                        batch = collate(data, idx, pad_id, causal)
+                        if causal:
+                            labels = batch.pop("labels")
+                            loss = per_example_causal_loss(engine.module(**batch).logits, labels)
+                        else:
+                            loss = engine.module(**batch).loss
+                        loss.backward()
+                        value = float(loss.detach())
+                    else:
+                        engine.empty_batch()
+                    extra = None
+                    if regularizer is not None:
+                        extra = torch.autograd.grad(regularizer(), params, allow_unused=True)
+                    engine.step(extra)
+                    check_moved(before, params, step + 1)
+                    total += value * len(idx)
+                    seen += len(idx)
+                    if on_step is not None:
+                        on_step(step + 1, value)
     finally:
         for p in params:
             p.requires_grad_(False)

@@ -39,6 +39,7 @@ from fedlora.runlog import Progress, RunDirectory, ScalarLog
 from fedlora.strategies import LoRAStrategy, NodeDirectory, create
 
 from .evaluation import evaluate_state
+from .privacy import CentralDP, PrivacyBook
 from .validation import ReplyError, validate_reply
 
 if TYPE_CHECKING:
@@ -154,6 +155,9 @@ class RoundLoop:
             P.RUN_TASKS: json.dumps(list(prepared.data.tasks)),
         }
         self.max_reply_bytes = int(self.cfg.federation.max_reply_mb * 1024 * 1024)
+        #: User-level DP around the strategy's aggregation (``privacy.mode = "central"``).
+        self.central = CentralDP(self.cfg, self.strategy) if self.cfg.privacy.mode == "central" else None
+        self.privacy = PrivacyBook(self.cfg)
         self.scalars: ScalarLog | None = None
 
     # -- the run -------------------------------------------------------------------------------
@@ -182,6 +186,9 @@ class RoundLoop:
         if resume:
             last, state, extra = self.run_dir.load_checkpoint()
             self.strategy.load_state_dict(extra.get("strategy", {}))
+            self.privacy.load_state_dict(extra.get("privacy", {}))
+            if self.central is not None:
+                self.central.load_state_dict(extra.get("central_dp", {}))
             self.run_dir.truncate_metrics(last)
             result.rounds = self.run_dir.read_metrics()
             result.initial = extra.get("initial", {})
@@ -263,11 +270,17 @@ class RoundLoop:
         node = reply.metadata.src_node_id
         entry = book.entry(node)
         where = f"round {server_round}/{self.cfg.rounds}  client {count}/{total}  node {node}"
+        if node in book.sent and self.budget_stopped(reply, entry, where):
+            return
         try:
             if node not in book.sent:
                 raise ReplyError("reply from a node that was not sent a message this round")
             validate_reply(
-                reply, book.sent[node], dtype=self.cfg.federation.transport_dtype, max_bytes=self.max_reply_bytes
+                reply,
+                book.sent[node],
+                dtype=self.cfg.federation.transport_dtype,
+                max_bytes=self.max_reply_bytes,
+                epsilon=self.cfg.privacy.mode == "local",
             )
         except ReplyError as err:
             book.drop(node, str(err))
@@ -288,19 +301,49 @@ class RoundLoop:
         tasks = {task: int(v) for task, v in P.task_metrics(metrics, P.NUM_EXAMPLES).items()}
         if tasks:
             entry["tasks"] = tasks
+        if self.cfg.privacy.mode == "local":
+            entry["epsilon"] = self.privacy.node_epsilon[node] = float(metrics[P.EPSILON])
         book.valid.append(reply)
+        eps = f"  epsilon {entry['epsilon']:.4g}" if "epsilon" in entry else ""
         self.progress.line(
-            f"{where}  loss {entry['train_loss']:.4f}  examples {entry['num_examples']}  {entry['seconds']:.1f}s"
+            f"{where}  loss {entry['train_loss']:.4f}  examples {entry['num_examples']}  {entry['seconds']:.1f}s{eps}"
         )
+
+    def budget_stopped(self, reply: Message, entry: dict[str, Any], where: str) -> bool:
+        """Whether ``reply`` says its node's privacy budget would be exceeded (it trained nothing);
+        the entry then says so and the round goes on without it."""
+        if reply.has_error() or P.METRICS not in reply.content.metric_records:
+            return False
+        metrics = dict(reply.content.metric_records[P.METRICS])
+        if not metrics.get(P.BUDGET_STOP) or self.cfg.privacy.mode != "local":
+            return False
+        try:
+            spent, reached = float(metrics[P.EPSILON]), float(metrics[P.EPSILON_NEXT])
+        except (KeyError, TypeError, ValueError):
+            return False  # malformed: validation drops it
+        budget = self.cfg.privacy.budget
+        entry["stopped"] = (
+            f"privacy budget: epsilon {spent:.4g} spent, this round would reach {reached:.4g} > {budget:g}"
+        )
+        entry["epsilon"] = self.privacy.node_epsilon[reply.metadata.src_node_id] = spent
+        self.progress.line(f"{where}  STOPPED: {entry['stopped']}")
+        return True
 
     def aggregate(
         self, server_round: int, state: dict[str, torch.Tensor], book: RoundBook
     ) -> tuple[dict[str, torch.Tensor], float | None]:
         """(new global state, example-weighted train loss); the state is unchanged when no reply is valid."""
-        arrays, agg = self.strategy.aggregate_train(server_round, book.valid)
+        if self.central is not None:
+            population = len(list(self.grid.get_node_ids()))
+            arrays, agg, dp_facts = self.central.aggregate_train(server_round, book.valid, book.sent, population)
+        else:
+            arrays, agg = self.strategy.aggregate_train(server_round, book.valid)
+            dp_facts = {}
         if arrays is not None:
             state = from_record(arrays)
         for node, facts in self.strategy.client_facts().items():
+            book.entry(node).update(facts)
+        for node, facts in dp_facts.items():
             book.entry(node).update(facts)
         return state, (float(agg[P.TRAIN_LOSS]) if agg is not None else None)
 
@@ -346,6 +389,7 @@ class RoundLoop:
             "train_loss": train_loss,
             **eval_metrics,
             **self.strategy.round_metrics(),
+            **self.privacy.round_fields(self.central),
             "bytes_down": int(sum(c.get("bytes_down", 0) for c in clients.values())),
             "bytes_up": int(sum(c.get("bytes_up", 0) for c in clients.values())),
             "clients_sampled": len(book.sent),
@@ -365,9 +409,14 @@ class RoundLoop:
 
     def checkpoint(self, server_round: int, state: dict[str, torch.Tensor], result: RunResult) -> None:
         """The round's global state and strategy state, written atomically (``--resume`` reads it)."""
-        self.run_dir.save_checkpoint(
-            server_round, state, {"strategy": self.strategy.state_dict(), "initial": result.initial}
-        )
+        extra: dict[str, Any] = {
+            "strategy": self.strategy.state_dict(),
+            "initial": result.initial,
+            "privacy": self.privacy.state_dict(),
+        }
+        if self.central is not None:
+            extra["central_dp"] = self.central.state_dict()
+        self.run_dir.save_checkpoint(server_round, state, extra)
 
     def export(self, state: dict[str, torch.Tensor], result: RunResult) -> None:
         """The final adapter(s) in peft's format (base deltas folded in) and summary.json."""
@@ -399,5 +448,6 @@ class RoundLoop:
                 "initial": result.initial,
                 "final": {k: v for k, v in result.rounds[-1].items() if k.startswith("eval_")} if result.rounds else {},
                 "adapter": "adapter",
+                **({"privacy": result.rounds[-1].get("privacy")} if result.rounds and self.cfg.privacy.enabled else {}),
             },
         )

@@ -20,8 +20,9 @@ from flwr.serverapp import Grid, ServerApp
 from fedlora.adapters import AdapterHost, AdapterSpec, get_host, lora_modules
 from fedlora.config import RunConfig
 from fedlora.data import Encoded, TaskData, encode, load_partition, load_task_data, partition_sizes_ok
-from fedlora.errors import DataError
+from fedlora.errors import ConfigError, DataError
 from fedlora.models import LoadedModel, load_model
+from fedlora.privacy import check_dp_model
 from fedlora.runlog import Progress, RunDirectory, set_active
 from fedlora.strategies import create, get_strategy_class
 
@@ -89,18 +90,31 @@ def prepare(cfg: RunConfig, *, check_partitions: bool = True) -> Prepared:
     strategy_cls.check_setup(cfg, list(getattr(data, "tasks", [])))
     if check_partitions:
         partition_sizes_ok(cfg, data)
+        smallest = None
         for pid in range(cfg.federation.clients):
-            if len(load_partition(cfg, pid, cfg.federation.clients)) == 0:
+            size = len(load_partition(cfg, pid, cfg.federation.clients))
+            if size == 0:
                 raise DataError(
                     f"data.partitioner {cfg.data.partitioner!r} left client {pid} with no examples "
                     f"(federation.clients = {cfg.federation.clients}); use fewer clients or more data"
                 )
+            smallest = size if smallest is None else min(smallest, size)
+        if cfg.privacy.mode == "local" and smallest is not None and cfg.privacy.delta >= 1 / smallest:
+            raise ConfigError(
+                f"config key 'privacy.delta' = {cfg.privacy.delta:g} must be < 1/examples = {1 / smallest:.3g} "
+                f"for sample-level DP (the smallest client has {smallest} examples)"
+            )
     loaded = load_model(cfg.model, num_labels=max(len(data.labels), 2), seed=cfg.seed)
     spec = AdapterSpec.from_config(cfg.lora, cfg.model.task)
     name = get_host(loaded).ensure(spec, seed=cfg.seed)
     if strategy_cls.needs_float_base:
         for module in lora_modules(get_host(loaded).shapes(name)):
             get_host(loaded).base_weight(module)  # raises on a quantized weight
+    if cfg.privacy.mode == "local":  # a layer Opacus cannot serve fails here, not mid-round
+        host = get_host(loaded)
+        with host.lock:
+            host.ensure(spec, seed=cfg.seed)
+            check_dp_model(host.peft_model, host.params(name).values())
     create(cfg, spec, tasks=list(getattr(data, "tasks", [])))
     eval_data = encode(data.eval, loaded.tokenizer, cfg.model.max_length)
     return Prepared(cfg=cfg, data=data, loaded=loaded, spec=spec, eval_data=eval_data)

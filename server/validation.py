@@ -18,7 +18,7 @@ class ReplyError(ValueError):
     """Why one reply was rejected (one line)."""
 
 
-def validate_reply(reply: Message, sent: ArrayRecord, *, dtype: str, max_bytes: int) -> None:
+def validate_reply(reply: Message, sent: ArrayRecord, *, dtype: str, max_bytes: int, epsilon: bool = False) -> None:
     """Raise :class:`ReplyError` if ``reply`` is not a well-formed answer to ``sent``.
 
     Parameters
@@ -32,6 +32,8 @@ def validate_reply(reply: Message, sent: ArrayRecord, *, dtype: str, max_bytes: 
         The transport dtype the config names.
     max_bytes : int
         Upper bound on the reply's serialized arrays.
+    epsilon : bool
+        The run is under local DP: the reply must state the node's epsilon so far.
     """
     if reply.has_error():
         raise ReplyError(f"client error: {reply.error.reason}")
@@ -71,6 +73,11 @@ def validate_reply(reply: Message, sent: ArrayRecord, *, dtype: str, max_bytes: 
     loss = metrics.get(P.TRAIN_LOSS)
     if not isinstance(loss, (int, float)) or not np.isfinite(loss):
         raise ReplyError(f"{P.TRAIN_LOSS} must be a finite number, got {loss!r}")
+    eps = metrics.get(P.EPSILON)
+    if epsilon and eps is None:
+        raise ReplyError(f"reply lacks {P.EPSILON} under privacy.mode = 'local'")
+    if eps is not None and (not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0):
+        raise ReplyError(f"{P.EPSILON} must be a non-negative number, got {eps!r}")
     # Strategies act on these (HetLoRA's next rank, FL-TAC's per-task weights): whole numbers only.
     per_task = [P.task_metric(P.NUM_EXAMPLES, t) for t in P.task_metrics(dict(metrics), P.NUM_EXAMPLES)]
     for key in [P.RANK] + per_task:

@@ -221,6 +221,10 @@ class LoRAStrategy(Strategy):
     #: Whether what a node is sent depends on what it reported (its rank, its tasks), so the
     #: server must query a node before its first train message.
     needs_node_info: ClassVar[bool] = False
+    #: Why the strategy cannot run under user-level (central) DP, or "" when it can. Central DP
+    #: releases one noisy mean of clipped updates; a strategy whose aggregate is that mean, over
+    #: one payload sent to every node, can take it as a single update (:meth:`aggregate_updates`).
+    central_dp_refusal: ClassVar[str] = ""
 
     def __init__(
         self, cfg: RunConfig, spec: AdapterSpec, *, tasks: Sequence[str] = (), nodes: NodeDirectory | None = None
@@ -255,6 +259,11 @@ class LoRAStrategy(Strategy):
             raise ConfigError(
                 f"config key 'model.quantization': strategy '{cls.name}' folds updates into the frozen base "
                 f"weights, which cannot be done exactly on a {cfg.model.quantization} base; use quantization = 'none'"
+            )
+        if cfg.privacy.mode == "central" and cls.central_dp_refusal:
+            raise ConfigError(
+                f"config key 'privacy.mode': strategy '{cls.name}' cannot run under central (user-level) DP: "
+                f"{cls.central_dp_refusal}; use privacy.mode = 'local' or fedavg, ffa, federa, fedsa, dpdylora"
             )
         ranks = {p.rank for p in cfg.federation.profiles}
         if not cls.heterogeneous_ranks and ranks - {cfg.lora.rank}:
@@ -403,7 +412,13 @@ class LoRAStrategy(Strategy):
             The full new global state and the example-weighted mean train loss; ``(None, None)``
             when no reply carried content.
         """
-        updates = [decode_reply(msg) for msg in replies if not msg.has_error()]
+        return self.aggregate_updates(server_round, [decode_reply(msg) for msg in replies if not msg.has_error()])
+
+    def aggregate_updates(
+        self, server_round: int, updates: list[ClientUpdate]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """:meth:`aggregate_train` after decoding: the new global state from ``updates`` (central
+        DP hands over one update, the noisy mean of the clipped ones)."""
         self._client_facts = {}
         if not updates:
             return None, None

@@ -79,6 +79,9 @@ class FLoRA(HeterogeneousRankStrategy):
     weights and trains the fresh LoRA."""
 
     name = "flora"
+    central_dp_refusal = (
+        "it stacks each node's own factors into the base, which a single noisy mean of updates does not provide"
+    )
     needs_float_base = True
 
     def _fresh_lora(self, state: dict[str, torch.Tensor], server_round: int) -> dict[str, torch.Tensor]:

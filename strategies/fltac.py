@@ -181,6 +181,9 @@ class FLTAC(LoRAStrategy):
     trains a task's adapter only with at least this many examples of it)."""
 
     name = "fltac"
+    central_dp_refusal = (
+        "it clusters the nodes' individual adapters, which a single noisy mean of updates does not provide"
+    )
     options_class = FLTACOptions
     client_hooks = FLTACClient
     needs_node_info = True

@@ -226,6 +226,10 @@ class HetLoRA(HeterogeneousRankStrategy):
     ``min_rank``; ``prune_gamma = 1`` turns pruning off)."""
 
     name = "hetlora"
+    central_dp_refusal = (
+        "it sizes each node's payload by that node's rank and weights updates by their norms, so one "
+        "clipped, equally weighted mean cannot stand for its aggregate"
+    )
     options_class = HetLoRAOptions
     client_hooks = HetLoRAClient
 

@@ -9,7 +9,8 @@ message it does, in order::
         install hooks.frozen(...)                    #   untrained tensors (a shared seeded A)
         install group.tensors                        #   what the server sent
         install hooks.kept(...)                      #   what the node keeps for itself
-        train_local(..., regularizer=hooks.regularizer(...))
+        with hooks.training(...) as before_step:   #   per-step behaviour (DyLoRA's rank)
+            train_local(..., regularizer=hooks.regularizer(...), dp=...)
         out, metrics = hooks.after_train(...)        #   what to send (pruned, say)
         hooks.keep(...)                              #   what to keep for the next round
     reply with every group's ``out``
@@ -22,6 +23,7 @@ objects over tensors: tests call them without Flower, a model or data.
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -158,8 +160,25 @@ class ClientHooks:
     # -- during training ----------------------------------------------------------------------
 
     def regularizer(self, params: Mapping[str, torch.nn.Parameter], rank: int) -> Callable[[], torch.Tensor] | None:
-        """A penalty added to every step's loss (default: none)."""
+        """A penalty added to every step's loss (default: none).
+
+        It must depend on the parameters alone, never on examples: under DP-SGD its gradient is
+        added after the per-example clipping and noise, at no privacy cost.
+        """
         return None
+
+    def training(self, model: torch.nn.Module, spec: Any) -> contextlib.AbstractContextManager:
+        """Entered around one group's local training; yields a callable run before every step
+        with the 0-based step (DyLoRA samples the step's rank), or None (the default).
+
+        Parameters
+        ----------
+        model : torch.nn.Module
+            The peft model with the group's adapter active (hooks it installs must go on exit).
+        spec : AdapterSpec
+            The adapter's shape.
+        """
+        return contextlib.nullcontext(None)
 
     # -- after training -----------------------------------------------------------------------
 

@@ -1,0 +1,88 @@
+"""The client side of ``[privacy] mode = "local"``: this node's privacy ledger and DP-SGD plan.
+
+The ledger (:class:`fedlora.privacy.PrivacyLedger`) lives in Flower's ``Context.state``, which
+persists across rounds in every runtime and is never sent. Each round, before any training,
+the node plans each adapter's DP-SGD (noise multiplier, Poisson sampling rate) and checks that
+the steps would keep its epsilon within ``privacy.epsilon_budget``; if not, it trains nothing
+and says so. After training it records the steps and reports its epsilon so far.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+from flwr.app import ConfigRecord, RecordDict
+
+from fedlora import protocol as P
+from fedlora.config import RunConfig
+from fedlora.privacy import DPSettings, PrivacyLedger, planned_local_noise, sample_rate_for
+
+_LEDGER = "ledger"
+_NOISE = "noise"
+
+
+@dataclass
+class NodePrivacy:
+    """This node's ledger plus the noise multipliers it fixed for the run, per data part."""
+
+    run: RunConfig
+    ledger: PrivacyLedger
+    noise: dict[str, float]
+
+    @classmethod
+    def load(cls, run: RunConfig, state: RecordDict) -> NodePrivacy:
+        raw = state[P.PRIVACY_STATE] if P.PRIVACY_STATE in state.config_records else None
+        if raw is None:
+            return cls(run, PrivacyLedger(), {})
+        return cls(run, PrivacyLedger.from_state(json.loads(str(raw[_LEDGER]))), json.loads(str(raw[_NOISE])))
+
+    def save(self, state: RecordDict) -> None:
+        state[P.PRIVACY_STATE] = ConfigRecord(
+            {_LEDGER: json.dumps(self.ledger.state_dict()), _NOISE: json.dumps(self.noise)}
+        )
+
+    def plan(self, part: str, num_examples: int, batch_size: int, steps: int) -> DPSettings:
+        """DP-SGD settings for ``steps`` steps on ``part`` (``num_examples`` rows); ValueError
+        when ``privacy.delta`` is not below 1/examples (no meaningful sample-level guarantee)."""
+        p = self.run.privacy
+        if p.delta >= 1.0 / max(num_examples, 1):
+            raise ValueError(
+                f"privacy.delta = {p.delta:g} must be < 1/examples = {1 / max(num_examples, 1):.3g} "
+                f"(this node has {num_examples} training examples{f' for task {part!r}' if part else ''})"
+            )
+        q = sample_rate_for(batch_size, num_examples)
+        if part not in self.noise:
+            if p.noise_multiplier is not None:
+                self.noise[part] = float(p.noise_multiplier)
+            else:
+                self.noise[part] = planned_local_noise(
+                    float(p.target_epsilon), p.delta, q, steps, self.run.rounds, p.accountant
+                )
+        return DPSettings(
+            noise_multiplier=self.noise[part],
+            max_grad_norm=p.max_grad_norm,
+            sample_rate=q,
+            expected_batch_size=max(1, round(q * num_examples)),
+        )
+
+    def epsilon(self) -> float:
+        return self.ledger.epsilon(self.run.privacy.delta, self.run.privacy.accountant)
+
+    def would_exceed(self, plans: dict[str, tuple[DPSettings, int]]) -> float | None:
+        """The epsilon this round's ``plans`` ({part: (settings, steps)}) would reach, when it
+        is over the budget; None when the round fits."""
+        p = self.run.privacy
+        if math.isinf(p.budget):
+            return None
+        trial = PrivacyLedger.from_state(self.ledger.state_dict())
+        for part, (dp, steps) in plans.items():
+            trial.step(dp.noise_multiplier, dp.sample_rate, steps, part)
+        reached = trial.epsilon(p.delta, p.accountant)
+        # The planned noise lands within Opacus's search tolerance under the target: a client
+        # on plan must not be stopped by a rounding difference.
+        return reached if reached > p.budget * (1 + 1e-9) else None
+
+    def record(self, part: str, dp: DPSettings, steps: int) -> None:
+        self.ledger.step(dp.noise_multiplier, dp.sample_rate, steps, part)

@@ -1,0 +1,184 @@
+"""The server side of differential privacy: user-level DP around a strategy, and the ledger.
+
+:class:`CentralDP` (``[privacy] mode = "central"``) wraps a strategy's aggregation the way
+Flower's ``DifferentialPrivacyServerSideFixedClipping`` wraps a strategy, but it cannot be that
+wrapper: Flower's needs identical array keys in both directions (FFA-LoRA sends B only while
+the global state holds A too; DP-DyLoRA sends a truncated slice), weights updates by example
+count (the sensitivity of the noise assumes equal weights) and computes no epsilon. Here each
+reply's update (what it trained minus what it was sent, in the strategy's own representation)
+is clipped to ``clip_norm``, the clipped updates are averaged with equal weights over the
+sampled nodes, noise of std ``noise_multiplier * clip_norm / sampled`` is added to that mean,
+and only then does the strategy see anything: one update, the released mean, through
+:meth:`~fedlora.strategies.LoRAStrategy.aggregate_updates`. An Opacus RDP accountant over
+rounds at the node sampling rate gives the federation's epsilon.
+
+:class:`PrivacyBook` is the run's ledger for metrics.jsonl: per round, each node's epsilon so
+far (local DP) or the federation's (central DP), at ``privacy.delta``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, Message, MetricRecord
+
+from fedlora import protocol as P
+from fedlora.adapters import from_record, is_base_delta
+from fedlora.config import RunConfig
+from fedlora.privacy import PrivacyLedger, guarantee, noise_for_target, noisy_mean
+from fedlora.strategies import ClientUpdate, LoRAStrategy
+from fedlora.strategies.base import decode_reply
+
+#: Central DP's accountant: RDP over rounds (the sampled-Gaussian mechanism at the node rate).
+CENTRAL_ACCOUNTANT = "rdp"
+
+
+def expected_sampled(cfg: RunConfig) -> int:
+    """Nodes sampled per round in a federation of ``federation.clients`` (as the strategy samples)."""
+    fed = cfg.federation
+    return max(1, min(fed.clients, math.floor(fed.fraction * fed.clients + 0.5)))
+
+
+class CentralDP:
+    """User-level DP (DP-FedAvg with fixed clipping) around ``strategy``'s aggregation.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        The run; ``cfg.privacy`` holds ``clip_norm``, ``noise_multiplier`` or
+        ``target_epsilon``, ``delta``.
+    strategy : LoRAStrategy
+        A strategy whose aggregate of one update is that update (``central_dp_refusal`` empty).
+    """
+
+    def __init__(self, cfg: RunConfig, strategy: LoRAStrategy) -> None:
+        self.cfg = cfg
+        self.strategy = strategy
+        p = cfg.privacy
+        self.clip_norm = p.clip_norm
+        rate = expected_sampled(cfg) / cfg.federation.clients
+        if p.noise_multiplier is not None:
+            self.noise_multiplier = float(p.noise_multiplier)
+        else:
+            self.noise_multiplier = noise_for_target(
+                float(p.target_epsilon), p.delta, rate, cfg.rounds, CENTRAL_ACCOUNTANT
+            )
+        self.ledger = PrivacyLedger()
+        self.last: dict[str, Any] = {}
+
+    def epsilon(self) -> float:
+        return self.ledger.epsilon(self.cfg.privacy.delta, CENTRAL_ACCOUNTANT)
+
+    def aggregate_train(
+        self, server_round: int, replies: list[Message], sent: dict[int, ArrayRecord], population: int
+    ) -> tuple[ArrayRecord | None, MetricRecord | None, dict[int, dict[str, Any]]]:
+        """Release the round's noisy mean update and let the strategy apply it.
+
+        Parameters
+        ----------
+        server_round : int
+            The round (seeds the noise).
+        replies : list of Message
+            The validated replies.
+        sent : dict of int to ArrayRecord
+            What every sampled node was sent (all the same payload).
+        population : int
+            Nodes connected this round (the sampling rate is ``len(sent) / population``).
+
+        Returns
+        -------
+        (ArrayRecord or None, MetricRecord or None, dict)
+            The new global state and train metrics (as ``aggregate_train``), and per-node facts
+            (the update's norm before clipping, whether it was clipped).
+        """
+        sampled = len(sent)
+        if sampled == 0:
+            return None, None, {}
+        # Each round is one run of the sampled Gaussian mechanism, whether or not replies came.
+        self.ledger.step(self.noise_multiplier, min(1.0, sampled / max(population, sampled)), 1)
+        updates = [decode_reply(m) for m in replies]
+        common = self._common_payload(sent)
+        facts: dict[int, dict[str, Any]] = {}
+        if not updates:
+            return None, None, facts
+        deltas = [{k: u.state[k] - common[k] for k in common} for u in updates]
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + server_round * 7_919 + 17)
+        mean, norms, std = noisy_mean(
+            deltas, clip_norm=self.clip_norm, noise_multiplier=self.noise_multiplier, sampled=sampled, generator=gen
+        )
+        for u, norm in zip(updates, norms):
+            facts[u.node_id] = {"update_norm": round(norm, 6), "clipped": bool(norm > self.clip_norm)}
+        released = {k: common[k] + mean[k] for k in common}
+        total = sum(u.num_examples for u in updates)
+        loss = sum(float(u.metrics.get(P.TRAIN_LOSS, 0.0)) * u.num_examples for u in updates) / total
+        arrays, _ = self.strategy.aggregate_updates(
+            server_round,
+            [
+                ClientUpdate(
+                    node_id=updates[0].node_id, state=released, num_examples=total, metrics={P.TRAIN_LOSS: loss}
+                )
+            ],
+        )
+        self.last = {"noise_std": std, "clip_norm": self.clip_norm, "clipped": sum(n > self.clip_norm for n in norms)}
+        return arrays, MetricRecord({P.TRAIN_LOSS: loss, P.NUM_EXAMPLES: total}), facts
+
+    @staticmethod
+    def _common_payload(sent: dict[int, ArrayRecord]) -> dict[str, torch.Tensor]:
+        """The one payload every sampled node was sent (adapter tensors only)."""
+        records = list(sent.values())
+        first = {k: v for k, v in from_record(records[0]).items() if not is_base_delta(k)}
+        for record in records[1:]:
+            if record is records[0]:
+                continue
+            other = from_record(record)
+            if set(other) - {k for k in other if is_base_delta(k)} != set(first) or any(
+                not torch.equal(other[k], first[k]) for k in first
+            ):
+                raise RuntimeError("central DP needs one payload for every sampled node; this strategy sent several")
+        return first
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ledger": self.ledger.state_dict(), "noise_multiplier": self.noise_multiplier}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ledger = PrivacyLedger.from_state(state.get("ledger"))
+        self.noise_multiplier = float(state.get("noise_multiplier", self.noise_multiplier))
+
+
+class PrivacyBook:
+    """The run's privacy ledger as metrics.jsonl shows it.
+
+    Local DP: each node's latest reported epsilon (sample level); the run's guarantee is the
+    largest of them. Central DP: the federation's epsilon (user level) from :class:`CentralDP`.
+    """
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.node_epsilon: dict[int, float] = {}
+
+    @property
+    def mode(self) -> str:
+        return self.cfg.privacy.mode
+
+    def round_fields(self, central: CentralDP | None) -> dict[str, Any]:
+        """``epsilon``, ``delta``, ``privacy_unit`` and the guarantee for this round's record."""
+        if self.mode == "off":
+            return {}
+        eps = central.epsilon() if central is not None else max(self.node_epsilon.values(), default=0.0)
+        out: dict[str, Any] = {
+            "epsilon": eps,
+            "delta": self.cfg.privacy.delta,
+            "privacy_unit": "user" if self.mode == "central" else "sample",
+            "privacy": guarantee(self.mode, eps, self.cfg.privacy.delta),
+        }
+        if central is not None:
+            out.update({"noise_multiplier": central.noise_multiplier, **central.last})
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"node_epsilon": {str(k): v for k, v in self.node_epsilon.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.node_epsilon = {int(k): float(v) for k, v in (state.get("node_epsilon") or {}).items()}
