@@ -20,7 +20,7 @@ The math here is pure functions over tensors; the Opacus wrapping of a live mode
 
 from __future__ import annotations
 
-import math
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -265,7 +265,12 @@ def check_dp_model(model: torch.nn.Module, trainable: Iterable[torch.nn.Paramete
         if any(id(p) in ids for p in own) and list(module.buffers(recurse=False)):
             problems.append(f"trainable layer {name or type(module).__name__} ({type(module).__name__}) has buffers")
     if not problems:
-        problems = [str(e).splitlines()[0] for e in ModuleValidator.validate(model, strict=False)]
+        training = model.training
+        model.train()  # what training will see (the validator refuses a model in eval mode)
+        try:
+            problems = [str(e).splitlines()[0] for e in ModuleValidator.validate(model, strict=False)]
+        finally:
+            model.train(training)
     del GradSampleModule  # imported so a broken Opacus install fails here, not mid-round
     if problems:
         raise ConfigError(
@@ -324,10 +329,16 @@ class DPSGD:
         self.module = None
         self.optimizer = None
         self._frozen: list[torch.nn.Parameter] = []
+        self._warnings = warnings.catch_warnings()
 
     def __enter__(self) -> DPSGD:
         from opacus.grad_sample import GradSampleModule
         from opacus.optimizers import DPOptimizer
+
+        self._warnings.__enter__()
+        # Opacus's hooks on a LoRA layer whose input needs no gradient (a frozen embedding's
+        # output): PyTorch warns, yet the gradients of the layer's own weights are complete.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
 
         ids = {id(p) for p in self.params}
         self._frozen = [p for p in self.model.parameters() if p.requires_grad and id(p) not in ids]
@@ -355,6 +366,7 @@ class DPSGD:
         for p in self._frozen:
             p.requires_grad_(True)
         self._frozen = []
+        self._warnings.__exit__(*exc)
 
     def empty_batch(self) -> None:
         """A Poisson batch with no example still takes a step: noise only, as in Opacus."""
@@ -411,7 +423,3 @@ def planned_local_noise(
 def sample_rate_for(batch_size: int, num_examples: int) -> float:
     """Poisson sampling rate that gives ``batch_size`` examples per step on average."""
     return min(1.0, batch_size / max(num_examples, 1))
-
-
-def is_finite(x: float) -> bool:
-    return math.isfinite(x)
