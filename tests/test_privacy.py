@@ -325,3 +325,38 @@ def test_local_dp_still_learns_and_noise_is_real(tmp_path):
         assert max(c["epsilon"] for c in result.rounds[-1]["clients"]) <= 8.0 or name == "noise"
     assert accuracy["dp8"] > 0.45, accuracy
     assert accuracy["noise"] < 0.40, accuracy
+
+
+@pytest.mark.parametrize(
+    "task, sets",
+    [("classification", ("model.quantization=4bit",)), ("causal_lm", ())],
+)
+def test_local_dp_on_quantized_base_and_causal_lm(tiny_bert, tiny_gpt2, make_config, tmp_path, task, sets):
+    """QLoRA (4-bit NF4 base, untouched) and a causal LM (per-example token-mean loss) train
+    under DP-SGD; their adapters move and the ledger counts."""
+    from fedlora.simulations.runtime import simulate
+
+    model = tiny_bert if task == "classification" else tiny_gpt2
+    dp = ("privacy.mode=local", "privacy.noise_multiplier=1.0", "privacy.delta=0.001")
+    run = tmp_path / "run"
+    result = simulate(make_config(model, task=task, sets=(*dp, *sets)), out=run)
+    last = result.rounds[-1]
+    assert last["clients_ok"] == 3 and last["epsilon"] > 0
+    assert (run / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_causal_dp_loss_is_per_example():
+    """Each example's term is the mean over its own scored tokens, whatever the others' lengths
+    (transformers' batch token-mean would tie one example's weight to the rest of the batch)."""
+    from fedlora.privacy import per_example_causal_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 11)
+    labels = torch.randint(0, 11, (2, 6))
+    labels[1, 2:] = -100  # the second example scores one token, the first five
+    both = per_example_causal_loss(logits, labels)
+    one = per_example_causal_loss(logits[:1], labels[:1])
+    two = per_example_causal_loss(logits[1:], labels[1:])
+    assert both == pytest.approx(float((one + two) / 2), abs=1e-6)
+    ref = torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:])
+    assert one == pytest.approx(float(ref), abs=1e-6)
