@@ -37,7 +37,7 @@ from fedlora.strategies.hooks import split_received
 from fedlora.training import TrainResult, steps_for, train_local
 
 from .node import capabilities, encoded, eval_examples, is_device, node_index, rows_by_task, run_classes, train_examples
-from .privacy import NodePrivacy
+from .privacy import NodePrivacy, ledger_file
 
 app = ClientApp()
 
@@ -147,7 +147,8 @@ def handle_train(msg: Message, context: Context) -> Message:
     index = node_index(context)
     seed = int(config[P.SEED]) + 7919 * index
     store = NodeStore(context.state)
-    privacy = NodePrivacy.load(s.run, context.state) if s.run.privacy.mode == "local" else None
+    ledger = ledger_file(dict(context.node_config))
+    privacy = NodePrivacy.load(s.run, context.state, ledger) if s.run.privacy.mode == "local" else None
     start = time.perf_counter()
     arrays_out: dict[str, Any] = {}
     metrics: dict[str, Any] = {}
@@ -169,7 +170,7 @@ def handle_train(msg: Message, context: Context) -> Message:
             dp, steps = plans[group.name]
             if privacy is not None:  # spent when the steps start: recorded (and kept) before them
                 privacy.record(group.name, dp, steps)
-                privacy.save(context.state)
+                privacy.save(context.state, ledger)
             result, live = train_group(s, name, group, store, seed, index, steps, dp)
             # The live parameters are serialized under the lock below; only when another group's
             # adapter is loaded into them next must this group's values be copied out first.

@@ -1,7 +1,9 @@
 """The client side of ``[privacy] mode = "local"``: this node's privacy ledger and DP-SGD plan.
 
 The ledger (:class:`fedlora.privacy.PrivacyLedger`) lives in Flower's ``Context.state``, which
-persists across rounds in every runtime and is never sent. Each round, before any training,
+persists across rounds in every runtime and is never sent. A device (``fedlora-client``) also
+keeps it in a file beside its data, ``<data>.fedlora-privacy.json`` (one entry per run name),
+so a restarted client resumes its spending instead of starting from zero. Each round, before any training,
 the node plans each adapter's DP-SGD (noise multiplier, Poisson sampling rate) and checks that
 the steps would keep its epsilon within ``privacy.epsilon_budget``; if not, it trains nothing
 and says so. After training it records the steps and reports its epsilon so far.
@@ -12,11 +14,13 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from flwr.app import ConfigRecord, RecordDict
 
 from fedlora import protocol as P
 from fedlora.config import RunConfig
+from fedlora.files import atomic_write_bytes
 from fedlora.privacy import DPSettings, PrivacyLedger, planned_local_noise, sample_rate_for
 
 _LEDGER = "ledger"
@@ -32,16 +36,25 @@ class NodePrivacy:
     noise: dict[str, float]
 
     @classmethod
-    def load(cls, run: RunConfig, state: RecordDict) -> NodePrivacy:
-        raw = state[P.PRIVACY_STATE] if P.PRIVACY_STATE in state.config_records else None
-        if raw is None:
-            return cls(run, PrivacyLedger(), {})
-        return cls(run, PrivacyLedger.from_state(json.loads(str(raw[_LEDGER]))), json.loads(str(raw[_NOISE])))
+    def load(cls, run: RunConfig, state: RecordDict, ledger_file: Path | None = None) -> NodePrivacy:
+        """The node's ledger: from ``Context.state``, else from ``ledger_file`` (a device's), else new."""
+        if P.PRIVACY_STATE in state.config_records:
+            raw = state[P.PRIVACY_STATE]
+            return cls(run, PrivacyLedger.from_state(json.loads(str(raw[_LEDGER]))), json.loads(str(raw[_NOISE])))
+        if ledger_file is not None and ledger_file.exists():
+            entry = json.loads(ledger_file.read_text(encoding="utf-8")).get(run.name)
+            if entry:
+                return cls(run, PrivacyLedger.from_state(entry[_LEDGER]), dict(entry[_NOISE]))
+        return cls(run, PrivacyLedger(), {})
 
-    def save(self, state: RecordDict) -> None:
+    def save(self, state: RecordDict, ledger_file: Path | None = None) -> None:
         state[P.PRIVACY_STATE] = ConfigRecord(
             {_LEDGER: json.dumps(self.ledger.state_dict()), _NOISE: json.dumps(self.noise)}
         )
+        if ledger_file is not None:
+            entries = json.loads(ledger_file.read_text(encoding="utf-8")) if ledger_file.exists() else {}
+            entries[self.run.name] = {_LEDGER: self.ledger.state_dict(), _NOISE: self.noise}
+            atomic_write_bytes(ledger_file, json.dumps(entries, indent=1, sort_keys=True).encode(), private=True)
 
     def plan(self, part: str, num_examples: int, batch_size: int, steps: int) -> DPSettings:
         """DP-SGD settings for ``steps`` steps on ``part`` (``num_examples`` rows); ValueError
@@ -86,3 +99,11 @@ class NodePrivacy:
 
     def record(self, part: str, dp: DPSettings, steps: int) -> None:
         self.ledger.step(dp.noise_multiplier, dp.sample_rate, steps, part)
+
+
+def ledger_file(node_config: dict) -> Path | None:
+    """Where a device keeps its ledger across restarts (beside its data); None in simulation."""
+    if P.NODE_DATA_PATH not in node_config:
+        return None
+    data = Path(str(node_config[P.NODE_DATA_PATH]))
+    return data.with_name(data.name + ".fedlora-privacy.json")

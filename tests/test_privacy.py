@@ -360,3 +360,29 @@ def test_causal_dp_loss_is_per_example():
     assert both == pytest.approx(float((one + two) / 2), abs=1e-6)
     ref = torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:])
     assert one == pytest.approx(float(ref), abs=1e-6)
+
+
+def test_device_ledger_survives_a_restart(tmp_path):
+    """A device's ledger is mirrored beside its data: a fresh process (empty Context.state)
+    resumes the spending instead of starting from zero."""
+    from flwr.app import RecordDict
+
+    from fedlora import protocol as P
+    from fedlora.client.privacy import NodePrivacy, ledger_file
+
+    data = tmp_path / "mine.csv"
+    data.write_text("text,label\n")
+    path = ledger_file({P.NODE_DATA_PATH: str(data)})
+    assert path == tmp_path / "mine.csv.fedlora-privacy.json" and ledger_file({}) is None
+    run = RunConfig.from_dict({"name": "r1", "privacy": {"mode": "local", "target_epsilon": 3.0}})
+    node = NodePrivacy.load(run, RecordDict(), path)
+    dp = node.plan("", 500, 16, 10)
+    node.record("", dp, 10)
+    node.save(RecordDict(), path)
+    again = NodePrivacy.load(run, RecordDict(), path)
+    assert again.epsilon() == pytest.approx(node.epsilon()) and again.epsilon() > 0
+    assert again.noise == node.noise  # the noise fixed for the run is kept too
+    other = RunConfig.from_dict({"name": "r2", "privacy": {"mode": "local", "target_epsilon": 3.0}})
+    assert NodePrivacy.load(other, RecordDict(), path).epsilon() == 0.0
+    with pytest.raises(ValueError, match="privacy.delta"):
+        NodePrivacy.load(run, RecordDict()).plan("", 50_000_000, 16, 10)
