@@ -208,7 +208,7 @@ class ScalarLog:
                 self._scalar("train/loss", value, step)
             elif key in ("bytes_down", "bytes_up", "seconds"):
                 self._scalar(f"comm/{key}" if key != "seconds" else "time/seconds_per_round", value, step)
-            elif key in ("cluster_purity", "epsilon", "clients_ok"):
+            elif key in ("cluster_purity", "epsilon", "clients_ok", "noise_std"):
                 self._scalar(f"round/{key}", value, step)
         for client in record.get("clients", []):
             node = client.get("node_id")
@@ -220,6 +220,8 @@ class ScalarLog:
                 "seconds",
                 "eval_accuracy",
                 "aggregation_weight",
+                "epsilon",
+                "update_norm",
             ):
                 if key in client:
                     self._scalar(f"client/{node}/{key}", client[key], step)
