@@ -329,7 +329,11 @@ def test_local_dp_still_learns_and_noise_is_real(tmp_path):
 
 @pytest.mark.parametrize(
     "task, sets",
-    [("classification", ("model.quantization=4bit",)), ("causal_lm", ())],
+    [
+        ("classification", ("model.quantization=4bit",)),
+        ("classification", ("model.quantization=8bit", "strategy.name=ffa")),
+        ("causal_lm", ()),
+    ],
 )
 def test_local_dp_on_quantized_base_and_causal_lm(tiny_bert, tiny_gpt2, make_config, tmp_path, task, sets):
     """QLoRA (4-bit NF4 base, untouched) and a causal LM (per-example token-mean loss) train
