@@ -26,6 +26,8 @@ from .fltac import FLTAC, cluster_purity, fltac_aggregate, kmeans  # noqa: E402 
 from .flora import FLoRA, flora_aggregate  # noqa: E402  isort: skip
 from .fedsa import FedSALoRA  # noqa: E402  isort: skip
 from .fedex import FedExLoRA, fedex_aggregate  # noqa: E402  isort: skip
+from .dpdylora import DPDyLoRA, dylora_aggregate, sample_round_rank  # noqa: E402  isort: skip
+from .dpdylora import truncate_adapter, truncate_adapter_dir  # noqa: E402  isort: skip
 
 __all__ = [
     "STRATEGIES",
@@ -38,6 +40,7 @@ __all__ = [
     "NodeStore",
     "StrategyOptions",
     "TrainGroup",
+    "DPDyLoRA",
     "FedAvgLoRA",
     "FFALoRA",
     "FeDeRA",
@@ -48,6 +51,7 @@ __all__ = [
     "HetLoRA",
     "cluster_purity",
     "create",
+    "dylora_aggregate",
     "federa_init",
     "fedex_aggregate",
     "ffa_aggregate",
@@ -59,6 +63,9 @@ __all__ = [
     "option",
     "register",
     "require",
+    "sample_round_rank",
+    "truncate_adapter",
+    "truncate_adapter_dir",
     "unregister",
     "weighted_mean",
 ]
