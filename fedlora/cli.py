@@ -134,6 +134,23 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_truncate(args: argparse.Namespace) -> int:
+    from fedlora.strategies.dpdylora import truncate_adapter_dir
+
+    src = Path(args.adapter)
+    if not (src / "adapter_config.json").is_file():
+        raise FedLoraError(f"fedlora truncate: {src} is not a peft adapter folder (no adapter_config.json)")
+    out = Path(args.out) if args.out else src.parent / f"{src.name}-rank{args.rank}"
+    if out.exists():
+        raise FedLoraError(f"fedlora truncate: {out} exists; name another --out")
+    try:
+        truncate_adapter_dir(src, args.rank, out)
+    except ValueError as err:
+        raise FedLoraError(f"fedlora truncate: --rank {args.rank}: {err}") from None
+    print(f"Rank-{args.rank} adapter: {out} (PeftModel.from_pretrained loads it)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedlora", description="Federated LoRA fine-tuning on Flower.")
     _add_debug(parser)
@@ -160,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", help="output folder (default: the run's own folder for one run, reports/<a>-vs-<b>/ for several)"
     )
     rep.set_defaults(func=cmd_report)
+    trunc = sub.add_parser("truncate", help="cut a dpdylora adapter to a smaller rank (its leading slice)")
+    trunc.add_argument("adapter", metavar="ADAPTER_DIR", help="a peft adapter folder (runs/<name>/adapter)")
+    trunc.add_argument("--rank", type=int, required=True, help="the rank to keep (1..the adapter's rank)")
+    trunc.add_argument("--out", help="output folder (default: <ADAPTER_DIR>-rank<K> beside it)")
+    trunc.set_defaults(func=cmd_truncate)
     par = sub.add_parser("partition", help="write each simulated client's data to a CSV (for fedlora-client --data)")
     par.add_argument("preset", nargs="?", help="preset TOML path or packaged name (default: quickstart)")
     par.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")

@@ -298,6 +298,14 @@ def test_run_exports_an_adapter_that_truncates_to_any_rank(tmp_path, tiny_bert, 
     with pytest.raises(ValueError):
         truncate_adapter_dir(adapter, 5, tmp_path / "r5")
 
+    # The command line: the default output folder, a one-line error for a rank too large.
+    from fedlora.cli import main
+
+    assert main(["truncate", str(adapter), "--rank", "2"]) == 0
+    assert json.loads((out / "adapter-rank2" / "adapter_config.json").read_text())["r"] == 2
+    assert main(["truncate", str(adapter), "--rank", "9", "--out", str(tmp_path / "r9")]) == 2
+    assert not (tmp_path / "r9").exists()
+
 
 def test_run_under_local_dp(tmp_path, tiny_bert, make_config):
     from fedlora.runlog import Progress
