@@ -105,3 +105,22 @@ def test_quality_quick(tmp_path):
             entry = report["ratios"][f"{name}/{split}"]
             assert entry["ratio"] > 0 and isinstance(entry["meets_target"], bool)
     assert report["examples_per_round"] == report["clients"] * report["local_steps"] * report["batch_size"]
+
+
+def test_privacy_quick(tmp_path):
+    report = run_quick("privacy.py", tmp_path, timeout=120)
+    step = report["step_time"]
+    assert step["ms_per_step"]["plain"] > 0 and step["ms_per_step"]["dp"] > 0
+    assert step["dp_over_plain"] > 0 and len(step["dp_over_plain_pairs"]) == step["repeats"]
+    assert step["data"] in ("SST-2 train.tsv", "synthetic:sentiment")
+    (strategy,) = report["strategies"]
+    (target,) = report["target_epsilons"]
+    off, dp = report["runs"][f"{strategy}/off"], report["runs"][f"{strategy}/eps{target:g}"]
+    assert off["epsilon"] is None and off["privacy_mode"] == "off"
+    # The planned noise must land the clients at, never above, the target epsilon.
+    assert 0 < dp["epsilon"] <= target + 1e-6
+    for run in (off, dp):
+        assert 0 <= run["final_eval_accuracy"] <= 1 and run["seconds"] > 0
+        assert run["clients_ok_last_round"] == report["settings"]["clients"]
+    assert f"{target:g}" in report["drop_points"][strategy]
+    assert {"claim", "per_epsilon", "verdict", "ffa_degrades_less_at_every_epsilon"} <= set(report["ffa_vs_fedavg"])
