@@ -121,14 +121,6 @@ class PrivacyLedger:
         """The guarantee so far: the largest epsilon over the parts."""
         return max((epsilon(h, delta, accountant) for h in self.history.values()), default=0.0)
 
-    def epsilon_after(
-        self, noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str, part: str = ""
-    ) -> float:
-        """The guarantee if ``steps`` more steps ran on ``part`` (nothing is recorded)."""
-        trial = PrivacyLedger({k: [list(r) for r in v] for k, v in self.history.items()})
-        trial.step(noise_multiplier, sample_rate, steps, part)
-        return trial.epsilon(delta, accountant)
-
     def state_dict(self) -> dict[str, Any]:
         return {"history": {k: [list(r) for r in v] for k, v in self.history.items()}}
 
@@ -255,7 +247,6 @@ def check_dp_model(model: torch.nn.Module, trainable: Iterable[torch.nn.Paramete
     its ``ModuleValidator`` refuses layers that mix examples within a batch (BatchNorm in
     training): either would make the per-example clipping meaningless.
     """
-    from opacus.grad_sample import GradSampleModule
     from opacus.validators import ModuleValidator
 
     ids = {id(p) for p in trainable}
@@ -271,7 +262,6 @@ def check_dp_model(model: torch.nn.Module, trainable: Iterable[torch.nn.Paramete
             problems = [str(e).splitlines()[0] for e in ModuleValidator.validate(model, strict=False)]
         finally:
             model.train(training)
-    del GradSampleModule  # imported so a broken Opacus install fails here, not mid-round
     if problems:
         raise ConfigError(
             f"config key 'privacy.mode': Opacus cannot compute per-example gradients for this model: {problems[0]}"
