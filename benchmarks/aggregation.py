@@ -131,8 +131,9 @@ def explain(
     import torch
 
     from fedlora.adapters import lora_keys, lora_modules
+    from fedlora.strategies.basechain import accumulate_delta
     from fedlora.strategies.fedavg import weighted_mean
-    from fedlora.strategies.flora import accumulate_delta, stacked_update
+    from fedlora.strategies.flora import stacked_update
     from fedlora.strategies.fltac import flatten_factors, kmeans
     from fedlora.strategies.hetlora import sparsity_weights
     from fedlora.strategies.ranks import pad

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedlora import protocol as P
@@ -33,8 +33,11 @@ from fedlora.models import LoadedModel, load_model
 from fedlora.privacy import DPSettings
 from fedlora.runlog import status
 from fedlora.strategies import ClientHooks, NodeStore, TrainGroup, get_strategy_class
+from fedlora.strategies.basechain import held_digest
+from fedlora.strategies.basechain import resolve as resolve_base
 from fedlora.strategies.hooks import split_received
 from fedlora.training import TrainResult, steps_for, train_local
+from fedlora.transport import Wire, encode_update
 
 from .node import capabilities, encoded, eval_examples, is_device, node_index, rows_by_task, run_classes, train_examples
 from .privacy import NodePrivacy, ledger_file
@@ -124,6 +127,20 @@ def group_steps(config: ConfigRecord, group: TrainGroup) -> int:
     )
 
 
+def upload(
+    out: dict[str, torch.Tensor], received: dict[str, torch.Tensor], config: ConfigRecord, state: RecordDict
+) -> ArrayRecord:
+    """The reply's tensors on the run's wire: on a lossy one, what changed since ``received``
+    (plus last upload's rounding residual, kept in ``state``, under error feedback)."""
+    wire = Wire(str(config[P.TRANSPORT_DTYPE]), str(config.get(P.TRANSPORT_QUANTIZE, "none")))
+    feedback = bool(config.get(P.ERROR_FEEDBACK, False))
+    residual = from_record(state[P.RESIDUAL_STATE]) if feedback and P.RESIDUAL_STATE in state else {}
+    record, residual = encode_update(out, received, wire, residual if feedback else None)
+    if feedback:
+        state[P.RESIDUAL_STATE] = to_record(residual)
+    return record
+
+
 def budget_stop(msg: Message, privacy: NodePrivacy, reached: float, index: int, device: bool) -> Message:
     """The reply of a node whose privacy budget this round would exceed: no tensors, the numbers."""
     spent, budget = privacy.epsilon(), privacy.run.privacy.budget
@@ -141,7 +158,9 @@ def handle_train(msg: Message, context: Context) -> Message:
     """Train the received factors on this node's data and reply with them."""
     s = setup(msg)
     config = s.config
-    trained, factors = split_received(from_record(msg.content[P.ARRAYS]))
+    trained, received_base = split_received(from_record(msg.content[P.ARRAYS]))
+    # The base change this round builds to: whole in the message, or links after what this node holds.
+    factors = resolve_base(received_base, config, context.state)
     raw = train_examples(s.run, context, s.labels, s.tasks)
     data = encoded(raw, s.run, s.loaded.tokenizer)
     index = node_index(context)
@@ -186,7 +205,7 @@ def handle_train(msg: Message, context: Context) -> Message:
             loss_sum += float(result.loss) * len(group.data)
             examples += len(group.data)
             steps_total += result.steps
-        arrays = to_record(arrays_out, str(config[P.TRANSPORT_DTYPE]))
+        arrays = upload(arrays_out, trained, config, context.state)
     metrics.update(
         {
             P.NUM_EXAMPLES: int(examples),
@@ -206,6 +225,8 @@ def handle_train(msg: Message, context: Context) -> Message:
             flush=True,
         )
     info = capabilities(s.run, context, s.labels, s.tasks)
+    if held_digest(context.state) is not None:
+        info[P.INFO_BASE_DIGEST] = held_digest(context.state)
     return Message(content=RecordDict({P.ARRAYS: arrays, P.METRICS: MetricRecord(metrics), P.INFO: info}), reply_to=msg)
 
 

@@ -21,12 +21,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import ArrayRecord
 
 from fedlora.config import LoRAConfig
 from fedlora.errors import ConfigError
 from fedlora.models import LoadedModel
 from fedlora.process import HOST, process_state
+from fedlora.transport import Wire, arrays_of, decode
 
 LORA_A = "lora_A"
 LORA_B = "lora_B"
@@ -45,6 +46,20 @@ def is_lora_b(key: str) -> bool:
 def is_base_delta(key: str) -> bool:
     """Factors of a delta folded into the frozen base weight: installed, never trained."""
     return key.endswith((f".{DELTA_A}", f".{DELTA_B}"))
+
+
+#: A base-delta link (:mod:`fedlora.strategies.basechain`) is a base-delta key with ``@<index>``.
+LINK_SEP = "@"
+
+
+def is_base_link(key: str) -> bool:
+    """Factors of one round's increment of the base delta (the stateful downlink)."""
+    return LINK_SEP in key and is_base_delta(key.rpartition(LINK_SEP)[0])
+
+
+def exact_on_wire(key: str) -> bool:
+    """Base-delta factors and their links accumulate on the node: they travel as exact float32."""
+    return is_base_delta(key) or is_base_link(key)
 
 
 def delta_keys(module: str) -> tuple[str, str]:
@@ -319,26 +334,22 @@ def seeded_lora_a(shapes: Mapping[str, tuple[int, ...]], seed: int) -> dict[str,
 
 
 # ---------------------------------------------------------------------------------------------
-# The wire format: ArrayRecord of numpy arrays in the transport dtype.
+# The wire format (:mod:`fedlora.transport`): float arrays or absmax codes, float32 on both ends.
 
 
-def to_record(state: Mapping[str, torch.Tensor], dtype: str = "float32") -> ArrayRecord:
-    """Tensors -> ArrayRecord in ``dtype`` (keys sorted, so both ends agree on the order)."""
-    record = ArrayRecord()
-    np_dtype = np.dtype(dtype)
-    for key in sorted(state):
-        arr = state[key].detach().cpu().to(torch.float32).numpy().astype(np_dtype, copy=False)
-        record[key] = Array(np.ascontiguousarray(arr))
-    return record
+def to_record(
+    state: Mapping[str, torch.Tensor], dtype: str = "float32", quantize: str = "none", packed: bool = False
+) -> ArrayRecord:
+    """Tensors -> ArrayRecord in ``dtype`` (or ``quantize`` codes), keys sorted so both ends agree
+    on the order, in one Array when ``packed`` (messages); base-delta factors and links always
+    as exact float32."""
+    return Wire(dtype, quantize).to_record(state, exact=exact_on_wire, packed=packed)
 
 
 def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    """ArrayRecord -> float32 tensors (exact for float32 on the wire)."""
-    out = {}
-    for key in record.keys():
-        arr = record[key].numpy()
-        out[key] = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
-    return out
+    """ArrayRecord -> float32 tensors (exact for float32 on the wire); a
+    :class:`~fedlora.transport.WireError` for an array whose bytes do not fit its header."""
+    return {key: decode(array) for key, array in arrays_of(record).items()}
 
 
 def record_bytes(record: ArrayRecord) -> int:

@@ -23,7 +23,8 @@ from fedlora.errors import ConfigError
 TASKS = ("classification", "causal_lm")
 QUANTIZATIONS = ("none", "4bit", "8bit")
 PARTITIONERS = ("iid", "dirichlet", "column")
-TRANSPORT_DTYPES = ("float32", "float16")
+TRANSPORT_DTYPES = ("float32", "float16", "bfloat16")
+TRANSPORT_QUANTIZERS = ("none", "int8", "nf4")
 
 
 @dataclass
@@ -202,7 +203,16 @@ class FederationConfig:
     lr : float
         Client learning rate (AdamW).
     transport_dtype : str
-        dtype of the factors on the wire: ``float32`` or ``float16``.
+        Float type on the wire, both ways: ``float32``, ``float16`` or ``bfloat16`` (with
+        ``transport_quantize``, the type of the per-block scales). Aggregation is float32.
+    transport_quantize : str
+        ``none``, ``int8`` or ``nf4``: factors travel as per-block absmax codes, both ways
+        (:mod:`fedlora.transport`); a node then sends what it trained minus what it received,
+        and the server adds that to what it sent, so downlink rounding never reaches the
+        global adapter. Base-delta factors (flora, fedex) always travel exactly.
+    error_feedback : bool
+        With ``transport_quantize``: a node adds last upload's rounding residual to the next
+        one (kept on the node), so the rounding errors do not accumulate over rounds.
     round_timeout : float
         Seconds the server waits for replies each round.
     max_reply_mb : float
@@ -219,6 +229,8 @@ class FederationConfig:
     batch_size: int = 16
     lr: float = 1e-3
     transport_dtype: str = "float32"
+    transport_quantize: str = "none"
+    error_feedback: bool = False
     round_timeout: float = 3600.0
     max_reply_mb: float = 512.0
     profiles: list[ClientProfile] = field(default_factory=list)
@@ -439,6 +451,16 @@ def validate(cfg: RunConfig) -> None:
         fed.transport_dtype in TRANSPORT_DTYPES,
         "federation.transport_dtype",
         f"must be one of {', '.join(TRANSPORT_DTYPES)}, got {fed.transport_dtype!r}",
+    )
+    _check(
+        fed.transport_quantize in TRANSPORT_QUANTIZERS,
+        "federation.transport_quantize",
+        f"must be one of {', '.join(TRANSPORT_QUANTIZERS)}, got {fed.transport_quantize!r}",
+    )
+    _check(
+        not fed.error_feedback or fed.transport_quantize != "none",
+        "federation.error_feedback",
+        "needs federation.transport_quantize = 'int8' or 'nf4' (nothing is rounded without it)",
     )
     _check(fed.round_timeout > 0, "federation.round_timeout", "must be > 0")
     _check(fed.max_reply_mb > 0, "federation.max_reply_mb", "must be > 0")

@@ -42,6 +42,12 @@ BATCH_SIZE = "batch-size"
 LR = "lr"
 SEED = "seed"
 TRANSPORT_DTYPE = "transport-dtype"
+TRANSPORT_QUANTIZE = "transport-quantize"
+ERROR_FEEDBACK = "error-feedback"
+# The stateful downlink of the base change (:mod:`fedlora.strategies.basechain`): the digest of the
+# base this message builds to, and (when only links since then are sent) the one it builds on.
+BASE_DIGEST = "base-digest"
+BASE_FROM = "base-from"
 EXPORT = "export"  # evaluate: also write this node's personalized adapter
 
 # -- MetricRecord keys of a train reply -------------------------------------------------------
@@ -65,6 +71,7 @@ INFO_DEVICE = "device"
 INFO_MEMORY_GB = "memory-gb"
 INFO_NUM_EXAMPLES = "num-examples"
 INFO_TASKS = "tasks"  # JSON {task: examples}
+INFO_BASE_DIGEST = "base-digest"  # train replies: the base change the node holds (basechain)
 
 # -- node_config keys (set by fedlora-client or the simulation runtimes) ----------------------
 NODE_DATA_PATH = "data-path"
@@ -83,6 +90,7 @@ RUN_CONFIG_WAIT_CLIENTS = "wait-clients"
 # -- what a node keeps in Flower's Context.state across rounds --------------------------------
 LOCAL_STATE = "fedlora-local"
 PRIVACY_STATE = "fedlora-privacy"  # the node's privacy ledger (JSON), never sent
+RESIDUAL_STATE = "fedlora-residual"  # error feedback: last upload's rounding residual, never sent
 
 # -- several adapters in one flat state --------------------------------------------------------
 TASK_SEP = "::"

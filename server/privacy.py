@@ -25,7 +25,7 @@ import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
 
 from fedlora import protocol as P
-from fedlora.adapters import from_record, is_base_delta
+from fedlora.adapters import is_base_delta
 from fedlora.config import RunConfig
 from fedlora.privacy import PrivacyLedger, guarantee, noise_for_target, noisy_mean
 from fedlora.strategies import ClientUpdate, LoRAStrategy
@@ -72,7 +72,7 @@ class CentralDP:
         return self.ledger.epsilon(self.cfg.privacy.delta, CENTRAL_ACCOUNTANT)
 
     def aggregate_train(
-        self, server_round: int, replies: list[Message], sent: dict[int, ArrayRecord], population: int
+        self, server_round: int, replies: list[Message], sent: dict[int, dict[str, torch.Tensor]], population: int
     ) -> tuple[ArrayRecord | None, MetricRecord | None, dict[int, dict[str, Any]]]:
         """Release the round's noisy mean update and let the strategy apply it.
 
@@ -82,8 +82,8 @@ class CentralDP:
             The round (seeds the noise).
         replies : list of Message
             The validated replies.
-        sent : dict of int to ArrayRecord
-            What every sampled node was sent (all the same payload).
+        sent : dict of int to dict
+            What every sampled node was sent, float32 (all the same payload).
         population : int
             Nodes connected this round (the sampling rate is ``len(sent) / population``).
 
@@ -125,15 +125,12 @@ class CentralDP:
         return arrays, MetricRecord({P.TRAIN_LOSS: loss, P.NUM_EXAMPLES: total}), facts
 
     @staticmethod
-    def _common_payload(sent: dict[int, ArrayRecord]) -> dict[str, torch.Tensor]:
+    def _common_payload(sent: dict[int, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """The one payload every sampled node was sent (adapter tensors only)."""
-        records = list(sent.values())
-        first = {k: v for k, v in from_record(records[0]).items() if not is_base_delta(k)}
-        for record in records[1:]:
-            if record is records[0]:
-                continue
-            other = from_record(record)
-            if set(other) - {k for k in other if is_base_delta(k)} != set(first) or any(
+        payloads = list(sent.values())
+        first = {k: v for k, v in payloads[0].items() if not is_base_delta(k)}
+        for other in payloads[1:]:
+            if {k for k in other if not is_base_delta(k)} != set(first) or any(
                 not torch.equal(other[k], first[k]) for k in first
             ):
                 raise RuntimeError("central DP needs one payload for every sampled node; this strategy sent several")

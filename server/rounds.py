@@ -33,10 +33,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedlora import protocol as P
-from fedlora.adapters import from_record, record_bytes, to_record
+from fedlora.adapters import from_record, to_record
 from fedlora.export import export_adapter, fold_base_delta
 from fedlora.runlog import Progress, RunDirectory, ScalarLog
 from fedlora.strategies import LoRAStrategy, NodeDirectory, create
+from fedlora.transport import Wire, decode_update, message_bytes
 
 from .evaluation import evaluate_state
 from .privacy import CentralDP, PrivacyBook
@@ -66,6 +67,9 @@ class RoundBook:
     ----------
     sent : dict of int to ArrayRecord
         What each sampled node was sent (from the strategy's messages).
+    reference : dict of int to dict
+        The same, float32 and base change aside (what a node's upload is relative to on a
+        lossy wire, and what central DP measures its update against).
     clients : dict of int to dict
         metrics.jsonl's entry per node (bytes, loss, examples, seconds, rank, why dropped).
     valid : list of Message
@@ -75,13 +79,19 @@ class RoundBook:
     """
 
     sent: dict[int, ArrayRecord]
+    reference: dict[int, dict[str, torch.Tensor]]
     clients: dict[int, dict[str, Any]] = field(default_factory=dict)
     valid: list[Message] = field(default_factory=list)
     dropped: list[dict[str, Any]] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
-        for node, record in self.sent.items():
-            self.clients[node] = {"node_id": node, "bytes_down": record_bytes(record)}
+    @classmethod
+    def of(cls, messages: list[Message], reference: dict[int, dict[str, torch.Tensor]]) -> RoundBook:
+        """The book of a round whose train ``messages`` were built from ``reference``; each node's
+        ``bytes_down`` is what Flower moves for its message."""
+        book = cls(sent={m.metadata.dst_node_id: m.content[P.ARRAYS] for m in messages}, reference=reference)
+        for m in messages:
+            book.clients[m.metadata.dst_node_id] = {"node_id": m.metadata.dst_node_id, "bytes_down": message_bytes(m)}
+        return book
 
     def entry(self, node: int) -> dict[str, Any]:
         return self.clients.setdefault(node, {"node_id": node, "bytes_down": 0})
@@ -155,6 +165,7 @@ class RoundLoop:
             P.RUN_TASKS: json.dumps(list(prepared.data.tasks)),
         }
         self.max_reply_bytes = int(self.cfg.federation.max_reply_mb * 1024 * 1024)
+        self.wire = Wire(self.cfg.federation.transport_dtype, self.cfg.federation.transport_quantize)
         #: User-level DP around the strategy's aggregation (``privacy.mode = "central"``).
         self.central = CentralDP(self.cfg, self.strategy) if self.cfg.privacy.mode == "central" else None
         self.privacy = PrivacyBook(self.cfg)
@@ -205,7 +216,7 @@ class RoundLoop:
         if self.strategy.needs_node_info:
             self.query_new_nodes()
         messages = self.configure(server_round, state)
-        book = RoundBook(sent={m.metadata.dst_node_id: m.content[P.ARRAYS] for m in messages})
+        book = RoundBook.of(messages, dict(self.strategy.sent))
         replies = collect(
             self.grid,
             messages,
@@ -275,25 +286,32 @@ class RoundLoop:
         try:
             if node not in book.sent:
                 raise ReplyError("reply from a node that was not sent a message this round")
-            validate_reply(
+            decoded = validate_reply(
                 reply,
                 book.sent[node],
-                dtype=self.cfg.federation.transport_dtype,
+                wire=self.wire,
                 max_bytes=self.max_reply_bytes,
                 epsilon=self.cfg.privacy.mode == "local",
             )
         except ReplyError as err:
             book.drop(node, str(err))
+            self.strategy.chain.forget(node)  # what it holds is unknown: the whole base next time
             self.progress.line(f"{where}  DROPPED: {err}")
             return
-        if node not in self.nodes and P.INFO in reply.content.config_records:
-            self.record_node(node, reply.content.config_records[P.INFO])
+        info = reply.content.config_records.get(P.INFO)
+        if node not in self.nodes and info is not None:
+            self.record_node(node, info)
+        self.strategy.chain.ack(node, info.get(P.INFO_BASE_DIGEST) if info is not None else None)
+        bytes_up = message_bytes(reply)
+        # From here on the reply holds what the node trained, float32 (on a lossy wire the node
+        # sent what changed since what it was sent; it is added to the float32 tensors it was sent).
+        reply.content[P.ARRAYS] = to_record(decode_update(decoded, book.reference.get(node, {}), self.wire))
         metrics = dict(reply.content[P.METRICS])
         entry.update(
             {
                 "train_loss": float(metrics[P.TRAIN_LOSS]),
                 "num_examples": int(metrics[P.NUM_EXAMPLES]),
-                "bytes_up": record_bytes(reply.content[P.ARRAYS]),
+                "bytes_up": bytes_up,
                 "seconds": round(float(metrics.get(P.TRAIN_SECONDS, 0.0)), 4),
                 "rank": int(metrics.get(P.RANK, self.prepared.spec.rank)),
             }
@@ -335,7 +353,7 @@ class RoundLoop:
         """(new global state, example-weighted train loss); the state is unchanged when no reply is valid."""
         if self.central is not None:
             population = len(list(self.grid.get_node_ids()))
-            arrays, agg, dp_facts = self.central.aggregate_train(server_round, book.valid, book.sent, population)
+            arrays, agg, dp_facts = self.central.aggregate_train(server_round, book.valid, book.reference, population)
         else:
             arrays, agg = self.strategy.aggregate_train(server_round, book.valid)
             dp_facts = {}

@@ -2,24 +2,30 @@
 
 A reply that fails any check is dropped (and logged by the caller); it never raises out of the
 round. The checks compare the reply with what was sent to that node: same keys, same shapes,
-the transport dtype, finite values, a plausible example count, a bounded size.
+the run's transport encoding (bytes that decode to the declared shape), finite values, a
+plausible example count, a bounded size.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, Message
 
 from fedlora import protocol as P
-from fedlora.adapters import is_base_delta
+from fedlora.adapters import exact_on_wire
+from fedlora.transport import Wire, WireError, arrays_of, decode
 
 
 class ReplyError(ValueError):
     """Why one reply was rejected (one line)."""
 
 
-def validate_reply(reply: Message, sent: ArrayRecord, *, dtype: str, max_bytes: int, epsilon: bool = False) -> None:
-    """Raise :class:`ReplyError` if ``reply`` is not a well-formed answer to ``sent``.
+def validate_reply(
+    reply: Message, sent: ArrayRecord, *, wire: Wire, max_bytes: int, epsilon: bool = False
+) -> dict[str, torch.Tensor]:
+    """The reply's tensors, decoded to float32; :class:`ReplyError` if ``reply`` is not a
+    well-formed answer to ``sent``.
 
     Parameters
     ----------
@@ -28,8 +34,9 @@ def validate_reply(reply: Message, sent: ArrayRecord, *, dtype: str, max_bytes: 
     sent : ArrayRecord
         The tensors that were sent to that node (the reply must mirror the keys and shapes of
         all but the base-delta factors).
-    dtype : str
-        The transport dtype the config names.
+    wire : Wire
+        The run's transport (dtype and quantizer): every array must be encoded that way, and
+        its bytes must decode to the declared shape (the payload is checked, not its label).
     max_bytes : int
         Upper bound on the reply's serialized arrays.
     epsilon : bool
@@ -42,31 +49,40 @@ def validate_reply(reply: Message, sent: ArrayRecord, *, dtype: str, max_bytes: 
         raise ReplyError(f"reply has no {P.ARRAYS!r} record")
     if P.METRICS not in content.metric_records:
         raise ReplyError(f"reply has no {P.METRICS!r} record")
-    arrays = content.array_records[P.ARRAYS]
+    record = content.array_records[P.ARRAYS]
     metrics = content.metric_records[P.METRICS]
-    size = arrays.count_bytes()
+    size = record.count_bytes()
     if size > max_bytes:
         raise ReplyError(f"reply of {size} bytes exceeds the limit of {max_bytes}")
-    # Base-delta factors are folded into the client's frozen weights, never sent back.
-    expected = [k for k in sent.keys() if not is_base_delta(k)]
+    try:
+        arrays = arrays_of(record)
+    except WireError as err:
+        raise ReplyError(str(err)) from None
+    sent = arrays_of(sent)
+    # Base-delta factors (and their links) are folded into the client's frozen weights, never sent back.
+    expected = [k for k in sent.keys() if not exact_on_wire(k)]
     missing = sorted(set(expected) - set(arrays.keys()))
     extra = sorted(set(arrays.keys()) - set(expected))
     if missing:
         raise ReplyError(f"reply lacks {len(missing)} tensor(s), e.g. {missing[0]}")
     if extra:
         raise ReplyError(f"reply has {len(extra)} unexpected tensor(s), e.g. {extra[0]}")
+    decoded = {}
     for key in expected:
         got, want = arrays[key], sent[key]
         if tuple(got.shape) != tuple(want.shape):
             raise ReplyError(f"{key}: shape {tuple(got.shape)} != assigned {tuple(want.shape)}")
-        if got.dtype != dtype:
-            raise ReplyError(f"{key}: dtype {got.dtype} != transport dtype {dtype}")
+        if got.dtype != wire.dtype or got.stype != wire.stype():
+            raise ReplyError(
+                f"{key}: dtype {got.dtype} ({got.stype}) != the run's transport {wire.dtype} ({wire.stype()})"
+            )
         try:
-            values = got.numpy()
-        except Exception as err:  # noqa: BLE001 - undecodable bytes from a faulty client
-            raise ReplyError(f"{key}: undecodable array ({type(err).__name__})") from None
-        if not np.all(np.isfinite(values)):
+            values = decode(got)
+        except WireError as err:
+            raise ReplyError(f"{key}: {err}") from None
+        if not torch.isfinite(values).all():
             raise ReplyError(f"{key}: non-finite values")
+        decoded[key] = values
     num = metrics.get(P.NUM_EXAMPLES)
     if not isinstance(num, int) or isinstance(num, bool) or num <= 0:
         raise ReplyError(f"{P.NUM_EXAMPLES} must be a positive integer, got {num!r}")
@@ -87,3 +103,4 @@ def validate_reply(reply: Message, sent: ArrayRecord, *, dtype: str, max_bytes: 
                 raise ReplyError(
                     f"{key} must be a {'positive' if key == P.RANK else 'non-negative'} integer, got {value!r}"
                 )
+    return decoded

@@ -39,11 +39,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedlora import protocol as P
-from fedlora.adapters import AdapterHost, AdapterSpec, from_record, is_base_delta, module_of, to_record
+from fedlora.adapters import AdapterHost, AdapterSpec, exact_on_wire, from_record, is_base_delta, module_of, to_record
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
 from fedlora.protocol import TASK_SEP, split_task_key, task_key
 
+from .basechain import BaseChain
 from .hooks import ClientHooks
 from .options import StrategyOptions
 
@@ -237,6 +238,11 @@ class LoRAStrategy(Strategy):
         self.nodes = nodes if nodes is not None else NodeDirectory()
         self._global: dict[str, torch.Tensor] = {}
         self._client_facts: dict[int, dict[str, Any]] = {}
+        #: The base change's links and what each node holds (strategies that fold into the base).
+        self.chain = BaseChain()
+        #: What each node of the current round was sent, float32, base change aside: the server
+        #: adds a node's decoded upload to it on a lossy wire (:func:`fedlora.transport.decode_update`).
+        self.sent: dict[int, dict[str, torch.Tensor]] = {}
 
     @classmethod
     def parse_options(cls, raw: Mapping[str, Any]) -> Any:
@@ -358,6 +364,8 @@ class LoRAStrategy(Strategy):
             # do not depend on the node ids a runtime happens to assign.
             P.SEED: self.cfg.seed * 1_000_003 + server_round * 10_007,
             P.TRANSPORT_DTYPE: fed.transport_dtype,
+            P.TRANSPORT_QUANTIZE: fed.transport_quantize,
+            P.ERROR_FEEDBACK: bool(fed.error_feedback),
         }
 
     def configure_train(
@@ -382,17 +390,22 @@ class LoRAStrategy(Strategy):
             What was sent: node ``m.metadata.dst_node_id`` was sent ``m.content[ARRAYS]``.
         """
         self._global = from_record(arrays)
+        fed = self.cfg.federation
         messages = []
+        self.sent = {}
         # Nodes whose payload is the very same tensors share one serialized record.
         records: dict[tuple, ArrayRecord] = {}
         for node_id in self.sample(grid, server_round):
             entries = dict(config)
             entries.update(self.base_client_config(node_id, server_round))
             entries.update(self.client_config(node_id, server_round))
-            payload = self.payload(node_id, self._global)
+            # A node that holds an earlier base change gets only the links since (basechain).
+            payload, base_entries = self.chain.downlink(node_id, self.payload(node_id, self._global))
+            entries.update(base_entries)
+            self.sent[node_id] = {k: v for k, v in payload.items() if not exact_on_wire(k)}
             signature = tuple((k, id(v)) for k, v in sorted(payload.items()))
             if signature not in records:
-                records[signature] = to_record(payload, self.cfg.federation.transport_dtype)
+                records[signature] = to_record(payload, fed.transport_dtype, fed.transport_quantize, packed=True)
             content = RecordDict({P.ARRAYS: records[signature], P.CONFIG: ConfigRecord(entries)})
             messages.append(
                 Message(

@@ -8,10 +8,10 @@ keeps its rank. Clients of lower rank (device profiles) are zero-padded before a
 HetLoRA does; the residual keeps the result exact.
 
 The residual is kept as base-delta factors (cumulative, compacted to their numerical rank:
-:func:`fedlora.lowrank.compact`) and sent to clients with the adapter, since stateless clients
-must rebuild the frozen weight every round; its bytes grow with the residual's rank up to
-those of the dense matrices. The exported adapter folds it in: ``B' = [s B, B_d]``,
-``A' = [A; A_d]`` per module, rank ``r + rank(residual)`` with scaling 1.
+:func:`fedlora.lowrank.compact`); a node that holds last round's base receives only the
+round's residual (:mod:`.basechain`), a new one the whole base (at most the dense matrices).
+The exported adapter folds it in: ``B' = [s B, B_d]``, ``A' = [A; A_d]`` per module, rank
+``r + rank(residual)`` with scaling 1.
 """
 
 from __future__ import annotations
@@ -24,10 +24,36 @@ from fedlora.adapters import lora_keys, lora_modules
 from fedlora.lowrank import stack
 
 from .base import ClientUpdate
+from .basechain import Increment, fold
 from .fedavg import weighted_mean
-from .flora import accumulate_delta
 from .ranks import HeterogeneousRankStrategy, pad
 from .registry import register
+
+
+def fedex_mean(
+    state: Mapping[str, torch.Tensor], updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]
+) -> dict[str, torch.Tensor]:
+    """FedAvg of the clients' tensors, lower ranks zero-padded to the global adapter's."""
+    a_key0 = next(k for k in state if k.endswith(".lora_A.weight"))
+    r_max = state[a_key0].shape[0]
+    return weighted_mean([pad(u, r_max) for u in updates], weights)
+
+
+def fedex_increment(
+    mean: Mapping[str, torch.Tensor],
+    updates: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float],
+    scaling: float,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per module, the factors of the residual ``sum_k p_k s B_k @ A_k - s B_mean @ A_mean``."""
+    total = float(sum(weights))
+    out = {}
+    for module in lora_modules(mean):
+        a_key, b_key = lora_keys(module)
+        terms = [(u[b_key], u[a_key], scaling * float(w) / total) for u, w in zip(updates, weights)]
+        terms.append((mean[b_key], mean[a_key], -scaling))
+        out[module] = stack(terms)
+    return out
 
 
 def fedex_aggregate(
@@ -35,25 +61,19 @@ def fedex_aggregate(
     updates: Sequence[Mapping[str, torch.Tensor]],
     weights: Sequence[float],
     scaling: float,
+    increment: Increment | None = None,
 ) -> dict[str, torch.Tensor]:
     """Averaged (zero-padded) factors and head, plus the exact residual added to the base delta.
 
     After this, for every module ``D' + s B_mean @ A_mean = D + sum_k p_k s B_k @ A_k``.
+    ``increment`` is :func:`fedex_increment` of the same updates when the caller has it already.
     """
-    a_key0 = next(k for k in state if k.endswith(".lora_A.weight"))
-    r_max = state[a_key0].shape[0]
-    padded = [pad(u, r_max) for u in updates]
-    mean = weighted_mean(padded, weights)
+    mean = fedex_mean(state, updates, weights)
+    if increment is None:
+        increment = fedex_increment(mean, updates, weights, scaling)
     out = dict(state)
     out.update(mean)
-    total = float(sum(weights))
-    for module in lora_modules(mean):
-        a_key, b_key = lora_keys(module)
-        terms = [(u[b_key], u[a_key], scaling * float(w) / total) for u, w in zip(updates, weights)]
-        terms.append((mean[b_key], mean[a_key], -scaling))
-        b_r, a_r = stack(terms)
-        out.update(accumulate_delta(out, module, b_r, a_r))
-    return out
+    return fold(out, increment)
 
 
 @register
@@ -71,4 +91,8 @@ class FedExLoRA(HeterogeneousRankStrategy):
     def aggregate(
         self, server_round: int, state: dict[str, torch.Tensor], updates: list[ClientUpdate]
     ) -> dict[str, torch.Tensor]:
-        return fedex_aggregate(state, [u.state for u in updates], [u.num_examples for u in updates], self.spec.scaling)
+        trained, weights = [u.state for u in updates], [u.num_examples for u in updates]
+        increment = fedex_increment(fedex_mean(state, trained, weights), trained, weights, self.spec.scaling)
+        out = fedex_aggregate(state, trained, weights, self.spec.scaling, increment)
+        self.chain.advance(state, increment, out)
+        return out

@@ -93,7 +93,8 @@ class FedSALoRA(LoRAStrategy):
         """Every node evaluates its personalized model; on the last round it also exports it."""
         from fedlora.adapters import from_record
 
-        record = to_record(shared_part(from_record(arrays)), self.cfg.federation.transport_dtype)
+        fed = self.cfg.federation
+        record = to_record(shared_part(from_record(arrays)), fed.transport_dtype, fed.transport_quantize, packed=True)
         messages = []
         for node_id in sorted(grid.get_node_ids()):
             entries = dict(config)

@@ -9,7 +9,9 @@ every client on a fresh LoRA next round.
 
 Here the merged part is the global state's base delta ``D = B_d @ A_d`` (cumulative over
 rounds), sent to clients as factors and re-compressed to its numerical rank every round
-(:func:`fedlora.lowrank.compact`), so its bytes are at most those of the dense matrices. The
+(:func:`fedlora.lowrank.compact`), so its bytes are at most those of the dense matrices; a node
+that holds last round's base receives only this round's stacked update
+(:mod:`.basechain`). The
 fresh LoRA of each round is peft's init drawn from a per-round seed. Weights ``p_k`` are
 example counts; each client's scaling is the global ``alpha / r_max`` (see :mod:`.hetlora`).
 The exported adapter is the delta itself as a LoRA of rank ``rank(D)`` per module (alpha equal
@@ -22,10 +24,11 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from fedlora.adapters import AdapterHost, delta_keys, is_lora_a, is_lora_b, lora_keys, lora_modules, seeded_lora_a
-from fedlora.lowrank import compact, stack
+from fedlora.adapters import AdapterHost, is_lora_a, is_lora_b, lora_keys, lora_modules, seeded_lora_a
+from fedlora.lowrank import stack
 
 from .base import ClientUpdate, GlobalView, split_base_delta
+from .basechain import Increment, fold
 from .fedavg import weighted_mean
 from .ranks import HeterogeneousRankStrategy
 from .registry import register
@@ -40,16 +43,11 @@ def stacked_update(
     return stack([(u[b_key], u[a_key], scaling * float(w) / total) for u, w in zip(updates, weights)])
 
 
-def accumulate_delta(
-    state: Mapping[str, torch.Tensor], module: str, b: torch.Tensor, a: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    """The module's base-delta factors after adding ``b @ a`` (compacted)."""
-    da_key, db_key = delta_keys(module)
-    terms = [(b, a, 1.0)]
-    if da_key in state:
-        terms.insert(0, (state[db_key], state[da_key], 1.0))
-    new_b, new_a = compact(*stack(terms))
-    return {da_key: new_a, db_key: new_b}
+def flora_increment(
+    updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], scaling: float
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per module, the factors ``(B_s, A_s)`` of the round's exact weighted mean update."""
+    return {m: stacked_update(updates, weights, scaling, m) for m in lora_modules(updates[0])}
 
 
 def flora_aggregate(
@@ -57,15 +55,14 @@ def flora_aggregate(
     updates: Sequence[Mapping[str, torch.Tensor]],
     weights: Sequence[float],
     scaling: float,
+    increment: Increment | None = None,
 ) -> dict[str, torch.Tensor]:
     """Merge the exact weighted mean of the clients' updates into the base delta; average the rest.
 
     LoRA factors of the returned state are left as they were: the caller re-initialises them.
+    ``increment`` is :func:`flora_increment` of the same updates when the caller has it already.
     """
-    out = dict(state)
-    for module in lora_modules(updates[0]):
-        b_s, a_s = stacked_update(updates, weights, scaling, module)
-        out.update(accumulate_delta(out, module, b_s, a_s))
+    out = fold(state, increment if increment is not None else flora_increment(updates, weights, scaling))
     others = [{k: v for k, v in u.items() if not (is_lora_a(k) or is_lora_b(k))} for u in updates]
     if others[0]:
         out.update(weighted_mean(others, weights))
@@ -98,9 +95,10 @@ class FLoRA(HeterogeneousRankStrategy):
     def aggregate(
         self, server_round: int, state: dict[str, torch.Tensor], updates: list[ClientUpdate]
     ) -> dict[str, torch.Tensor]:
-        merged = flora_aggregate(
-            state, [u.state for u in updates], [u.num_examples for u in updates], self.spec.scaling
-        )
+        trained, weights = [u.state for u in updates], [u.num_examples for u in updates]
+        increment = flora_increment(trained, weights, self.spec.scaling)
+        merged = flora_aggregate(state, trained, weights, self.spec.scaling, increment)
+        self.chain.advance(state, increment, merged)
         return self._fresh_lora(merged, server_round)
 
     def views(self, state: Mapping[str, torch.Tensor]) -> list[GlobalView]:

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from flwr.app import RecordDict
 
-from fedlora.adapters import from_record, is_base_delta, module_of, to_record
+from fedlora.adapters import exact_on_wire, from_record, module_of, to_record
 from fedlora.protocol import LOCAL_STATE
 
 
@@ -197,7 +197,7 @@ class ClientHooks:
 
 
 def split_received(received: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(adapter tensors to train, base-delta factors to fold into the frozen weights)."""
-    trained = {k: v for k, v in received.items() if not is_base_delta(k)}
-    factors = {k: v for k, v in received.items() if is_base_delta(k)}
+    """(adapter tensors to train, base-delta factors and links to fold into the frozen weights)."""
+    trained = {k: v for k, v in received.items() if not exact_on_wire(k)}
+    factors = {k: v for k, v in received.items() if exact_on_wire(k)}
     return trained, factors

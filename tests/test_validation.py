@@ -9,6 +9,7 @@ from flwr.app.metadata import Metadata
 
 from fedlora.adapters import to_record
 from fedlora.server import ReplyError, validate_reply
+from fedlora.transport import Wire
 
 SENT = to_record({"m.q.lora_A.weight": torch.ones(2, 4), "m.q.lora_B.weight": torch.zeros(4, 2)})
 
@@ -37,7 +38,7 @@ def _reply(arrays=None, metrics=None, error=None) -> Message:
 
 
 def _check(msg):
-    validate_reply(msg, SENT, dtype="float32", max_bytes=10_000)
+    validate_reply(msg, SENT, wire=Wire(), max_bytes=10_000)
 
 
 def test_good_reply_passes():
@@ -53,7 +54,7 @@ def test_base_delta_factors_are_sent_but_not_returned():
             "m.q.base_delta_B": torch.ones(4, 3),
         }
     )
-    validate_reply(_reply(), sent, dtype="float32", max_bytes=10_000)
+    validate_reply(_reply(), sent, wire=Wire(), max_bytes=10_000)
     echoed = to_record(
         {
             "m.q.lora_A.weight": torch.ones(2, 4),
@@ -63,7 +64,7 @@ def test_base_delta_factors_are_sent_but_not_returned():
         }
     )
     with pytest.raises(ReplyError, match="unexpected"):
-        validate_reply(_reply(echoed), sent, dtype="float32", max_bytes=10_000)
+        validate_reply(_reply(echoed), sent, wire=Wire(), max_bytes=10_000)
 
 
 @pytest.mark.parametrize(
