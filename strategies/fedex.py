@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from fedlora.adapters import lora_keys, lora_modules
-from fedlora.lowrank import stack
+from fedlora.lowrank import compact, stack
 
 from .base import ClientUpdate
 from .basechain import Increment, fold
@@ -45,14 +45,15 @@ def fedex_increment(
     weights: Sequence[float],
     scaling: float,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per module, the factors of the residual ``sum_k p_k s B_k @ A_k - s B_mean @ A_mean``."""
+    """Per module, factors of the residual ``sum_k p_k s B_k @ A_k - s B_mean @ A_mean``, compacted
+    to their numerical rank."""
     total = float(sum(weights))
     out = {}
     for module in lora_modules(mean):
         a_key, b_key = lora_keys(module)
         terms = [(u[b_key], u[a_key], scaling * float(w) / total) for u, w in zip(updates, weights)]
         terms.append((mean[b_key], mean[a_key], -scaling))
-        out[module] = stack(terms)
+        out[module] = compact(*stack(terms))
     return out
 
 

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from fedlora.adapters import AdapterHost, is_lora_a, is_lora_b, lora_keys, lora_modules, seeded_lora_a
-from fedlora.lowrank import stack
+from fedlora.lowrank import compact, stack
 
 from .base import ClientUpdate, GlobalView, split_base_delta
 from .basechain import Increment, fold
@@ -46,8 +46,9 @@ def stacked_update(
 def flora_increment(
     updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], scaling: float
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per module, the factors ``(B_s, A_s)`` of the round's exact weighted mean update."""
-    return {m: stacked_update(updates, weights, scaling, m) for m in lora_modules(updates[0])}
+    """Per module, factors ``(B, A)`` of the round's exact weighted mean update: the stacked
+    factors compacted to their numerical rank (what a node that holds last round's base receives)."""
+    return {m: compact(*stacked_update(updates, weights, scaling, m)) for m in lora_modules(updates[0])}
 
 
 def flora_aggregate(
