@@ -76,22 +76,22 @@ def test_overhead_quick(tmp_path):
 
 
 def test_communication_quick(tmp_path):
-    report = run_quick("communication.py", tmp_path, timeout=300)
+    report = run_quick("communication.py", tmp_path, timeout=400)
     from fedlora.strategies import STRATEGIES
 
-    assert set(STRATEGIES) | {"fedavg@float16", "ffa@float16"} <= set(report["strategies"])
-    for name, entry in report["strategies"].items():
-        assert all(r["bytes_down_per_client"] > 0 and r["bytes_up_per_client"] > 0 for r in entry["rounds"]), name
-    rounds = report["strategies"]
-    # FFA sends B only: about half of FedIT's LoRA bytes; float16 halves the bytes again.
-    assert (
-        rounds["ffa"]["rounds"][0]["bytes_up_per_client"] < 0.6 * rounds["fedavg"]["rounds"][0]["bytes_up_per_client"]
-    )
-    assert (
-        rounds["fedavg@float16"]["rounds"][0]["bytes_up_per_client"]
-        < 0.55 * rounds["fedavg"]["rounds"][0]["bytes_up_per_client"]
-    )
-    assert set(report["framing_overhead"]) == {"fedavg", "ffa", "fedavg@float16", "ffa@float16"}
+    cells = report["cells"]
+    assert set(cells) == set(STRATEGIES)
+    assert set(cells["fedavg"]) == {"float32", "float16", "bfloat16", "int8", "int8+ef", "nf4", "nf4+ef"}
+    for strategy, by_transport in cells.items():
+        assert {"float32", "int8"} <= set(by_transport), strategy
+        for transport, entry in by_transport.items():
+            r = entry["rounds"][0]
+            assert r["bytes_down_per_client"] > 0 and r["bytes_up_per_client"] > 0, (strategy, transport)
+    # Measured on real messages of this run: int8 <= 0.27 x float32, nf4 <= 0.15 x, float16 about half.
+    assert all(report["checks"]["int8_up_le_0.27"].values())
+    assert all(report["checks"]["nf4_up_le_0.15"].values())
+    assert report["ratios"]["fedavg"]["float16"]["bytes_up_vs_own_float32"] < 0.55
+    assert report["ratios"]["ffa"]["float32"]["bytes_up_vs_fedavg_float32"] < 0.6  # FFA sends B only
     assert report["full_model_bytes"] > report["raw_trainable_bytes"] > 0
 
 
