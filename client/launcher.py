@@ -8,35 +8,58 @@ What the command does, in order:
    exponential backoff up to ``--max-retries`` times, so a server that is still starting is
    waited for, a wrong CA is reported as such and an unreachable server ends the command
    instead of hanging;
-3. starts Flower's ``flower-supernode`` with the node config fedlora's ClientApp reads
-   (``data-path``, ``rank``, ``partition-id``, ``export-dir``). The SuperNode asks the server for
-   work, starts the ClientApp for each message and sends back only adapter factors and
+3. starts its worker (:mod:`fedlora.client.worker`): one long-lived process that imports
+   torch/transformers/fedlora and loads the base model once and handles every message of the
+   run, on a Unix socket in a private directory with a random key (``FEDLORA_CLIENT_WORKER=0``:
+   no worker, every message in a fresh process as before);
+4. starts Flower's ``flower-supernode`` with the node config fedlora's ClientApp reads
+   (``data-path``, ``rank``, ``partition-id``, ``export-dir``, ``worker-address``). The
+   SuperNode asks the server for work, starts the light ClientApp (:mod:`fedlora.client.entry`)
+   for each message, which hands it to the worker, and sends back only adapter factors and
    metrics; the file under ``--data`` never leaves the device. After a network drop or a server
    restart the SuperNode reconnects by itself, for up to ``--max-wait`` seconds;
-4. runs until stopped (Ctrl-C or SIGTERM: exit 0, the SuperNode and its ClientApp processes
-   shut down with it), or until the server refuses it or stays away: one line, exit 1.
+5. runs until stopped (Ctrl-C or SIGTERM: exit 0, the SuperNode, its ClientApp processes and
+   the worker shut down with it), or until the server refuses it or stays away: one line,
+   exit 1. A worker that dies is restarted (a line says so) up to ``WORKER_RESTARTS`` times;
+   after that the command stops with one line, exit 1.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import secrets
+import shutil
 import signal
 import socket
 import ssl
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedlora import protocol as P
 from fedlora.certs import check_certificate, check_private_key
-from fedlora.errors import ConnectError, FedLoraError
+from fedlora.errors import ConnectError, FedLoraError, RunFailed
+
+from .worker import AUTHKEY_BYTES, AUTHKEY_ENV, DIR_PREFIX, NODE_WORKER_ADDRESS, SOCKET_NAME, WORKER_SWITCH_ENV
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 PREFIX = "fedlora-client: "
 REFUSAL_RETRIES = 3
+#: How often a worker that died is started again before fedlora-client gives up.
+WORKER_RESTARTS = 3
+#: How long a starting worker may take to listen on its socket.
+WORKER_START_TIMEOUT = 60.0
+
+
+def worker_default() -> bool:
+    """Whether fedlora-client runs a worker: yes, unless ``FEDLORA_CLIENT_WORKER=0``."""
+    return os.environ.get(WORKER_SWITCH_ENV, "1").strip() not in ("0", "false", "no", "off")
 
 
 @dataclass
@@ -55,6 +78,7 @@ class ClientOptions:
     max_wait: float = 600.0
     connect_timeout: float = 5.0
     verbose: bool = False
+    worker: bool = field(default_factory=worker_default)
 
 
 def parse_address(value: str) -> tuple[str, int]:
@@ -164,9 +188,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def node_config(opts: ClientOptions) -> str:
+def node_config(opts: ClientOptions, worker_address: str | None = None) -> str:
     """The SuperNode's ``--node-config``: what fedlora's ClientApp reads from ``context.node_config``."""
     items = [f"{P.NODE_DATA_PATH}='{opts.data.resolve()}'"]
+    if worker_address is not None:
+        items.append(f"{NODE_WORKER_ADDRESS}='{worker_address}'")
     if opts.rank is not None:
         items.append(f"{P.NODE_RANK}={int(opts.rank)}")
     if opts.partition_id is not None:
@@ -176,7 +202,7 @@ def node_config(opts: ClientOptions) -> str:
     return " ".join(items)
 
 
-def supernode_command(opts: ClientOptions, runtime_port: int) -> list[str]:
+def supernode_command(opts: ClientOptions, runtime_port: int, worker_address: str | None = None) -> list[str]:
     from fedlora.server.launcher import tool
 
     cmd = [
@@ -184,7 +210,7 @@ def supernode_command(opts: ClientOptions, runtime_port: int) -> list[str]:
         "--superlink",
         opts.server,
         "--node-config",
-        node_config(opts),
+        node_config(opts, worker_address),
         "--isolation",
         "subprocess",
         "--host",
@@ -213,6 +239,7 @@ class _Watcher:
         self.node_id = ""
         self.refused = False
         self.last_error = ""
+        self.last_line = ""
         self.thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
         self.thread.start()
 
@@ -221,6 +248,7 @@ class _Watcher:
             line = _ANSI.sub("", raw).rstrip()
             if not line:
                 continue
+            self.last_line = line
             if "SuperNode ID:" in line:
                 self.node_id = line.rsplit(":", 1)[-1].strip()
                 self.emit(f"{PREFIX}connected as node {self.node_id}; waiting for the server's rounds")
@@ -235,6 +263,102 @@ class _Watcher:
             ):
                 self.emit(line)
         stream.close()
+
+
+class Worker:
+    """This device's worker process (:mod:`fedlora.client.worker`): its private directory,
+    socket and key, and the process itself (restarted on the same socket and key)."""
+
+    def __init__(self, emit: Callable[[str], None], verbose: bool):
+        self.emit = emit
+        self.verbose = verbose
+        base = tempfile.gettempdir()
+        if len(base) > 60:  # a Unix socket path must stay under ~104 bytes
+            base = "/tmp"
+        self.directory = Path(tempfile.mkdtemp(prefix=DIR_PREFIX, dir=base))  # mode 0700
+        self.address = str(self.directory / SOCKET_NAME)
+        self.authkey = secrets.token_bytes(AUTHKEY_BYTES)
+        self.process: subprocess.Popen | None = None
+        self.watcher: _Watcher | None = None
+        self.restarts = 0
+
+    def env(self, base: dict[str, str]) -> dict[str, str]:
+        """``base`` plus the key: the worker's and the SuperNode's environment (Flower's SuperExec
+        and its ClientApp processes inherit the SuperNode's)."""
+        return {**base, AUTHKEY_ENV: self.authkey.hex()}
+
+    def start(self) -> None:
+        """Start the process and wait until it listens (or has exited: :meth:`dead` tells)."""
+        from fedlora.server.launcher import tool_env
+
+        self.directory.mkdir(mode=0o700, exist_ok=True)  # a worker that stopped may have removed it
+        try:
+            os.unlink(self.address)
+        except OSError:
+            pass
+        cmd = [
+            sys.executable,
+            "-m",
+            "fedlora.client.worker",
+            "--address",
+            self.address,
+            "--parent-pid",
+            str(os.getpid()),
+        ]
+        # Own session: a Ctrl-C in the terminal reaches fedlora-client, which stops the worker.
+        self.process = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env=self.env(tool_env()),
+            start_new_session=True,
+        )
+        self.watcher = _Watcher(self.process.stdout, self.emit, self.verbose)
+        deadline = time.monotonic() + WORKER_START_TIMEOUT
+        while not os.path.exists(self.address) and self.process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def dead(self) -> int | None:
+        """The exit status of a worker that stopped, else None."""
+        return None if self.process is None else self.process.poll()
+
+    def why(self) -> str:
+        code = self.dead()
+        if self.watcher is not None:
+            self.watcher.thread.join(timeout=2)
+        if code is not None and code < 0:
+            return f"signal {-code}"
+        # A Python failure (an import error, say) ends its output with the exception's line.
+        last = self.watcher.last_line if self.watcher is not None else ""
+        return f"exit {code}{': ' + last if last and not last.startswith(PREFIX) else ''}"
+
+    def check(self) -> None:
+        """Restart a worker that stopped; a RunFailed once it has stopped too often."""
+        if self.dead() is None:
+            return
+        why = self.why()
+        if self.restarts >= WORKER_RESTARTS:
+            raise RunFailed(f"the worker process stopped ({why}) after {self.restarts} restarts; giving up")
+        self.restarts += 1
+        self.emit(f"{PREFIX}the worker process stopped ({why}); restarting it ({self.restarts}/{WORKER_RESTARTS})")
+        self.start()
+
+    def stop(self) -> None:
+        from fedlora.server.launcher import _signal_group
+
+        proc = self.process
+        if proc is not None and proc.poll() is None:
+            _signal_group(proc, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                _signal_group(proc, signal.SIGKILL)
+                proc.wait(timeout=5)
+        if self.watcher is not None:
+            self.watcher.thread.join(timeout=5)
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def run_client(
@@ -260,22 +384,27 @@ def run_client(
         f"{', rank ' + str(opts.rank) if opts.rank is not None else ''}"
         f"{', authenticated' if opts.key is not None else ''})"
     )
+    worker = Worker(emit, opts.verbose) if opts.worker else None
     try:
+        if worker is not None:
+            worker.start()
         # A refusal is retried a few times: the server authorises its keys just after it starts
         # listening, and an operator may be adding this node's key right now.
         for attempt in range(REFUSAL_RETRIES + 1):
             proc = subprocess.Popen(
-                supernode_command(opts, free_port()),
+                supernode_command(opts, free_port(), worker.address if worker is not None else None),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 text=True,
-                env=tool_env(),
+                env=worker.env(tool_env()) if worker is not None else tool_env(),
                 start_new_session=True,
             )
             watcher = _Watcher(proc.stdout, emit, opts.verbose)
             try:
                 while proc.poll() is None and not stop_event.is_set():
+                    if worker is not None:
+                        worker.check()
                     stop_event.wait(0.2)
             finally:
                 if proc.poll() is None:
@@ -313,5 +442,7 @@ def run_client(
             f"{watcher.last_error or 'lost the server and gave up reconnecting'}"
         )
     finally:
+        if worker is not None:
+            worker.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

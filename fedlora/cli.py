@@ -393,6 +393,11 @@ def _client_parser() -> argparse.ArgumentParser:
         help="how long to keep reconnecting after the server goes away (default 600)",
     )
     p.add_argument("--verbose", action="store_true", help="also show Flower's SuperNode log")
+    p.add_argument(
+        "--no-worker",
+        action="store_true",
+        help="no long-lived worker: every message loads the model in a fresh process (slower; for comparison)",
+    )
     _add_debug(p)
     return p
 
@@ -417,6 +422,7 @@ def client_main(argv: list[str] | None = None) -> int:
             max_retries=args.max_retries,
             max_wait=args.max_wait,
             verbose=args.verbose,
+            **({"worker": False} if args.no_worker else {}),
         )
         return run_client(opts, emit=lambda line: print(line, flush=True))
 

@@ -49,7 +49,7 @@ from .deployed_app import DONE_PREFIX, ERROR_PREFIX
 
 DEFAULT_PORT = 9092
 SERVER_APP = "fedlora.server.deployed_app:app"
-CLIENT_APP = "fedlora.client.client_app:app"
+CLIENT_APP = "fedlora.client.entry:app"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # Flower's own INFO chatter from the ServerApp process (process start, FAB installation).
 _NOISE = re.compile(r"^(INFO\s*:|DEBUG\s*:|Successfully installed )|Warning: |warnings\.warn\(|kernels-community")

@@ -1,9 +1,9 @@
 """Deployment end to end: real ``fedlora-server`` and ``fedlora-client`` processes on 127.0.0.1,
 over Flower's SuperLink/SuperNode with TLS and node authentication.
 
-One federation (3 authorised clients, 2 rounds of a tiny BERT) runs once for the module; while it
-runs, a client with an unauthorised key and one trusting the wrong CA try to join. Every
-subprocess has a timeout, and leftovers are stopped by pid, never by name.
+One federation (3 authorised clients, 2 rounds of a tiny BERT) runs once for the module; while its
+server waits for them, a client with an unauthorised key and one trusting the wrong CA try to
+join. Every subprocess has a timeout, and leftovers are stopped by pid, never by name.
 """
 
 from __future__ import annotations
@@ -119,8 +119,30 @@ def deployment(tiny_bert, tmp_path_factory):
     ]
     started = time.monotonic()
     server = _start(server_cmd, root, env, root / "server.log")
-    clients, children = [], {}
+    clients, children, intruders = [], {}, []
     try:
+        base = [
+            str(BIN / "fedlora-client"),
+            "--server",
+            f"127.0.0.1:{port}",
+            "--data",
+            str(root / "data" / "client0.csv"),
+            "--max-retries",
+            "10",
+        ]
+        # Before the authorised clients start, the server is certainly up (waiting for them): a
+        # run over by then would leave these two retrying against a closed port.
+        for args in (
+            base + ["--ca", str(files.ca_cert), "--key", str(files.node_keys[3])],
+            base + ["--ca", str(other.ca_cert)],
+        ):
+            intruders.append(
+                subprocess.Popen(args, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            )
+        outputs = [p.communicate(timeout=120) for p in intruders]
+        refused, wrong_ca = (
+            subprocess.CompletedProcess(p.args, p.returncode, out, err) for p, (out, err) in zip(intruders, outputs)
+        )
         for i in range(3):
             cmd = [
                 str(BIN / "fedlora-client"),
@@ -138,29 +160,12 @@ def deployment(tiny_bert, tmp_path_factory):
                 "60",
             ]
             clients.append(_start(cmd, root, env, root / f"client{i}.log"))
-        base = [
-            str(BIN / "fedlora-client"),
-            "--server",
-            f"127.0.0.1:{port}",
-            "--data",
-            str(root / "data" / "client0.csv"),
-            "--max-retries",
-            "10",
-        ]
-        refused = subprocess.run(
-            base + ["--ca", str(files.ca_cert), "--key", str(files.node_keys[3])],
-            cwd=root,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        wrong_ca = subprocess.run(
-            base + ["--ca", str(other.ca_cert)], cwd=root, env=env, capture_output=True, text=True, timeout=120
-        )
-        for proc in clients:
-            children[proc.pid] = _descendants(proc.pid)
-        server_rc = server.wait(timeout=RUN_TIMEOUT)
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while server.poll() is None and time.monotonic() < deadline:  # note every process the clients start
+            for proc in clients:
+                children[proc.pid] = children.get(proc.pid, set()) | _descendants(proc.pid)
+            time.sleep(0.5)
+        server_rc = server.wait(timeout=max(deadline - time.monotonic(), 1))
         run_seconds = time.monotonic() - started
         for proc in clients:  # the run is over: stop the devices as an operator would
             children[proc.pid] |= _descendants(proc.pid)
@@ -169,6 +174,10 @@ def deployment(tiny_bert, tmp_path_factory):
         time.sleep(1.0)
         leftovers = sorted(p for kids in children.values() for p in kids if _alive(p))
     finally:
+        for proc in intruders:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
         for proc in [server, *clients]:
             _stop(proc)
     return {
@@ -198,6 +207,13 @@ def test_two_rounds_over_tls_with_node_authentication(deployment):
         assert "round 2: trained rank 4" in log, log
     # Clients reported what they have: the server knows each one's rank, device and examples.
     assert d["server_log"].count("joined: rank 4, cpu") == 3
+
+
+def test_each_device_keeps_one_worker(deployment):
+    """Every message of the run went to one long-lived worker per device (started once, never
+    restarted); the per-round latency it saves is measured by benchmarks/deploy_latency.py."""
+    for log in deployment["client_logs"]:
+        assert log.count("fedlora-client: worker ready") == 1 and "restarting it" not in log, log
 
 
 def test_adapter_loads_in_peft(deployment):
@@ -394,3 +410,98 @@ def test_server_gives_up_when_clients_do_not_come(kit):
     err = res.stderr.strip().splitlines()
     assert len(err) == 1 and "only 0 of 3 clients connected within 3 s" in err[0], res.stdout + res.stderr
     assert time.monotonic() - start < 90
+
+
+# -- the device's worker process -------------------------------------------------------------------
+
+
+@pytest.fixture
+def silent_server():
+    """A port that accepts connections and never answers: fedlora-client --insecure gets past its
+    reachability check and starts its worker and SuperNode (which keeps retrying)."""
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(64)
+        yield srv.getsockname()[1]
+
+
+def _workers(pid: int) -> set[int]:
+    found = set()
+    for child in _descendants(pid):
+        try:
+            if "fedlora.client.worker" in Path(f"/proc/{child}/cmdline").read_text():
+                found.add(child)
+        except OSError:
+            pass
+    return found
+
+
+def _until(predicate, timeout: float):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.1)
+    return predicate()
+
+
+def _client_on(kit: Path, port: int, name: str) -> subprocess.Popen:
+    cmd = [str(BIN / "fedlora-client"), "--server", f"127.0.0.1:{port}", "--insecure", "--data", "local.csv"]
+    return subprocess.Popen(
+        cmd + ["--max-wait", "120"],
+        cwd=kit,
+        env=_env(kit / "flwr-home"),
+        stdout=open(kit / f"{name}.out", "wb"),
+        stderr=open(kit / f"{name}.err", "wb"),
+        start_new_session=True,
+    )
+
+
+def _kill_all(pids: set[int]) -> None:
+    for pid in pids:
+        if _alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_worker_ends_when_the_client_is_killed(kit, silent_server):
+    """A SIGKILL of fedlora-client gives its worker no chance to be stopped: it must notice."""
+    proc = _client_on(kit, silent_server, "killed")
+    family: set[int] = set()
+    try:
+        workers = _until(lambda: _workers(proc.pid), 60)
+        assert workers, (kit / "killed.out").read_text()
+        family = _descendants(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        assert _until(lambda: not any(_alive(w) for w in workers), 10), "the worker outlived fedlora-client"
+    finally:
+        _stop(proc)
+        _kill_all(family)  # the orphaned SuperNode (its own session) and its SuperExec
+
+
+def test_dead_worker_is_restarted_then_given_up(kit, silent_server):
+    from fedlora.client.launcher import WORKER_RESTARTS
+
+    proc = _client_on(kit, silent_server, "restarts")
+    family: set[int] = set()
+    killed: set[int] = set()
+    try:
+        for _ in range(WORKER_RESTARTS + 1):
+            fresh = _until(lambda seen=frozenset(killed): _workers(proc.pid) - seen, 60)
+            assert fresh, (kit / "restarts.out").read_text()
+            family |= _descendants(proc.pid)
+            for pid in fresh:
+                os.kill(pid, signal.SIGKILL)
+            killed |= fresh
+        assert proc.wait(timeout=60) == 1
+    finally:
+        _stop(proc)
+        _kill_all(family)
+    out = (kit / "restarts.out").read_text()
+    assert f"the worker process stopped (signal 9); restarting it (1/{WORKER_RESTARTS})" in out, out
+    err = (kit / "restarts.err").read_text().strip().splitlines()
+    assert len(err) == 1 and f"after {WORKER_RESTARTS} restarts; giving up" in err[0], err
+    assert not _until(lambda: [p for p in family if _alive(p)], 10), "processes outlived fedlora-client"
