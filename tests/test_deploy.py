@@ -1,7 +1,9 @@
 """Deployment end to end: real ``fedlora-server`` and ``fedlora-client`` processes on 127.0.0.1,
 over Flower's SuperLink/SuperNode with TLS and node authentication.
 
-One federation (3 authorised clients, 2 rounds of a tiny BERT) runs once for the module; while its
+One federation (3 authorised clients, 3 rounds of FLoRA on a tiny BERT, int8 transport: the
+stateful downlink of the base change and the quantized wire both cross real processes) runs once
+for the module; while its
 server waits for them, a client with an unauthorised key and one trusting the wrong CA try to
 join. Every subprocess has a timeout, and leftovers are stopped by pid, never by name.
 """
@@ -79,7 +81,11 @@ def deployment(tiny_bert, tmp_path_factory):
     from fedlora.certs import create_certs
 
     root = tmp_path_factory.mktemp("deploy")
-    cfg = tiny_config(tiny_bert, sets=("data.partitioner=iid", "name=deployed"))
+    cfg = tiny_config(
+        tiny_bert,
+        strategy="flora",
+        sets=("data.partitioner=iid", "name=deployed", "rounds=3", "federation.transport_quantize=int8"),
+    )
     preset = root / "preset.toml"
     preset.write_text(tomli_w.dumps(cfg.to_dict()))
     env = _env(root / "flwr-home")
@@ -195,18 +201,27 @@ def deployment(tiny_bert, tmp_path_factory):
     }
 
 
-def test_two_rounds_over_tls_with_node_authentication(deployment):
+def test_three_rounds_over_tls_with_node_authentication(deployment):
     d = deployment
     assert d["server_rc"] == 0, d["server_log"]
     rounds = [json.loads(line) for line in (d["run_dir"] / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rounds] == [1, 2]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
     assert all(r["clients_ok"] == 3 and not r["dropped"] for r in rounds)
     assert "TLS, node authentication" in d["server_log"]
-    assert "round 2/2  global adapter" in d["server_log"]
+    assert "round 3/3  global adapter" in d["server_log"]
     for log in d["client_logs"]:
-        assert "round 2: trained rank 4" in log, log
+        assert "round 3: trained rank 4" in log, log
     # Clients reported what they have: the server knows each one's rank, device and examples.
     assert d["server_log"].count("joined: rank 4, cpu") == 3
+
+
+def test_devices_receive_only_the_new_base_change(deployment):
+    """Round 2 sends FLoRA's first merge whole; in round 3 each device (its state kept by its
+    SuperNode between messages) receives only round 2's link and replays it to the server's
+    digest: the downlink does not grow."""
+    rounds = [json.loads(line) for line in (deployment["run_dir"] / "metrics.jsonl").read_text().splitlines()]
+    assert rounds[2]["bytes_down"] <= 1.1 * rounds[1]["bytes_down"]
+    assert rounds[1]["bytes_down"] > 1.5 * rounds[0]["bytes_down"]  # the base change travelled
 
 
 def test_each_device_keeps_one_worker(deployment):
