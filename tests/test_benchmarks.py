@@ -124,3 +124,14 @@ def test_privacy_quick(tmp_path):
         assert run["clients_ok_last_round"] == report["settings"]["clients"]
     assert f"{target:g}" in report["drop_points"][strategy]
     assert {"claim", "per_epsilon", "verdict", "ffa_degrades_less_at_every_epsilon"} <= set(report["ffa_vs_fedavg"])
+
+
+def test_deploy_latency_quick(tmp_path):
+    """Real fedlora-server + 3 fedlora-client processes, with and without the warm worker."""
+    report = run_quick("deploy_latency.py", tmp_path, timeout=600)
+    for mode in ("before", "after"):
+        entry = report[mode]
+        assert entry["rounds"] and all(r["round_s"] > 0 for r in entry["rounds"]), mode
+        assert entry["overhead_s"] >= 0
+    # The worker removes the per-message model load: a clear gap even on 2 busy cores.
+    assert report["before_over_after"] > 1.2
