@@ -330,7 +330,12 @@ def main() -> int:
     parser.add_argument("--insecure", action="store_true", help="no TLS / node authentication")
     parser.add_argument("--order", default="before,after", help="modes to run, in order (default before,after)")
     parser.add_argument("--logs", help="folder for the server's and clients' timestamped output")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "deploy_latency.json"))
+    parser.add_argument(
+        "--out",
+        nargs="?",
+        const=str(Path(__file__).resolve().parent / "results" / "deploy_latency.json"),
+        help="also write the JSON here (no path: benchmarks/results/deploy_latency.json)",
+    )
     args = parser.parse_args()
     quiet_libraries()
     rounds = args.rounds or (3 if args.quick else 6)
