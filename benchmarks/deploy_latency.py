@@ -64,38 +64,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import emit, quiet_libraries  # noqa: E402
+from _common import emit, quiet_libraries, tiny_bert  # noqa: E402
 
 BIN = Path(sys.executable).parent
 CLIENTS = 3  # default --clients
 TARGET_OVERHEAD_S = 2.0
 MODES = {"before": ["--no-worker"], "after": []}
 RUN_TIMEOUT = 900
-
-
-def build_tiny_bert(directory: Path) -> str:
-    """The tests' ``tiny_bert``: a 2-layer random BERT encoder and a word-piece tokenizer over
-    the synthetic vocabulary, saved to ``directory``."""
-    import torch
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    from fedlora.synthetic import vocabulary
-
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tokens = specials + vocabulary() + list("abcdefghijklmnopqrstuvwxyz0123456789")
-    tok = BertTokenizerFast(vocab={t: i for i, t in enumerate(tokens)}, do_lower_case=True)
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    BertModel(config).save_pretrained(directory)
-    tok.save_pretrained(directory)
-    return str(directory)
 
 
 def run_config(model_dir: str, rounds: int, clients: int):
@@ -350,7 +325,7 @@ def main() -> int:
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="fedlora-deploy-latency-") as tmp:
         root = Path(tmp)
-        cfg = run_config(build_tiny_bert(root / "tiny-bert"), rounds, args.clients)
+        cfg = run_config(tiny_bert(root / "tiny-bert"), rounds, args.clients)
         preset = root / "preset.toml"
         preset.write_text(tomli_w.dumps(cfg.to_dict()))
         write_partitions(cfg, root / "data", args.clients)

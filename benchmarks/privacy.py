@@ -59,7 +59,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import emit, quiet_libraries, stdout_to_stderr  # noqa: E402
+from _common import emit, quiet_libraries, stdout_to_stderr, tiny_bert  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
@@ -107,31 +107,6 @@ TIMING = {"batch_size": 16, "max_length": 64, "noise_multiplier": 1.0, "max_grad
 
 # ---------------------------------------------------------------------------------------------
 # model and data
-
-
-def tiny_bert(directory: Path) -> str:
-    """A 2-layer random BERT with a word-piece vocabulary of the synthetic tasks' words (as the
-    tests' ``tiny_bert`` fixture builds it), saved to ``directory``."""
-    import torch
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    from fedlora.synthetic import vocabulary
-
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tokens = specials + vocabulary() + list("abcdefghijklmnopqrstuvwxyz0123456789")
-    tok = BertTokenizerFast(vocab={t: i for i, t in enumerate(tokens)}, do_lower_case=True)
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    BertModel(config).save_pretrained(directory)
-    tok.save_pretrained(directory)
-    return str(directory)
 
 
 def data_section(sst2: Path | None) -> dict[str, Any]:

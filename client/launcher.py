@@ -265,6 +265,19 @@ class _Watcher:
         stream.close()
 
 
+def end_group(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM ``proc``'s process group, SIGKILL it after ``grace`` seconds if it is still there."""
+    from fedlora.server.launcher import _signal_group
+
+    if proc.poll() is None:
+        _signal_group(proc, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc, signal.SIGKILL)
+            proc.wait(timeout=5)
+
+
 class Worker:
     """This device's worker process (:mod:`fedlora.client.worker`): its private directory,
     socket and key, and the process itself (restarted on the same socket and key)."""
@@ -346,16 +359,8 @@ class Worker:
         self.start()
 
     def stop(self) -> None:
-        from fedlora.server.launcher import _signal_group
-
-        proc = self.process
-        if proc is not None and proc.poll() is None:
-            _signal_group(proc, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                _signal_group(proc, signal.SIGKILL)
-                proc.wait(timeout=5)
+        if self.process is not None:
+            end_group(self.process, grace=10)
         if self.watcher is not None:
             self.watcher.thread.join(timeout=5)
         shutil.rmtree(self.directory, ignore_errors=True)
@@ -368,7 +373,7 @@ def run_client(
 
     ``stop_event`` (tests) or SIGTERM / SIGINT stop it cleanly.
     """
-    from fedlora.server.launcher import _signal_group, tool_env
+    from fedlora.server.launcher import tool_env
 
     host, port = check_options(opts)
     if opts.insecure:
@@ -407,13 +412,7 @@ def run_client(
                         worker.check()
                     stop_event.wait(0.2)
             finally:
-                if proc.poll() is None:
-                    _signal_group(proc, signal.SIGTERM)
-                    try:
-                        proc.wait(timeout=20)
-                    except subprocess.TimeoutExpired:
-                        _signal_group(proc, signal.SIGKILL)
-                        proc.wait(timeout=5)
+                end_group(proc, grace=20)
                 watcher.thread.join(timeout=5)
             if stop_event.is_set():
                 emit(f"{PREFIX}stopped")
