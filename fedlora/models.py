@@ -27,6 +27,37 @@ OFFLINE_COPIES: dict[str, tuple[str, str]] = {
 HEAD_MODULES = ["classifier", "score"]
 
 
+def output_heads(source: str, task: str, num_labels: int) -> list[str]:
+    """Modules a quantized load must keep in higher precision, as QLoRA does: fresh classifier
+    heads, and the model's output layer (a causal LM's ``lm_head``, tied to the input embedding
+    or not) and whatever module holds its last parameter.
+
+    ``llm_int8_skip_modules`` *replaces* transformers' own skip list, so the list must name
+    every head: a quantized ``lm_head`` fails inside bitsandbytes (a bare AssertionError in
+    4-bit, ``'Parameter' object has no attribute 'CB'`` in 8-bit). The names come from the
+    architecture built on the meta device (no weights read).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    names = set(HEAD_MODULES)
+    try:
+        config = AutoConfig.from_pretrained(source)
+        with torch.device("meta"):
+            if task == "classification":
+                config.num_labels = num_labels
+                skeleton = AutoModelForSequenceClassification.from_config(config)
+            else:
+                skeleton = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError):
+        return sorted(names)  # the real load reports what is wrong with the model
+    output = skeleton.get_output_embeddings()
+    names.update(name for name, module in skeleton.named_modules() if output is not None and module is output)
+    params = list(skeleton.named_parameters())
+    if params:
+        names.add(params[-1][0].rsplit(".", 1)[0])
+    return sorted(n for n in names if n)
+
+
 @dataclass
 class LoadedModel:
     """A frozen base model with its tokenizer, shared by every adapter in this process."""
@@ -52,20 +83,22 @@ def resolve_model_source(name: str) -> str:
     return name
 
 
-def quantization_config(cfg: ModelConfig) -> Any:
-    """transformers' BitsAndBytesConfig for ``cfg.quantization`` (None when unquantized)."""
+def quantization_config(cfg: ModelConfig, skip: list[str] | None = None) -> Any:
+    """transformers' BitsAndBytesConfig for ``cfg.quantization`` (None when unquantized), keeping
+    the ``skip`` modules (:func:`output_heads`) unquantized."""
     if cfg.quantization == "none":
         return None
     from transformers import BitsAndBytesConfig
 
+    skip = list(skip if skip is not None else HEAD_MODULES)
     if cfg.quantization == "4bit":
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_compute_dtype=torch.float32,
-            llm_int8_skip_modules=HEAD_MODULES,
+            llm_int8_skip_modules=skip,
         )
-    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=HEAD_MODULES)
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
 
 
 def load_model(cfg: ModelConfig, num_labels: int = 2, seed: int = 0) -> LoadedModel:
@@ -91,7 +124,9 @@ def _load(cfg: ModelConfig, num_labels: int, seed: int, key: tuple) -> LoadedMod
 
     source = resolve_model_source(cfg.name)
     kwargs: dict[str, Any] = {}
-    qconfig = quantization_config(cfg)
+    qconfig = None
+    if cfg.quantization != "none":
+        qconfig = quantization_config(cfg, output_heads(source, cfg.task, num_labels))
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
     verbosity = hf_logging.get_verbosity()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,14 @@ class RunDirectory:
                 f"run directory {run.path} already exists; pick another with --out DIR or continue it with --resume"
             )
         return run
+
+    def discard_unfinished(self) -> bool:
+        """Remove the run directory when no round of it was checkpointed (a run that failed
+        before its first round leaves no trace); True when it was removed."""
+        if not self.path.is_dir() or self.latest_checkpoint_round() is not None:
+            return False
+        shutil.rmtree(self.path, ignore_errors=True)
+        return True
 
     # -- files ---------------------------------------------------------------------------------
 

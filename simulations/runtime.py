@@ -15,7 +15,7 @@ from fedlora.config import RunConfig
 from fedlora.errors import FedLoraError
 from fedlora.protocol import NODE_EXPORT_DIR
 from fedlora.runlog import Progress, RunDirectory
-from fedlora.server import RunResult, make_server_app, prepare
+from fedlora.server import Prepared, RunResult, make_server_app, prepare
 
 from .grid import InProcessGrid
 
@@ -63,6 +63,36 @@ def simulate(
     prepared = prepare(cfg)  # every user mistake surfaces here, before anything is written
     progress = progress or Progress()
     results: list[RunResult] = []
+    try:
+        _run(cfg, prepared, run_dir, progress, results, backend, resume, ray_address, ray_cpus_per_client)
+        if not results:
+            raise FedLoraError(f"the {backend} simulation ended without finishing the run (see the log above)")
+    except BaseException:
+        if not resume:  # a run that fails before its first round leaves no files behind
+            run_dir.discard_unfinished()
+        raise
+    if report:
+        try:
+            from fedlora.report import write_report
+
+            write_report([run_dir.path], run_dir.path)
+        except Exception as err:  # noqa: BLE001 - a plotting problem must not cost the finished run
+            progress.line(f"report not written: {type(err).__name__}: {err}")
+    return results[0]
+
+
+def _run(
+    cfg: RunConfig,
+    prepared: Prepared,
+    run_dir: RunDirectory,
+    progress: Progress,
+    results: list[RunResult],
+    backend: str,
+    resume: bool,
+    ray_address: str | None,
+    ray_cpus_per_client: float,
+) -> None:
+    """The federation itself on ``backend``; its result lands in ``results``."""
     server_app = make_server_app(prepared, run_dir, progress=progress, resume=resume, results=results)
     if backend == "inprocess":
         from flwr.common.constant import SUPERLINK_NODE_ID
@@ -88,13 +118,3 @@ def simulate(
             backend_name="ray",
             backend_config=backend_config,
         )
-    if not results:
-        raise FedLoraError(f"the {backend} simulation ended without finishing the run (see the log above)")
-    if report:
-        try:
-            from fedlora.report import write_report
-
-            write_report([run_dir.path], run_dir.path)
-        except Exception as err:  # noqa: BLE001 - a plotting problem must not cost the finished run
-            progress.line(f"report not written: {type(err).__name__}: {err}")
-    return results[0]
