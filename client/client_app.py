@@ -64,7 +64,12 @@ def setup(msg: Message) -> Setup:
     config = msg.content[P.CONFIG]
     run = RunConfig.from_dict(json.loads(str(config[P.RUN])))
     labels, tasks = run_classes(config)
-    loaded = load_model(run.model, num_labels=max(len(labels), 2), seed=run.seed)
+    loaded = load_model(
+        run.model,
+        num_labels=max(len(labels), 2),
+        seed=run.seed,
+        gradient_checkpointing=run.federation.gradient_checkpointing,
+    )
     spec = AdapterSpec.from_config(run.lora, run.model.task, rank=int(config[P.RANK]))
     if P.ALPHA in config:
         spec = replace(spec, alpha=float(config[P.ALPHA]))
@@ -111,6 +116,7 @@ def train_group(
             regularizer=s.hooks.regularizer(params, s.spec.rank),
             before_step=before_step,
             dp=dp,
+            compute_dtype=s.loaded.compute_dtype,
             on_step=lambda step, loss: status(
                 f"round {config[P.SERVER_ROUND]}  client {index}{task}  step {step}/{steps}  loss {loss:.4f}"
             ),
@@ -254,6 +260,7 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
             batch_size=max(int(s.config[P.BATCH_SIZE]), 32),
             pad_id=s.loaded.tokenizer.pad_token_id,
             causal=s.run.model.task == "causal_lm",
+            compute_dtype=s.loaded.compute_dtype,
             **kwargs,
         )
         if bool(s.config.get(P.EXPORT, False)) and P.NODE_EXPORT_DIR in context.node_config:

@@ -199,6 +199,12 @@ class AdapterHost:
                     raise ConfigError(f"config key 'lora.target_modules': {str(err).splitlines()[0]}") from None
                 self.specs[name] = spec
                 self._params[name] = self._collect(name)
+                # Master weights in float32 whatever the base's dtype: peft casts LoRA factors
+                # already; a trained head copied from a bfloat16 base is cast here.
+                with torch.no_grad():
+                    for param in self._params[name].values():
+                        if param.dtype != torch.float32:
+                            param.data = param.data.to(torch.float32)
             self.peft_model.set_adapter(name)
             return name
 
@@ -301,7 +307,7 @@ class AdapterHost:
                 original = self.base_weight(module)  # also refuses quantized weights
                 base, transposed = self._base_layer(module)
                 self._originals.setdefault(module, base.weight.detach().clone())
-                new = original + delta.to(torch.float32)
+                new = original + delta.to(original.device, torch.float32)
                 base.weight.copy_((new.T if transposed else new).to(base.weight.dtype))
             self._base_token = token
 

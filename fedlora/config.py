@@ -22,6 +22,8 @@ from fedlora.errors import ConfigError
 
 TASKS = ("classification", "causal_lm")
 QUANTIZATIONS = ("none", "4bit", "8bit")
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 PARTITIONERS = ("iid", "dirichlet", "column")
 TRANSPORT_DTYPES = ("float32", "float16", "bfloat16")
 TRANSPORT_QUANTIZERS = ("none", "int8", "nf4")
@@ -42,12 +44,21 @@ class ModelConfig:
         ``none``, ``4bit`` (NF4, QLoRA) or ``8bit``, through bitsandbytes.
     max_length : int
         Tokens per example after truncation.
+    device : str
+        ``auto`` (CUDA when present, else MPS, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``:
+        where the base model, the adapters, training and evaluation run.
+    dtype : str
+        ``auto`` (bfloat16 on a GPU that supports it, float32 on the CPU), ``float32``,
+        ``bfloat16`` or ``float16``: the frozen weights and the forward pass (autocast); what
+        trains and the optimizer state stay float32 (:mod:`fedlora.devices`).
     """
 
     name: str = "sentence-transformers/all-MiniLM-L6-v2"
     task: str = "classification"
     quantization: str = "none"
     max_length: int = 64
+    device: str = "auto"
+    dtype: str = "auto"
 
 
 @dataclass
@@ -210,6 +221,9 @@ class FederationConfig:
         (:mod:`fedlora.transport`); a node then sends what it trained minus what it received,
         and the server adds that to what it sent, so downlink rounding never reaches the
         global adapter. Base-delta factors (flora, fedex) always travel exactly.
+    gradient_checkpointing : bool
+        Recompute activations in the backward pass instead of keeping them (long sequences,
+        small GPUs): less memory, about a third more compute.
     error_feedback : bool
         With ``transport_quantize``: a node adds last upload's rounding residual to the next
         one (kept on the node), so the rounding errors do not accumulate over rounds.
@@ -231,6 +245,7 @@ class FederationConfig:
     transport_dtype: str = "float32"
     transport_quantize: str = "none"
     error_feedback: bool = False
+    gradient_checkpointing: bool = False
     round_timeout: float = 3600.0
     max_reply_mb: float = 512.0
     profiles: list[ClientProfile] = field(default_factory=list)
@@ -419,6 +434,12 @@ def validate(cfg: RunConfig) -> None:
         "model.quantization",
         f"must be one of {', '.join(QUANTIZATIONS)}, got {cfg.model.quantization!r}",
     )
+    _check(
+        bool(DEVICE_PATTERN.fullmatch(cfg.model.device)),
+        "model.device",
+        f"must be auto, cpu, cuda, cuda:N or mps, got {cfg.model.device!r}",
+    )
+    _check(cfg.model.dtype in DTYPES, "model.dtype", f"must be one of {', '.join(DTYPES)}, got {cfg.model.dtype!r}")
     _check(bool(cfg.model.name), "model.name", "must not be empty")
     _check(cfg.model.max_length >= 2, "model.max_length", f"must be >= 2, got {cfg.model.max_length}")
     _check(cfg.lora.rank >= 1, "lora.rank", f"must be >= 1, got {cfg.lora.rank}")

