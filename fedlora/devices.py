@@ -89,8 +89,9 @@ def placement(device: str = "auto", dtype: str = "auto") -> Placement:
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
-    """Where ``model``'s parameters live (the first one's device)."""
-    return next(model.parameters()).device
+    """Where ``model``'s parameters live (the first one's device; the CPU for a model without any)."""
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 @contextlib.contextmanager
