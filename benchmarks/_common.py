@@ -81,28 +81,3 @@ def peak_rss_mb() -> float:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
-
-
-def tiny_bert(directory: Path) -> str:
-    """A 2-layer random BERT with a word-piece vocabulary of the synthetic tasks' words (as the
-    tests' ``tiny_bert`` fixture builds it), saved to ``directory``."""
-    import torch
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    from fedlora.synthetic import vocabulary
-
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tokens = specials + vocabulary() + list("abcdefghijklmnopqrstuvwxyz0123456789")
-    tok = BertTokenizerFast(vocab={t: i for i, t in enumerate(tokens)}, do_lower_case=True)
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    BertModel(config).save_pretrained(directory)
-    tok.save_pretrained(directory)
-    return str(directory)

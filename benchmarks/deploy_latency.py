@@ -64,7 +64,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import emit, quiet_libraries, tiny_bert  # noqa: E402
+from _common import emit, quiet_libraries  # noqa: E402
 
 BIN = Path(sys.executable).parent
 CLIENTS = 3  # default --clients
@@ -321,11 +321,12 @@ def main() -> int:
 
     from fedlora.certs import create_certs
     from fedlora.data import write_partitions
+    from fedlora.synthetic import write_tiny_bert
 
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="fedlora-deploy-latency-") as tmp:
         root = Path(tmp)
-        cfg = run_config(tiny_bert(root / "tiny-bert"), rounds, args.clients)
+        cfg = run_config(write_tiny_bert(root / "tiny-bert"), rounds, args.clients)
         preset = root / "preset.toml"
         preset.write_text(tomli_w.dumps(cfg.to_dict()))
         write_partitions(cfg, root / "data", args.clients)

@@ -59,7 +59,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import emit, quiet_libraries, stdout_to_stderr, tiny_bert  # noqa: E402
+from _common import emit, quiet_libraries, stdout_to_stderr  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
@@ -494,6 +494,7 @@ def main() -> int:
     from fedlora.process import process_state
     from fedlora.runlog import Progress
     from fedlora.strategies import STRATEGIES
+    from fedlora.synthetic import write_tiny_bert
 
     quick = args.quick
     settings = QUICK if quick else FULL
@@ -535,7 +536,7 @@ def main() -> int:
     runs: dict[str, dict] = dict(previous.get("runs", {}))
     with stdout_to_stderr(), tempfile.TemporaryDirectory(prefix="fedlora-privacy-") as tmp:
         root = Path(tmp)
-        model = tiny_bert(root / "tiny-bert") if quick else MINILM
+        model = write_tiny_bert(root / "tiny-bert") if quick else MINILM
         raw = base_raw(settings, model, data)
         evals = load_task_data(RunConfig.from_dict(raw)).eval
         ctx["eval_examples"] = len(evals)

@@ -265,19 +265,6 @@ class _Watcher:
         stream.close()
 
 
-def end_group(proc: subprocess.Popen, grace: float) -> None:
-    """SIGTERM ``proc``'s process group, SIGKILL it after ``grace`` seconds if it is still there."""
-    from fedlora.server.launcher import _signal_group
-
-    if proc.poll() is None:
-        _signal_group(proc, signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            _signal_group(proc, signal.SIGKILL)
-            proc.wait(timeout=5)
-
-
 class Worker:
     """This device's worker process (:mod:`fedlora.client.worker`): its private directory,
     socket and key, and the process itself (restarted on the same socket and key)."""
@@ -360,6 +347,8 @@ class Worker:
 
     def stop(self) -> None:
         if self.process is not None:
+            from fedlora.server.launcher import end_group
+
             end_group(self.process, grace=10)
         if self.watcher is not None:
             self.watcher.thread.join(timeout=5)
@@ -373,7 +362,7 @@ def run_client(
 
     ``stop_event`` (tests) or SIGTERM / SIGINT stop it cleanly.
     """
-    from fedlora.server.launcher import tool_env
+    from fedlora.server.launcher import end_group, tool_env
 
     host, port = check_options(opts)
     if opts.insecure:

@@ -27,6 +27,7 @@ PARTITIONER = "partitioner"
 NODE_DATA = "node-data"
 ENCODED = "encoded"
 DERIVED = "derived"
+BASE_CHANGE = "base-change"  # the newest base change a node built (strategies.basechain)
 
 
 class ProcessState:

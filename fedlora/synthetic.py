@@ -343,3 +343,35 @@ def vocabulary() -> list[str]:
         for group in bank.values():
             phrases += group
     return sorted({word for phrase in phrases for word in phrase.split()})
+
+
+def tiny_tokenizer():
+    """A word-piece tokenizer over :func:`vocabulary` (every word the generators emit), for tiny
+    random models in tests and benchmarks."""
+    from transformers import BertTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokens = specials + vocabulary() + list("abcdefghijklmnopqrstuvwxyz0123456789")
+    return BertTokenizerFast(vocab={t: i for i, t in enumerate(tokens)}, do_lower_case=True)
+
+
+def write_tiny_bert(directory) -> str:
+    """A 2-layer random BERT encoder (hidden 32, seeded) and :func:`tiny_tokenizer`, saved to
+    ``directory``: a model the real loading code reads in milliseconds (no head: a classifier
+    starts fresh, as on MiniLM)."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    BertModel(config).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return str(directory)

@@ -321,9 +321,13 @@ class SuperLink:
             except Exception:  # noqa: BLE001
                 pass
             self.client = None
-        proc = self.process
-        if proc is None or proc.poll() is not None:
-            return
+        if self.process is not None:
+            end_group(self.process, grace)
+
+
+def end_group(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM ``proc``'s process group, SIGKILL it after ``grace`` seconds if it is still there."""
+    if proc.poll() is None:
         _signal_group(proc, signal.SIGTERM)
         try:
             proc.wait(timeout=grace)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Array, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedlora import protocol as P
@@ -37,7 +37,7 @@ from fedlora.adapters import from_record, to_record
 from fedlora.export import export_adapter, fold_base_delta
 from fedlora.runlog import Progress, RunDirectory, ScalarLog
 from fedlora.strategies import LoRAStrategy, NodeDirectory, create
-from fedlora.transport import Wire, decode_update, message_bytes
+from fedlora.transport import Wire, arrays_of, decode_update, message_bytes
 
 from .evaluation import evaluate_state
 from .privacy import CentralDP, PrivacyBook
@@ -65,8 +65,9 @@ class RoundBook:
 
     Attributes
     ----------
-    sent : dict of int to ArrayRecord
-        What each sampled node was sent (from the strategy's messages).
+    sent : dict of int to dict
+        What each sampled node was sent (the arrays of its message, unpacked once per distinct
+        payload: replies are validated against them).
     reference : dict of int to dict
         The same, float32 and base change aside (what a node's upload is relative to on a
         lossy wire, and what central DP measures its update against).
@@ -78,7 +79,7 @@ class RoundBook:
         ``{"node_id", "reason"}`` per dropped reply or missing node.
     """
 
-    sent: dict[int, ArrayRecord]
+    sent: dict[int, dict[str, Array]]
     reference: dict[int, dict[str, torch.Tensor]]
     clients: dict[int, dict[str, Any]] = field(default_factory=dict)
     valid: list[Message] = field(default_factory=list)
@@ -88,7 +89,14 @@ class RoundBook:
     def of(cls, messages: list[Message], reference: dict[int, dict[str, torch.Tensor]]) -> RoundBook:
         """The book of a round whose train ``messages`` were built from ``reference``; each node's
         ``bytes_down`` is what Flower moves for its message."""
-        book = cls(sent={m.metadata.dst_node_id: m.content[P.ARRAYS] for m in messages}, reference=reference)
+        unpacked: dict[int, dict[str, Array]] = {}  # nodes sent the very same record share its arrays
+        sent = {}
+        for m in messages:
+            record = m.content[P.ARRAYS]
+            if id(record) not in unpacked:
+                unpacked[id(record)] = arrays_of(record)
+            sent[m.metadata.dst_node_id] = unpacked[id(record)]
+        book = cls(sent=sent, reference=reference)
         for m in messages:
             book.clients[m.metadata.dst_node_id] = {"node_id": m.metadata.dst_node_id, "bytes_down": message_bytes(m)}
         return book

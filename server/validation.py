@@ -8,9 +8,11 @@ plausible example count, a bounded size.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, Message
 
 from fedlora import protocol as P
 from fedlora.adapters import exact_on_wire
@@ -22,7 +24,7 @@ class ReplyError(ValueError):
 
 
 def validate_reply(
-    reply: Message, sent: ArrayRecord, *, wire: Wire, max_bytes: int, epsilon: bool = False
+    reply: Message, sent: ArrayRecord | Mapping[str, Array], *, wire: Wire, max_bytes: int, epsilon: bool = False
 ) -> dict[str, torch.Tensor]:
     """The reply's tensors, decoded to float32; :class:`ReplyError` if ``reply`` is not a
     well-formed answer to ``sent``.
@@ -31,9 +33,9 @@ def validate_reply(
     ----------
     reply : Message
         The node's reply to a train message.
-    sent : ArrayRecord
-        The tensors that were sent to that node (the reply must mirror the keys and shapes of
-        all but the base-delta factors).
+    sent : ArrayRecord or mapping of str to Array
+        The tensors that were sent to that node, a packed record or its arrays unpacked (the
+        reply must mirror the keys and shapes of all but the base-delta factors).
     wire : Wire
         The run's transport (dtype and quantizer): every array must be encoded that way, and
         its bytes must decode to the declared shape (the payload is checked, not its label).
@@ -58,7 +60,8 @@ def validate_reply(
         arrays = arrays_of(record)
     except WireError as err:
         raise ReplyError(str(err)) from None
-    sent = arrays_of(sent)
+    if isinstance(sent, ArrayRecord):
+        sent = arrays_of(sent)
     # Base-delta factors (and their links) are folded into the client's frozen weights, never sent back.
     expected = [k for k in sent.keys() if not exact_on_wire(k)]
     missing = sorted(set(expected) - set(arrays.keys()))

@@ -33,6 +33,7 @@ from flwr.app import ConfigRecord, RecordDict
 from fedlora import protocol as P
 from fedlora.adapters import LINK_SEP, delta_keys, from_record, is_base_delta, is_base_link, module_of, to_record
 from fedlora.lowrank import compact, stack
+from fedlora.process import BASE_CHANGE, process_state
 
 #: What a node keeps in ``Context.state``: the base's factors and its digest.
 STATE_FACTORS = "fedlora-base"
@@ -112,16 +113,28 @@ class BaseChain:
         self.links: list[tuple[str, str, dict[str, torch.Tensor]]] = []
         self.acks: dict[int, str] = {}
         self._next = 0
+        #: (the base tensors last hashed, their digest): every node of a round is sent the same
+        #: tensors, so the base is hashed once per round, not once per node. Holding the tensors
+        #: keeps their identity from being reused by others.
+        self._head: tuple[list[tuple[str, torch.Tensor]], str] = ([], "")
 
     def advance(self, before: Mapping[str, torch.Tensor], increment: Increment, after: Mapping[str, torch.Tensor]):
         """Record one fold, ``base(after) = fold(base(before), increment)``; keep only as many
         links as together weigh less than the base itself (older nodes get it whole)."""
         self._next += 1
         tensors = _link_tensors(self._next, increment)
-        self.links.append((base_digest(base_factors(before)), base_digest(base_factors(after)), tensors))
+        self.links.append((self.digest(base_factors(before)), self.digest(base_factors(after)), tensors))
         full = _nbytes(base_factors(after))
         while self.links and sum(_nbytes(t) for _, _, t in self.links) > full:
             self.links.pop(0)
+
+    def digest(self, base: Mapping[str, torch.Tensor]) -> str:
+        """:func:`base_digest` of ``base``, remembered for the very same tensors."""
+        items = [(k, base[k]) for k in sorted(base)]
+        held = self._head[0]
+        if not items or len(items) != len(held) or any(a != c or b is not d for (a, b), (c, d) in zip(items, held)):
+            self._head = (items, base_digest(base))
+        return self._head[1]
 
     def ack(self, node: int, digest: Any) -> None:
         """``node`` replied holding the base named ``digest`` (a non-string: it holds nothing known)."""
@@ -140,7 +153,7 @@ class BaseChain:
         base = base_factors(payload)
         if not base and not self.links:
             return dict(payload), {}
-        head = base_digest(base)
+        head = self.digest(base)
         entries: dict[str, Any] = {P.BASE_DIGEST: head}
         held = self.acks.get(node)
         if held is None or held == head:
@@ -180,6 +193,9 @@ def resolve(received: Mapping[str, torch.Tensor], config: ConfigRecord, state: R
     if P.BASE_DIGEST not in config:
         return base_factors(received)
     target = str(config[P.BASE_DIGEST])
+    # Virtual clients of one process (the in-process simulation) share one copy of each base and
+    # build it once: the first node that reaches ``target`` checks and keeps it for the others.
+    shared = process_state().peek(BASE_CHANGE, target)
     if P.BASE_FROM in config:
         held = str(state[STATE_DIGEST][STATE_DIGEST]) if STATE_DIGEST in state else None
         if held != str(config[P.BASE_FROM]):
@@ -187,18 +203,28 @@ def resolve(received: Mapping[str, torch.Tensor], config: ConfigRecord, state: R
                 f"base change out of date: this node holds {held or 'none'}, the message builds on "
                 f"{config[P.BASE_FROM]} (the server sends the whole base next round)"
             )
-        factors = from_record(state[STATE_FACTORS]) if STATE_FACTORS in state else {}
-        for increment in _links_of(received):
-            factors = fold(factors, increment)
+        if shared is not None:
+            factors = shared[0]
+        else:
+            factors = from_record(state[STATE_FACTORS]) if STATE_FACTORS in state else {}
+            for increment in _links_of(received):
+                factors = fold(factors, increment)
     else:
         factors = base_factors(received)
-    got = base_digest(factors)
-    if got != target:
-        raise ValueError(f"base change digest {got} != the server's {target} (the server sends it whole next round)")
+    if shared is None or P.BASE_FROM not in config:  # what arrived whole is checked every time
+        got = base_digest(factors)
+        if got != target:
+            raise ValueError(
+                f"base change digest {got} != the server's {target} (the server sends it whole next round)"
+            )
+    if shared is None:
+        process_state().clear(BASE_CHANGE)  # the newest base only
+        shared = (factors, to_record(factors))
+        process_state().put(BASE_CHANGE, target, shared)
     if STATE_DIGEST not in state or str(state[STATE_DIGEST][STATE_DIGEST]) != target:
-        state[STATE_FACTORS] = to_record(factors)
+        state[STATE_FACTORS] = shared[1]
         state[STATE_DIGEST] = ConfigRecord({STATE_DIGEST: target})
-    return factors
+    return shared[0]
 
 
 def held_digest(state: RecordDict) -> str | None:

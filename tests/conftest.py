@@ -11,36 +11,12 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _tokenizer(directory: Path):
-    from transformers import BertTokenizerFast
-
-    from fedlora.synthetic import vocabulary
-
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tokens = specials + vocabulary() + list("abcdefghijklmnopqrstuvwxyz0123456789")
-    return BertTokenizerFast(vocab={t: i for i, t in enumerate(tokens)}, do_lower_case=True)
-
-
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> str:
     """A 2-layer random BERT encoder (no head: the classifier starts fresh, as for MiniLM)."""
-    import torch
-    from transformers import BertConfig, BertModel
+    from fedlora.synthetic import write_tiny_bert
 
-    directory = tmp_path_factory.mktemp("tiny-bert")
-    tok = _tokenizer(directory)
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    BertModel(config).save_pretrained(directory)
-    tok.save_pretrained(directory)
-    return str(directory)
+    return write_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture(scope="session")
@@ -49,8 +25,10 @@ def tiny_gpt2(tmp_path_factory) -> str:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    from fedlora.synthetic import tiny_tokenizer
+
     directory = tmp_path_factory.mktemp("tiny-gpt2")
-    tok = _tokenizer(directory)
+    tok = tiny_tokenizer()
     torch.manual_seed(0)
     config = GPT2Config(
         vocab_size=len(tok),
@@ -65,6 +43,15 @@ def tiny_gpt2(tmp_path_factory) -> str:
     GPT2LMHeadModel(config).save_pretrained(directory)
     tok.save_pretrained(directory)
     return str(directory)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie does not count): for tests that check leftovers."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def tiny_config(model_dir: str, *, task: str = "classification", strategy: str = "fedavg", sets: tuple[str, ...] = ()):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import tomli_w
-from conftest import tiny_config
+from conftest import process_alive, tiny_config
 
 BIN = Path(sys.executable).parent
 RUN_TIMEOUT = 240
@@ -65,14 +65,6 @@ def _descendants(pid: int) -> set[int]:
                 found.add(child)
                 todo.append(child)
     return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +170,7 @@ def deployment(tiny_bert, tmp_path_factory):
             proc.send_signal(signal.SIGTERM)
         client_rcs = [proc.wait(timeout=60) for proc in clients]
         time.sleep(1.0)
-        leftovers = sorted(p for kids in children.values() for p in kids if _alive(p))
+        leftovers = sorted(p for kids in children.values() for p in kids if process_alive(p))
     finally:
         for proc in intruders:
             if proc.poll() is None:
@@ -474,7 +466,7 @@ def _client_on(kit: Path, port: int, name: str) -> subprocess.Popen:
 
 def _kill_all(pids: set[int]) -> None:
     for pid in pids:
-        if _alive(pid):
+        if process_alive(pid):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -491,7 +483,7 @@ def test_worker_ends_when_the_client_is_killed(kit, silent_server):
         family = _descendants(proc.pid)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
-        assert _until(lambda: not any(_alive(w) for w in workers), 10), "the worker outlived fedlora-client"
+        assert _until(lambda: not any(process_alive(w) for w in workers), 10), "the worker outlived fedlora-client"
     finally:
         _stop(proc)
         _kill_all(family)  # the orphaned SuperNode (its own session) and its SuperExec
@@ -519,4 +511,4 @@ def test_dead_worker_is_restarted_then_given_up(kit, silent_server):
     assert f"the worker process stopped (signal 9); restarting it (1/{WORKER_RESTARTS})" in out, out
     err = (kit / "restarts.err").read_text().strip().splitlines()
     assert len(err) == 1 and f"after {WORKER_RESTARTS} restarts; giving up" in err[0], err
-    assert not _until(lambda: [p for p in family if _alive(p)], 10), "processes outlived fedlora-client"
+    assert not _until(lambda: [p for p in family if process_alive(p)], 10), "processes outlived fedlora-client"

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import process_alive
 from flwr.app import Context, Message, MetricRecord, RecordDict
 
 from fedlora.client import worker as W
@@ -203,21 +204,13 @@ def test_worker_exits_when_its_parent_is_killed(socket_dir):
         assert _wait_for(lambda: os.path.exists(address), 30)
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait(timeout=10)
-        gone = _wait_for(lambda: not _alive(child_pid), 10)
+        gone = _wait_for(lambda: not process_alive(child_pid), 10)
         assert gone, "the worker outlived its parent"
         assert not os.path.exists(address) and not socket_dir.exists()  # its private directory too
     finally:
         _kill(parent)
-        if child_pid is not None and _alive(child_pid):
+        if child_pid is not None and process_alive(child_pid):
             os.kill(child_pid, signal.SIGKILL)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def test_client_package_stays_light():
