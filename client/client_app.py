@@ -39,7 +39,17 @@ from fedlora.strategies.hooks import split_received
 from fedlora.training import TrainResult, steps_for, train_local
 from fedlora.transport import Wire, encode_update
 
-from .node import capabilities, encoded, eval_examples, is_device, node_index, rows_by_task, run_classes, train_examples
+from .node import (
+    capabilities,
+    encoded,
+    eval_examples,
+    is_device,
+    node_index,
+    node_model,
+    rows_by_task,
+    run_classes,
+    train_examples,
+)
 from .privacy import NodePrivacy, ledger_file
 
 app = ClientApp()
@@ -59,13 +69,14 @@ class Setup:
     hooks: ClientHooks
 
 
-def setup(msg: Message) -> Setup:
-    """Read a train/evaluate message: the run, the (cached) model, the adapter shape, the hooks."""
+def setup(msg: Message, context: Context) -> Setup:
+    """Read a train/evaluate message: the run, the (cached) model at this node's precision and
+    device, the adapter shape, the hooks."""
     config = msg.content[P.CONFIG]
     run = RunConfig.from_dict(json.loads(str(config[P.RUN])))
     labels, tasks = run_classes(config)
     loaded = load_model(
-        run.model,
+        node_model(run, context, labels),
         num_labels=max(len(labels), 2),
         seed=run.seed,
         gradient_checkpointing=run.federation.gradient_checkpointing,
@@ -162,7 +173,7 @@ def budget_stop(msg: Message, privacy: NodePrivacy, reached: float, index: int, 
 
 def handle_train(msg: Message, context: Context) -> Message:
     """Train the received factors on this node's data and reply with them."""
-    s = setup(msg)
+    s = setup(msg, context)
     config = s.config
     trained, received_base = split_received(from_record(msg.content[P.ARRAYS]))
     # The base change this round builds to: whole in the message, or links after what this node holds.
@@ -241,7 +252,7 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     from fedlora.export import export_adapter
     from fedlora.training import evaluate
 
-    s = setup(msg)
+    s = setup(msg, context)
     received = from_record(msg.content[P.ARRAYS])
     enc = encoded(eval_examples(s.run, context, s.labels, s.tasks), s.run, s.loaded.tokenizer)
     kwargs: dict[str, Any] = {}

@@ -5,8 +5,12 @@ Where a node's data comes from, by ``context.node_config``:
 * ``data-path``: a local file on this device (deployment: ``fedlora-client --data``);
 * else ``partition-id`` / ``num-partitions``: its partition of the run's dataset (simulation).
 
-Which rank it trains: ``node_config["rank"]`` (``fedlora-client --rank``), else its device
-profile (``[[federation.profiles]]``, assigned round-robin by partition id), else ``lora.rank``.
+What it trains, each from the first of: its node config (``fedlora-client --rank /
+--quantization / --device``, or the simulation's device for one delivery), its device profile
+(``[[federation.profiles]]``, assigned round-robin by partition id), the run's ``lora.rank`` /
+``model.quantization`` / ``model.device``. ``auto`` for the rank or the quantization measures
+the memory this device has free and applies :func:`fedlora.capacity.choose` (once: the choice
+is kept in the node's state, so the model it then loads does not change the next answer).
 
 Everything read or tokenized here is kept in the process store (:mod:`fedlora.process`), keyed
 by what determines it, so the virtual clients of one process share the work.
@@ -17,14 +21,19 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
 from flwr.app import ConfigRecord, Context
 
 from fedlora import protocol as P
-from fedlora.config import RunConfig
+from fedlora.capacity import MARGIN, PRECISIONS, RANKS, choose, memory_needed
+from fedlora.config import ClientProfile, ModelConfig, RunConfig
 from fedlora.data import Encoded, encode, load_device_data, load_partition, task_rows
+from fedlora.devices import placement
+from fedlora.errors import ConfigError
 from fedlora.process import DERIVED, ENCODED, NODE_DATA, process_state
 
 
@@ -105,21 +114,135 @@ def encoded(ds: Any, run: RunConfig, tokenizer: Any) -> Encoded:
     )
 
 
-def node_rank(run: RunConfig, context: Context) -> int:
-    """The rank this node trains (see the module docstring)."""
-    node_cfg = context.node_config
-    if P.NODE_RANK in node_cfg:
-        return int(node_cfg[P.NODE_RANK])
+#: ``context.state`` record holding what ``auto`` chose for this node (kept across messages).
+STATE_CHOICE = "fedlora-capacity"
+AUTO = "auto"
+GIB = 2**30
+
+
+def node_profile(run: RunConfig, context: Context) -> ClientProfile | None:
+    """This node's ``[[federation.profiles]]`` entry (round-robin by partition id), if any."""
     profiles = run.federation.profiles
-    if profiles and P.NODE_PARTITION_ID in node_cfg:
-        return int(profiles[int(node_cfg[P.NODE_PARTITION_ID]) % len(profiles)].rank)
-    return int(run.lora.rank)
+    if profiles and P.NODE_PARTITION_ID in context.node_config:
+        return profiles[int(context.node_config[P.NODE_PARTITION_ID]) % len(profiles)]
+    return None
 
 
-def memory_gb() -> float:
-    """Accelerator memory when there is one, else the machine's (0 when unknown)."""
-    if torch.cuda.is_available():
-        return round(torch.cuda.get_device_properties(0).total_memory / 2**30, 2)
+def _asked(run: RunConfig, context: Context) -> tuple[str, str, str]:
+    """(rank, quantization, device) as asked: node config, else profile, else the run (strings)."""
+    node_cfg, profile = context.node_config, node_profile(run, context)
+    rank = str(node_cfg.get(P.NODE_RANK, profile.rank if profile else run.lora.rank))
+    quant = str(node_cfg.get(P.NODE_QUANTIZATION, "") or (profile.quantization if profile else "") or "")
+    device = str(node_cfg.get(P.NODE_DEVICE, "") or (profile.device if profile else "") or "")
+    return rank, quant or run.model.quantization, device or run.model.device
+
+
+def available_bytes(device: str) -> int:
+    """Memory free for training on ``device`` now: the accelerator's free memory, or the
+    machine's available memory for the CPU (0 when unknown)."""
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
+    if device == "mps" and hasattr(torch, "mps"):
+        return int(torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory())
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def candidate_ranks(run: RunConfig) -> tuple[int, ...]:
+    """Ranks ``--rank auto`` may choose: powers of two up to ``lora.rank``, and ``lora.rank``;
+    only ``lora.rank`` when the strategy trains every client at the global rank."""
+    from fedlora.strategies import STRATEGIES
+
+    cls = STRATEGIES.get(run.strategy.name)
+    if cls is None or not cls.heterogeneous_ranks:
+        return (run.lora.rank,)
+    return tuple(sorted({r for r in RANKS if r <= run.lora.rank} | {run.lora.rank}, reverse=True))
+
+
+def choose_for_node(run: RunConfig, context: Context, labels: list[str]) -> dict[str, Any] | None:
+    """What ``auto`` (rank or quantization) chooses on this node, measured once and kept in
+    ``context.state``; None when nothing is ``auto``.
+
+    Raises
+    ------
+    ConfigError
+        When no (precision, rank) fits the memory this device has.
+    """
+    if STATE_CHOICE in context.state.config_records:
+        return dict(context.state.config_records[STATE_CHOICE])
+    rank, quant, device = _asked(run, context)
+    if AUTO not in (rank, quant):
+        return None
+    from fedlora.models import model_facts
+
+    where = placement(device, run.model.dtype)
+    facts = model_facts(
+        run.model,
+        list(run.lora.target_modules),
+        batch=run.federation.batch_size,
+        num_labels=max(len(labels), 2),
+        checkpointing=run.federation.gradient_checkpointing,
+        dtype=where.dtype,
+    )
+    budget = available_bytes(where.device)
+    precisions = PRECISIONS if quant == AUTO else (quant,)
+    ranks = candidate_ranks(run) if rank == AUTO else (int(rank),)
+    got = choose(facts, budget, precisions=precisions, ranks=ranks)
+    if got is None:
+        smallest = memory_needed(facts, precisions[-1], min(ranks))
+        raise ConfigError(
+            f"--quantization/--rank auto: nothing fits on {where.device}: {budget / GIB:.2f} GB free, "
+            f"the smallest option ({precisions[-1]}, rank {min(ranks)}) needs {smallest / GIB:.2f} GB "
+            f"plus a {MARGIN:.0%} margin"
+        )
+    choice = {
+        "device": where.device,
+        "quantization": got.quantization,
+        "rank": got.rank,
+        "need-gb": round(got.bytes / GIB, 3),
+        "free-gb": round(budget / GIB, 3),
+    }
+    context.state[STATE_CHOICE] = ConfigRecord(choice)
+    if is_device(context):  # the operator watches fedlora-client's output
+        print(
+            f"fedlora-client: chose {got.quantization}, rank {got.rank} on {where.device}: needs "
+            f"{choice['need-gb']:.2f} GB of {choice['free-gb']:.2f} GB free ({MARGIN:.0%} margin)",
+            flush=True,
+        )
+    return choice
+
+
+def node_rank(run: RunConfig, context: Context, labels: list[str] | None = None) -> int:
+    """The rank this node trains (see the module docstring)."""
+    rank, _, _ = _asked(run, context)
+    if rank == AUTO:
+        return int(choose_for_node(run, context, labels or [])["rank"])
+    return int(rank)
+
+
+def node_model(run: RunConfig, context: Context, labels: list[str] | None = None) -> ModelConfig:
+    """The base model this node trains on: ``run.model`` at this node's precision and device."""
+    _, quant, device = _asked(run, context)
+    if quant == AUTO:
+        quant = str(choose_for_node(run, context, labels or [])["quantization"])
+    if quant not in PRECISIONS:
+        raise ConfigError(f"--quantization must be auto, {', '.join(PRECISIONS)}, got {quant!r}")
+    return replace(run.model, quantization=quant, device=device)
+
+
+def memory_gb(device: str = "cpu") -> float:
+    """Total memory of ``device`` (the accelerator's, or the machine's for the CPU; 0 when unknown)."""
+    if device.startswith("cuda"):
+        return round(torch.cuda.get_device_properties(torch.device(device)).total_memory / 2**30, 2)
     try:
         return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 2)
     except (ValueError, OSError, AttributeError):
@@ -132,14 +255,21 @@ def rows_by_task(ds: Any) -> dict[str, list[int]]:
 
 
 def capabilities(run: RunConfig, context: Context, labels: list[str], tasks: list[str]) -> ConfigRecord:
-    """What this node has: the rank it trains, device, memory, examples, examples per task."""
+    """What this node has: the rank it trains, its device, precision and memory, its examples
+    (and per task), and what ``auto`` chose."""
     ds = train_examples(run, context, labels, tasks)
-    return ConfigRecord(
-        {
-            P.INFO_RANK: node_rank(run, context),
-            P.INFO_DEVICE: "cuda" if torch.cuda.is_available() else "cpu",
-            P.INFO_MEMORY_GB: memory_gb(),
-            P.INFO_NUM_EXAMPLES: int(len(ds)),
-            P.INFO_TASKS: json.dumps({t: len(rows) for t, rows in rows_by_task(ds).items()}),
-        }
-    )
+    model = node_model(run, context, labels)
+    where = placement(model.device, model.dtype)
+    choice = choose_for_node(run, context, labels)
+    info: dict[str, Any] = {
+        P.INFO_RANK: node_rank(run, context, labels),
+        P.INFO_DEVICE: where.device,
+        P.INFO_QUANTIZATION: model.quantization,
+        P.INFO_DTYPE: where.dtype,
+        P.INFO_MEMORY_GB: memory_gb(where.device),
+        P.INFO_NUM_EXAMPLES: int(len(ds)),
+        P.INFO_TASKS: json.dumps({t: len(rows) for t, rows in rows_by_task(ds).items()}),
+    }
+    if choice is not None:
+        info[P.INFO_CHOSEN] = json.dumps(choice, sort_keys=True)
+    return ConfigRecord(info)

@@ -36,6 +36,8 @@ ACTIVATION_FACTOR = 18
 CHECKPOINTED_FACTOR = 2
 PRECISIONS = ("none", "8bit", "4bit")
 RANKS = (64, 32, 16, 8, 4, 2, 1)
+#: Head-room kept free on top of the estimate (allocator fragmentation, CUDA context, buffers).
+MARGIN = 0.15
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,7 @@ def choose(
     *,
     precisions: tuple[str, ...] = PRECISIONS,
     ranks: tuple[int, ...] = RANKS,
-    margin: float = 0.15,
+    margin: float = MARGIN,
 ) -> Choice | None:
     """The least quantized precision that fits ``budget_bytes`` and, at it, the largest rank;
     None when nothing fits."""

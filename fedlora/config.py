@@ -189,10 +189,25 @@ class ClientProfile:
         Label for reports (``phone``, ``laptop``, ``gpu-server``).
     rank : int
         LoRA rank this kind of device trains; at most ``lora.rank`` (the global adapter's).
+    quantization : str
+        The base-model precision this kind of device holds: ``none``, ``8bit`` or ``4bit``;
+        empty takes ``model.quantization``. One federation may mix them: their adapters
+        aggregate together, and the server evaluates and exports on ``model.quantization``'s
+        base (keep it ``none`` for an adapter that loads on the full-precision model).
+    device : str
+        Where this kind of device trains (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``);
+        empty takes ``model.device``. In simulation, ``simulation.devices`` decides instead.
+    memory_gb : float
+        The memory this kind of device has (0: not declared). When declared, the run is refused
+        before it starts if training its rank at its precision cannot fit
+        (:mod:`fedlora.capacity`).
     """
 
     name: str = "device"
     rank: int = 8
+    quantization: str = ""
+    device: str = ""
+    memory_gb: float = 0.0
 
 
 @dataclass
@@ -301,6 +316,21 @@ class PrivacyConfig:
 
 
 @dataclass
+class SimulationConfig:
+    """The single-machine simulation (``[simulation]``).
+
+    Attributes
+    ----------
+    devices : list of str
+        The devices the virtual clients of a round train on concurrently, one base-model copy
+        per device (``["cuda:0", "cuda:1"]``). Empty: every visible GPU when ``model.device`` is
+        ``auto``, else ``model.device`` alone. Results do not depend on it (fixed seed).
+    """
+
+    devices: list[str] = field(default_factory=list)
+
+
+@dataclass
 class StrategyConfig:
     """Aggregation strategy: ``name`` plus strategy-specific options (checked by the strategy)."""
 
@@ -321,6 +351,7 @@ class RunConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Nested plain dict, with strategy options flattened into ``[strategy]`` as in a preset."""
@@ -491,6 +522,24 @@ def validate(cfg: RunConfig) -> None:
             profile.rank <= cfg.lora.rank,
             f"federation.profiles[{i}].rank",
             f"= {profile.rank} exceeds lora.rank = {cfg.lora.rank}, the global adapter's rank",
+        )
+        _check(
+            profile.quantization in ("", *QUANTIZATIONS),
+            f"federation.profiles[{i}].quantization",
+            f"must be one of {', '.join(QUANTIZATIONS)} (or empty for model.quantization), got "
+            f"{profile.quantization!r}",
+        )
+        _check(
+            profile.device == "" or bool(DEVICE_PATTERN.fullmatch(profile.device)),
+            f"federation.profiles[{i}].device",
+            f"must be auto, cpu, cuda, cuda:N or mps (or empty for model.device), got {profile.device!r}",
+        )
+        _check(profile.memory_gb >= 0, f"federation.profiles[{i}].memory_gb", f"must be >= 0, got {profile.memory_gb}")
+    for i, device in enumerate(cfg.simulation.devices):
+        _check(
+            bool(DEVICE_PATTERN.fullmatch(device)) and device != "auto",
+            f"simulation.devices[{i}]",
+            f"must be cpu, cuda, cuda:N or mps, got {device!r}",
         )
     _validate_privacy(cfg)
 

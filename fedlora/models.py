@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from fedlora.capacity import ModelFacts
 from fedlora.config import ModelConfig
 from fedlora.devices import Placement, placement
 from fedlora.errors import ConfigError, ModelError
@@ -28,6 +29,22 @@ OFFLINE_COPIES: dict[str, tuple[str, str]] = {
 HEAD_MODULES = ["classifier", "score"]
 
 
+def skeleton(source: str, task: str, num_labels: int) -> torch.nn.Module | None:
+    """The architecture of ``source`` built on the meta device (its config read, no weights);
+    None when the config cannot be read (the real load then reports what is wrong)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    try:
+        config = AutoConfig.from_pretrained(source)
+        with torch.device("meta"):
+            if task == "classification":
+                config.num_labels = num_labels
+                return AutoModelForSequenceClassification.from_config(config)
+            return AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError):
+        return None
+
+
 def output_heads(source: str, task: str, num_labels: int) -> list[str]:
     """Modules a quantized load must keep in higher precision, as QLoRA does: fresh classifier
     heads, and the model's output layer (a causal LM's ``lm_head``, tied to the input embedding
@@ -38,25 +55,85 @@ def output_heads(source: str, task: str, num_labels: int) -> list[str]:
     4-bit, ``'Parameter' object has no attribute 'CB'`` in 8-bit). The names come from the
     architecture built on the meta device (no weights read).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
     names = set(HEAD_MODULES)
-    try:
-        config = AutoConfig.from_pretrained(source)
-        with torch.device("meta"):
-            if task == "classification":
-                config.num_labels = num_labels
-                skeleton = AutoModelForSequenceClassification.from_config(config)
-            else:
-                skeleton = AutoModelForCausalLM.from_config(config)
-    except (OSError, ValueError):
-        return sorted(names)  # the real load reports what is wrong with the model
-    output = skeleton.get_output_embeddings()
-    names.update(name for name, module in skeleton.named_modules() if output is not None and module is output)
-    params = list(skeleton.named_parameters())
+    model = skeleton(source, task, num_labels)
+    if model is None:
+        return sorted(names)
+    output = model.get_output_embeddings()
+    names.update(name for name, module in model.named_modules() if output is not None and module is output)
+    params = list(model.named_parameters())
     if params:
         names.add(params[-1][0].rsplit(".", 1)[0])
     return sorted(n for n in names if n)
+
+
+def _is_linear(module: torch.nn.Module) -> bool:
+    """A layer bitsandbytes quantizes: ``nn.Linear``, or GPT-2's transposed ``Conv1D``."""
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def _in_out(module: torch.nn.Module) -> int:
+    weight = module.weight
+    return int(weight.shape[0] + weight.shape[1])
+
+
+def model_facts(
+    cfg: ModelConfig,
+    targets: list[str],
+    *,
+    batch: int,
+    num_labels: int = 2,
+    checkpointing: bool = False,
+    dtype: str = "float32",
+) -> ModelFacts:
+    """What :func:`fedlora.capacity.memory_needed` needs to know about ``cfg``'s model, from its
+    architecture on the meta device: the linear parameters (what a quantized load quantizes,
+    output heads excepted), the rest, hidden size, blocks, and ``sum(in + out)`` of one block's
+    adapted modules (``targets``, or peft's default for the architecture).
+
+    Raises
+    ------
+    ModelError
+        When the model's config cannot be read.
+    """
+    from fedlora.capacity import ModelFacts
+
+    source = resolve_model_source(cfg.name)
+    model = skeleton(source, cfg.task, num_labels)
+    if model is None:
+        raise ModelError(f"model.name: cannot read the configuration of {cfg.name!r}")
+    heads = set(output_heads(source, cfg.task, num_labels))
+    total = sum(p.numel() for p in model.parameters())
+    quantized = sum(
+        m.weight.numel()
+        for name, m in model.named_modules()
+        if _is_linear(m) and not any(name == h or name.endswith("." + h) for h in heads)
+    )
+    config = model.config
+    layers = int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0) or 1)
+    embeddings = model.get_input_embeddings()
+    hidden = int(getattr(embeddings, "embedding_dim", 0) or getattr(config, "hidden_size", 0) or 1)
+    if not targets:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+        targets = list(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(config.model_type, []))
+    adapted = [
+        m
+        for name, m in model.named_modules()
+        if _is_linear(m) and any(name == t or name.endswith("." + t) for t in targets)
+    ]
+    fan = sum(_in_out(m) for m in adapted) // layers if adapted else 2 * hidden
+    return ModelFacts(
+        params=int(quantized),
+        head_params=int(total - quantized),
+        hidden=hidden,
+        layers=layers,
+        lora_fan=int(fan),
+        batch=int(batch),
+        sequence=int(cfg.max_length),
+        dtype=dtype,
+        checkpointing=checkpointing,
+    )
 
 
 @dataclass

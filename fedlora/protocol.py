@@ -69,6 +69,9 @@ EPSILON_BUDGET = "epsilon-budget"
 INFO_RANK = "rank"
 INFO_DEVICE = "device"
 INFO_MEMORY_GB = "memory-gb"
+INFO_QUANTIZATION = "quantization"  # the base-model precision the node trains on
+INFO_DTYPE = "dtype"  # its compute dtype
+INFO_CHOSEN = "chosen"  # JSON: what --device/--quantization/--rank auto measured and chose
 INFO_NUM_EXAMPLES = "num-examples"
 INFO_TASKS = "tasks"  # JSON {task: examples}
 INFO_BASE_DIGEST = "base-digest"  # train replies: the base change the node holds (basechain)
@@ -79,6 +82,8 @@ NODE_PARTITION_ID = "partition-id"
 NODE_NUM_PARTITIONS = "num-partitions"
 NODE_RANK = "rank"
 NODE_EXPORT_DIR = "export-dir"
+NODE_DEVICE = "device"  # fedlora-client --device, or the simulation's device for this delivery
+NODE_QUANTIZATION = "quantization"  # fedlora-client --quantization
 
 # -- run_config keys of a deployed run (written by fedlora-server, read by the deployed ServerApp)
 RUN_CONFIG_FEDLORA = "fedlora-config"  # the resolved RunConfig as JSON

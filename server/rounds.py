@@ -74,7 +74,7 @@ class RoundBook:
     clients : dict of int to dict
         metrics.jsonl's entry per node (bytes, loss, examples, seconds, rank, why dropped).
     valid : list of Message
-        The replies that passed validation, in arrival order.
+        The replies that passed validation (in arrival order; sampling order once aggregated).
     dropped : list of dict
         ``{"node_id", "reason"}`` per dropped reply or missing node.
     """
@@ -358,7 +358,14 @@ class RoundLoop:
     def aggregate(
         self, server_round: int, state: dict[str, torch.Tensor], book: RoundBook
     ) -> tuple[dict[str, torch.Tensor], float | None]:
-        """(new global state, example-weighted train loss); the state is unchanged when no reply is valid."""
+        """(new global state, example-weighted train loss); the state is unchanged when no reply is valid.
+
+        Replies are aggregated in the order their nodes were sampled, not the order they came
+        in: float sums depend on order, and a run must give the same adapter however its
+        clients' replies race (concurrent devices, a deployment's network).
+        """
+        order = {node: i for i, node in enumerate(book.sent)}
+        book.valid.sort(key=lambda reply: order.get(reply.metadata.src_node_id, len(order)))
         if self.central is not None:
             population = len(list(self.grid.get_node_ids()))
             arrays, agg, dp_facts = self.central.aggregate_train(server_round, book.valid, book.reference, population)

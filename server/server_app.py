@@ -18,10 +18,12 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora.adapters import AdapterHost, AdapterSpec, get_host, lora_modules
+from fedlora.capacity import MARGIN, memory_needed
 from fedlora.config import RunConfig
 from fedlora.data import Encoded, TaskData, encode, load_partition, load_task_data, partition_sizes_ok
+from fedlora.devices import placement
 from fedlora.errors import ConfigError, DataError
-from fedlora.models import LoadedModel, load_model
+from fedlora.models import LoadedModel, load_model, model_facts
 from fedlora.privacy import check_dp_model
 from fedlora.runlog import Progress, RunDirectory, set_active
 from fedlora.strategies import create, get_strategy_class
@@ -88,6 +90,7 @@ def prepare(cfg: RunConfig, *, check_partitions: bool = True) -> Prepared:
     strategy_cls.parse_options(cfg.strategy.options)
     data = load_task_data(cfg)
     strategy_cls.check_setup(cfg, list(getattr(data, "tasks", [])))
+    check_profiles(cfg, max(len(data.labels), 2), here=check_partitions)
     if check_partitions:
         partition_sizes_ok(cfg, data)
         smallest = None
@@ -123,6 +126,40 @@ def prepare(cfg: RunConfig, *, check_partitions: bool = True) -> Prepared:
     create(cfg, spec, tasks=list(getattr(data, "tasks", [])))
     eval_data = encode(data.eval, loaded.tokenizer, cfg.model.max_length)
     return Prepared(cfg=cfg, data=data, loaded=loaded, spec=spec, eval_data=eval_data)
+
+
+def check_profiles(cfg: RunConfig, num_labels: int, *, here: bool) -> None:
+    """Refuse, in one line, a device profile that cannot be served: one whose rank at its
+    precision does not fit the ``memory_gb`` it declares (:mod:`fedlora.capacity`, with its
+    margin), and, when the clients run ``here`` (simulation), one naming a device this machine
+    does not have."""
+    for i, profile in enumerate(cfg.federation.profiles):
+        device = profile.device or cfg.model.device
+        if here:
+            placement(device, cfg.model.dtype, key=f"federation.profiles[{i}].device")
+        if profile.memory_gb <= 0:
+            continue
+        quantization = profile.quantization or cfg.model.quantization
+        # The compute dtype on that device: auto means bfloat16 on a GPU, float32 on a CPU (or
+        # on a device not named: the larger of the two, so the check is on the safe side).
+        gpu = device.startswith(("cuda", "mps"))
+        dtype = cfg.model.dtype if cfg.model.dtype != "auto" else "bfloat16" if gpu else "float32"
+        facts = model_facts(
+            cfg.model,
+            list(cfg.lora.target_modules),
+            batch=cfg.federation.batch_size,
+            num_labels=num_labels,
+            checkpointing=cfg.federation.gradient_checkpointing,
+            dtype=dtype,
+        )
+        need = memory_needed(facts, quantization, profile.rank) * (1 + MARGIN)
+        if need > profile.memory_gb * 2**30:
+            raise ConfigError(
+                f"config key 'federation.profiles[{i}].memory_gb': profile {profile.name!r} ({quantization}, rank "
+                f"{profile.rank}, batch {cfg.federation.batch_size} x {cfg.model.max_length} tokens) needs "
+                f"{need / 2**30:.2f} GB with the {MARGIN:.0%} margin, more than the {profile.memory_gb:g} GB "
+                "it declares"
+            )
 
 
 def run_server(

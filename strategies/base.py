@@ -261,11 +261,17 @@ class LoRAStrategy(Strategy):
             Task names of multi-task data (empty otherwise).
         """
         cls.parse_options(cfg.strategy.options)
-        if cls.needs_float_base and cfg.model.quantization != "none":
-            raise ConfigError(
-                f"config key 'model.quantization': strategy '{cls.name}' folds updates into the frozen base "
-                f"weights, which cannot be done exactly on a {cfg.model.quantization} base; use quantization = 'none'"
-            )
+        if cls.needs_float_base:
+            asked = [("model.quantization", cfg.model.quantization)] + [
+                (f"federation.profiles[{i}].quantization", p.quantization)
+                for i, p in enumerate(cfg.federation.profiles)
+            ]
+            for key, quantization in asked:
+                if quantization not in ("", "none"):
+                    raise ConfigError(
+                        f"config key '{key}': strategy '{cls.name}' folds updates into the frozen base weights, "
+                        f"which cannot be done exactly on a {quantization} base; use quantization = 'none'"
+                    )
         if cfg.privacy.mode == "central" and cls.central_dp_refusal:
             raise ConfigError(
                 f"config key 'privacy.mode': strategy '{cls.name}' cannot run under central (user-level) DP: "
