@@ -44,6 +44,7 @@ from pathlib import Path
 
 from fedlora import protocol as P
 from fedlora.certs import check_certificate, check_private_key
+from fedlora.config import DEVICE_PATTERN, QUANTIZATIONS
 from fedlora.errors import ConnectError, FedLoraError, RunFailed
 
 from .worker import AUTHKEY_BYTES, AUTHKEY_ENV, DIR_PREFIX, NODE_WORKER_ADDRESS, SOCKET_NAME, WORKER_SWITCH_ENV
@@ -70,8 +71,10 @@ class ClientOptions:
     data: Path
     ca: Path | None = None
     insecure: bool = False
-    rank: int | None = None
+    rank: int | str | None = None
     key: Path | None = None
+    device: str | None = None
+    quantization: str | None = None
     partition_id: int | None = None
     export_dir: Path | None = None
     max_retries: int = 8
@@ -117,8 +120,16 @@ def check_options(opts: ClientOptions) -> tuple[str, int]:
         )
     if len(_read_local(opts.data)) == 0:
         raise FedLoraError(f"--data {opts.data}: no examples")
-    if opts.rank is not None and opts.rank < 1:
-        raise FedLoraError(f"--rank must be >= 1, got {opts.rank}")
+    if opts.rank is not None and opts.rank != "auto" and (not isinstance(opts.rank, int) or opts.rank < 1):
+        raise FedLoraError(f"--rank must be an integer >= 1 or auto, got {opts.rank!r}")
+    if opts.device is not None:
+        if not DEVICE_PATTERN.fullmatch(opts.device):
+            raise FedLoraError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {opts.device!r}")
+        from fedlora.devices import placement
+
+        placement(opts.device, key="--device")  # asked for a GPU this machine does not have: say so now
+    if opts.quantization is not None and opts.quantization not in ("auto", *QUANTIZATIONS):
+        raise FedLoraError(f"--quantization must be auto, {', '.join(QUANTIZATIONS)}, got {opts.quantization!r}")
     if opts.partition_id is not None and opts.partition_id < 0:
         raise FedLoraError(f"--partition-id must be >= 0, got {opts.partition_id}")
     if opts.key is not None:
@@ -193,8 +204,14 @@ def node_config(opts: ClientOptions, worker_address: str | None = None) -> str:
     items = [f"{P.NODE_DATA_PATH}='{opts.data.resolve()}'"]
     if worker_address is not None:
         items.append(f"{NODE_WORKER_ADDRESS}='{worker_address}'")
-    if opts.rank is not None:
+    if opts.rank == "auto":
+        items.append(f"{P.NODE_RANK}='auto'")
+    elif opts.rank is not None:
         items.append(f"{P.NODE_RANK}={int(opts.rank)}")
+    if opts.device is not None:
+        items.append(f"{P.NODE_DEVICE}='{opts.device}'")
+    if opts.quantization is not None:
+        items.append(f"{P.NODE_QUANTIZATION}='{opts.quantization}'")
     if opts.partition_id is not None:
         items.append(f"{P.NODE_PARTITION_ID}={int(opts.partition_id)}")
     if opts.export_dir is not None:
@@ -376,6 +393,8 @@ def run_client(
     emit(
         f"{PREFIX}starting a SuperNode for {host}:{port} (data {opts.data}"
         f"{', rank ' + str(opts.rank) if opts.rank is not None else ''}"
+        f"{', quantization ' + opts.quantization if opts.quantization is not None else ''}"
+        f"{', device ' + opts.device if opts.device is not None else ''}"
         f"{', authenticated' if opts.key is not None else ''})"
     )
     worker = Worker(emit, opts.verbose) if opts.worker else None

@@ -205,6 +205,7 @@ def choose_for_node(run: RunConfig, context: Context, labels: list[str]) -> dict
             f"plus a {MARGIN:.0%} margin"
         )
     choice = {
+        "auto": ",".join(what for what, asked in (("quantization", quant), ("rank", rank)) if asked == AUTO),
         "device": where.device,
         "quantization": got.quantization,
         "rank": got.rank,

@@ -354,6 +354,19 @@ def server_main(argv: list[str] | None = None) -> int:
     return _run(go, args, prog="fedlora-server")
 
 
+def _rank_arg(value: str) -> int | str:
+    """``--rank``: a positive integer, or ``auto``."""
+    if value == "auto":
+        return value
+    try:
+        rank = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1 or auto, got {value!r}") from None
+    if rank < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1 or auto, got {value!r}")
+    return rank
+
+
 def _client_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="fedlora-client",
@@ -366,7 +379,20 @@ def _client_parser() -> argparse.ArgumentParser:
     p.add_argument("--ca", help="CA certificate that signed the server's (ca.crt from `fedlora certs`)")
     p.add_argument("--insecure", action="store_true", help="no TLS, for a server started with --insecure")
     p.add_argument("--data", required=True, help="local csv/tsv/json/jsonl/parquet file with the run's columns")
-    p.add_argument("--rank", type=int, help="LoRA rank this device trains (default: the run's)")
+    p.add_argument(
+        "--rank",
+        type=_rank_arg,
+        help="LoRA rank this device trains, or auto: the largest that fits its free memory (default: the run's)",
+    )
+    p.add_argument(
+        "--quantization",
+        choices=("auto", "none", "8bit", "4bit"),
+        help="base-model precision on this device, or auto: the least quantized that fits (default: the run's)",
+    )
+    p.add_argument(
+        "--device",
+        help="where this device trains: auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps (default: the run's)",
+    )
     p.add_argument("--key", help="this node's private key (from `fedlora certs`), when the server uses --auth-keys")
     p.add_argument(
         "--partition-id",
@@ -416,6 +442,8 @@ def client_main(argv: list[str] | None = None) -> int:
             ca=Path(args.ca) if args.ca else None,
             insecure=args.insecure,
             rank=args.rank,
+            device=args.device,
+            quantization=args.quantization,
             key=Path(args.key) if args.key else None,
             partition_id=args.partition_id,
             export_dir=Path(args.export_dir) if args.export_dir else None,

@@ -24,6 +24,11 @@ from fedlora.errors import ConfigError
 _TORCH = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _named(key: str) -> str:
+    """How an error names what was asked: a config key, or a command-line flag (``--device``)."""
+    return key if key.startswith("--") else f"config key '{key}'"
+
+
 def resolve_device(requested: str, *, cuda_count: int, mps: bool, key: str = "model.device") -> str:
     """The device ``requested`` names on a machine with ``cuda_count`` CUDA devices and (or not) MPS.
 
@@ -33,30 +38,30 @@ def resolve_device(requested: str, *, cuda_count: int, mps: bool, key: str = "mo
         One line naming ``key`` when the device is not there.
     """
     if not DEVICE_PATTERN.fullmatch(requested):
-        raise ConfigError(f"config key '{key}': must be auto, cpu, cuda, cuda:N or mps, got {requested!r}")
+        raise ConfigError(f"{_named(key)}: must be auto, cpu, cuda, cuda:N or mps, got {requested!r}")
     if requested == "auto":
         return "cuda:0" if cuda_count > 0 else "mps" if mps else "cpu"
     if requested.startswith("cuda"):
         index = int(requested.partition(":")[2] or 0)
         if cuda_count == 0:
-            raise ConfigError(f"config key '{key}': {requested!r} asked for, but torch sees no CUDA device here")
+            raise ConfigError(f"{_named(key)}: {requested!r} asked for, but torch sees no CUDA device here")
         if index >= cuda_count:
-            raise ConfigError(f"config key '{key}': {requested!r} asked for, but there are {cuda_count} CUDA device(s)")
+            raise ConfigError(f"{_named(key)}: {requested!r} asked for, but there are {cuda_count} CUDA device(s)")
         return f"cuda:{index}"
     if requested == "mps" and not mps:
-        raise ConfigError(f"config key '{key}': 'mps' asked for, but torch has no MPS backend here")
+        raise ConfigError(f"{_named(key)}: 'mps' asked for, but torch has no MPS backend here")
     return requested
 
 
 def resolve_dtype(requested: str, device: str, *, bf16: bool, key: str = "model.dtype") -> str:
     """The compute dtype ``requested`` names on ``device`` (``bf16``: the device supports bfloat16)."""
     if requested not in DTYPES:
-        raise ConfigError(f"config key '{key}': must be one of {', '.join(DTYPES)}, got {requested!r}")
+        raise ConfigError(f"{_named(key)}: must be one of {', '.join(DTYPES)}, got {requested!r}")
     gpu = device.startswith(("cuda", "mps"))
     if requested == "auto":
         return "bfloat16" if gpu and bf16 else "float32"
     if requested == "bfloat16" and gpu and not bf16:
-        raise ConfigError(f"config key '{key}': this GPU ({device}) has no bfloat16; use float16 or float32")
+        raise ConfigError(f"{_named(key)}: this GPU ({device}) has no bfloat16; use float16 or float32")
     return requested
 
 

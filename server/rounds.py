@@ -22,6 +22,7 @@ constructor and arguments and hands back what it sent (its messages) and what it
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -36,7 +37,7 @@ from fedlora import protocol as P
 from fedlora.adapters import from_record, to_record
 from fedlora.export import export_adapter, fold_base_delta
 from fedlora.runlog import Progress, RunDirectory, ScalarLog
-from fedlora.strategies import LoRAStrategy, NodeDirectory, create
+from fedlora.strategies import LoRAStrategy, NodeDirectory, NodeInfo, create
 from fedlora.transport import Wire, arrays_of, decode_update, message_bytes
 
 from .evaluation import evaluate_state
@@ -130,6 +131,51 @@ def collect(
     return replies
 
 
+NODES_FILE = "nodes.json"
+#: Rows of the capability table printed at the start of a run (all of them are in nodes.json).
+TABLE_ROWS = 16
+
+
+def describe_node(node: NodeInfo) -> str:
+    """One node's capabilities in a line (``node N joined: ...`` on a deployment)."""
+    return (
+        f"rank {node.rank}{_auto(node, 'rank')}, {node.quantization}{_auto(node, 'quantization')} {node.dtype} "
+        f"on {node.device}, {node.memory_gb:g} GB, {node.num_examples} examples"
+    )
+
+
+def _auto(node: NodeInfo, what: str) -> str:
+    """`` (auto)`` when the node chose ``what`` itself from its free memory."""
+    return " (auto)" if what in str(node.chosen.get("auto", "")).split(",") else ""
+
+
+def capability_table(nodes: list[NodeInfo]) -> list[str]:
+    """The lines of the table of the nodes' capabilities printed at the start of a run: one row
+    per node (the first :data:`TABLE_ROWS`), ``auto`` marking what a device chose by itself."""
+    if not nodes:
+        return []
+    header = ("node", "device", "precision", "dtype", "rank", "memory GB", "examples")
+    rows = [
+        (
+            str(n.node_id),
+            n.device,
+            n.quantization + _auto(n, "quantization"),
+            n.dtype,
+            str(n.rank) + _auto(n, "rank"),
+            f"{n.memory_gb:g}",
+            str(n.num_examples),
+        )
+        for n in nodes[:TABLE_ROWS]
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = [f"{len(nodes)} node(s):"] + [
+        "  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [header, *rows]
+    ]
+    if len(nodes) > TABLE_ROWS:
+        lines.append(f"  ... and {len(nodes) - TABLE_ROWS} more (see {NODES_FILE})")
+    return lines
+
+
 def fmt_metrics(metrics: dict[str, Any]) -> str:
     keys = [k for k in ("eval_accuracy", "eval_perplexity", "eval_loss") if k in metrics]
     return "  ".join(f"{k} {metrics[k]:.4f}" for k in keys)
@@ -184,6 +230,9 @@ class RoundLoop:
     def run(self, resume: bool = False) -> RunResult:
         """Every configured round, then the export."""
         state, result, first = self.start(resume)
+        self.query_new_nodes()  # what every node has, printed and kept before the first round
+        for line in capability_table(self.nodes.all()):
+            self.progress.line(line)
         self.scalars = ScalarLog(self.run_dir.path)
         try:
             for server_round in range(first, self.cfg.rounds + 1):
@@ -271,12 +320,14 @@ class RoundLoop:
             self.record_node(node, reply.content.config_records[P.INFO])
 
     def record_node(self, node: int, info: ConfigRecord) -> None:
-        """Keep what ``node`` says it has (a malformed record is ignored); announce it if asked."""
+        """Keep what ``node`` says it has (a malformed record is ignored) in the directory and in
+        the run directory's nodes.json; announce it if asked."""
         got = self.nodes.record(node, info)
-        if got is not None and self.announce_nodes:
-            self.progress.line(
-                f"node {node} joined: rank {got.rank}, {got.device}, {got.memory_gb:g} GB, {got.num_examples} examples"
-            )
+        if got is None:
+            return
+        self.run_dir.write_json(NODES_FILE, [dataclasses.asdict(n) for n in self.nodes.all()])
+        if self.announce_nodes:
+            self.progress.line(f"node {node} joined: {describe_node(got)}")
 
     def configure(self, server_round: int, state: dict[str, torch.Tensor]) -> list[Message]:
         """The strategy's train messages for this round."""

@@ -73,13 +73,19 @@ class NodeInfo:
     rank : int
         The LoRA rank it trains (its device profile, ``fedlora-client --rank``, or ``lora.rank``).
     device : str
-        ``cpu``, ``cuda``, ...
+        ``cpu``, ``cuda:0``, ...
     memory_gb : float
         Memory the device reports (0 when unknown).
     num_examples : int
         Its training examples.
     tasks : dict of str to int
         Examples per task (multi-task data), else empty.
+    quantization : str
+        The base-model precision it trains on (``none``, ``8bit``, ``4bit``).
+    dtype : str
+        Its compute dtype.
+    chosen : dict
+        What ``fedlora-client --quantization/--rank auto`` measured and chose (empty otherwise).
     """
 
     node_id: int
@@ -88,13 +94,17 @@ class NodeInfo:
     memory_gb: float = 0.0
     num_examples: int = 0
     tasks: dict[str, int] = field(default_factory=dict)
+    quantization: str = "none"
+    dtype: str = "float32"
+    chosen: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_record(cls, node_id: int, info: Mapping[str, Any]) -> NodeInfo:
         """Parse an ``INFO`` record; ValueError (or KeyError/TypeError) when it is malformed."""
         tasks = json.loads(str(info.get(P.INFO_TASKS, "{}")))
-        if not isinstance(tasks, dict):
-            raise ValueError("tasks is not a JSON object")
+        chosen = json.loads(str(info.get(P.INFO_CHOSEN, "{}")))
+        if not isinstance(tasks, dict) or not isinstance(chosen, dict):
+            raise ValueError("tasks or chosen is not a JSON object")
         return cls(
             node_id=node_id,
             rank=int(info[P.INFO_RANK]),
@@ -102,6 +112,9 @@ class NodeInfo:
             memory_gb=float(info.get(P.INFO_MEMORY_GB, 0.0)),
             num_examples=int(info.get(P.INFO_NUM_EXAMPLES, 0)),
             tasks={str(k): int(v) for k, v in tasks.items()},
+            quantization=str(info.get(P.INFO_QUANTIZATION, "none")),
+            dtype=str(info.get(P.INFO_DTYPE, "float32")),
+            chosen=chosen,
         )
 
 
@@ -128,6 +141,10 @@ class NodeDirectory:
 
     def __len__(self) -> int:
         return len(self._nodes)
+
+    def all(self) -> list[NodeInfo]:
+        """Every node that reported, by node id."""
+        return [self._nodes[n] for n in sorted(self._nodes)]
 
     def unknown(self, node_ids: Iterable[int]) -> list[int]:
         """The nodes among ``node_ids`` that have not reported yet, sorted."""

@@ -85,3 +85,39 @@ def tiny_config(model_dir: str, *, task: str = "classification", strategy: str =
 @pytest.fixture
 def make_config():
     return tiny_config
+
+
+def federation_logits(cfg, run_dir, input_ids):
+    """Logits of the federation's final global adapter, as the server holds it."""
+    import torch
+
+    from fedlora.runlog import RunDirectory
+    from fedlora.server import prepare
+
+    _, state, _ = RunDirectory(run_dir).load_checkpoint()
+    prepared = prepare(cfg)
+    host = prepared.host
+    with host.lock:
+        name = host.ensure(prepared.spec, seed=cfg.seed)
+        host.load_state(name, state)
+        host.peft_model.eval()
+        with torch.no_grad():
+            return host.peft_model(input_ids=input_ids).logits.clone()
+
+
+def peft_logits(model_dir, task, adapter_dir, input_ids):
+    """Logits of a fresh base model with the exported adapter, loaded the way a user would."""
+    import json
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    meta = json.loads((adapter_dir / "fedlora.json").read_text())
+    if task == "classification":
+        base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=meta["num_labels"])
+    else:
+        base = AutoModelForCausalLM.from_pretrained(model_dir)
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits
