@@ -29,6 +29,7 @@ from fedlora import protocol as P
 from fedlora.adapters import AdapterHost, AdapterSpec, from_record, get_host, lora_modules, to_record
 from fedlora.config import RunConfig
 from fedlora.data import task_label_ids
+from fedlora.errors import ConfigError
 from fedlora.models import LoadedModel, load_model
 from fedlora.privacy import DPSettings
 from fedlora.runlog import status
@@ -75,8 +76,15 @@ def setup(msg: Message, context: Context) -> Setup:
     config = msg.content[P.CONFIG]
     run = RunConfig.from_dict(json.loads(str(config[P.RUN])))
     labels, tasks = run_classes(config)
+    model = node_model(run, context, labels)
+    strategy = get_strategy_class(run.strategy.name)
+    if strategy.needs_float_base and model.quantization != "none":
+        raise ConfigError(
+            f"strategy '{run.strategy.name}' changes the frozen base weights, which this node's {model.quantization} "
+            "base cannot hold exactly; train it with quantization none (fedlora-client --quantization none)"
+        )
     loaded = load_model(
-        node_model(run, context, labels),
+        model,
         num_labels=max(len(labels), 2),
         seed=run.seed,
         gradient_checkpointing=run.federation.gradient_checkpointing,
@@ -84,7 +92,7 @@ def setup(msg: Message, context: Context) -> Setup:
     spec = AdapterSpec.from_config(run.lora, run.model.task, rank=int(config[P.RANK]))
     if P.ALPHA in config:
         spec = replace(spec, alpha=float(config[P.ALPHA]))
-    hooks = get_strategy_class(run.strategy.name).client_hooks(config)
+    hooks = strategy.client_hooks(config)
     return Setup(run, config, labels, tasks, loaded, get_host(loaded), spec, hooks)
 
 

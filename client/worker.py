@@ -158,6 +158,11 @@ def call_worker(address: str, kind: str, message: Any, context: Any, authkey: by
         ) from None
     except AuthenticationError:
         raise WorkerError(f"the fedlora worker at {address} refused this ClientApp's key") from None
+    except (EOFError, OSError) as err:  # it died during the handshake
+        raise WorkerError(
+            f"the fedlora worker of this node stopped while accepting a connection ({type(err).__name__}); "
+            "see fedlora-client's output"
+        ) from None
     with conn:
         try:
             conn.send_bytes(json.dumps({"v": PROTOCOL, "kind": kind}).encode())

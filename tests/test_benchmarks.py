@@ -135,3 +135,32 @@ def test_deploy_latency_quick(tmp_path):
         assert entry["overhead_s"] >= 0
     # The worker removes the per-message model load: a clear gap even on 2 busy cores.
     assert report["before_over_after"] > 1.2
+
+
+def test_gpu_quick(tmp_path):
+    """The GPU benchmark's own code on the CPU (tiny Llama, float32 / 8-bit / 4-bit): every way
+    and precision trains and is timed; the GPU targets are not judged on a CPU."""
+    report = run_quick("gpu.py", tmp_path, timeout=240)
+    assert report["benchmark"] == "gpu" and report["quick"] is True and report["cuda"] is False
+    assert report["precisions"] == ["float32", "8bit", "4bit"]
+    assert report["model"]["params"] > 0 and report["lora"]["rank"] == 16
+    assert report["lora"]["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert report["clients"] == 8 and report["steps"] == report["clients"] * report["local_steps"]
+    for precision in report["precisions"]:
+        cells = report["cells"][precision]
+        assert set(cells) == {"plain_peft", "fedlora", "flower_example"}
+        for way, cell in cells.items():
+            assert cell["tokens_per_s"] > 0, (precision, way)
+            assert cell["tokens"] == report["tokens_per_way"], (precision, way)
+            assert cell["peak_memory_mb"] is None, (precision, way)  # no per-cell peak on the CPU
+        assert cells["flower_example"]["client_calls"] == report["clients"]
+        assert cells["fedlora"]["model_load_s"] >= 0 and cells["fedlora"]["training_tokens_per_s"] > 0
+        for name in ("fedlora_over_plain", "fedlora_over_flower_example", "fedlora_training_over_plain"):
+            assert isinstance(report["ratios"][precision][name], float), (precision, name)
+    assert set(report["targets"]) == {
+        "fedlora_over_plain_tokens_per_s",
+        "fedlora_over_flower_example_tokens_per_s",
+        "fedlora_4bit_over_bfloat16_peak_memory",
+    }
+    for target in report["targets"].values():
+        assert target["met"] is None and "not applicable" in target["reason"]

@@ -203,8 +203,12 @@ def test_three_rounds_over_tls_with_node_authentication(deployment):
     assert "round 3/3  global adapter" in d["server_log"]
     for log in d["client_logs"]:
         assert "round 3: trained rank 4" in log, log
-    # Clients reported what they have: the server knows each one's rank, device and examples.
-    assert d["server_log"].count("joined: rank 4, cpu") == 3
+    # Clients reported what they have: the server knows each one's rank, device and precision,
+    # prints the table before round 1 and keeps it in the run directory.
+    assert d["server_log"].count("joined: rank 4, none float32 on cpu") == 3
+    assert d["server_log"].index("3 node(s):") < d["server_log"].index("round 1/3")
+    nodes = json.loads((d["run_dir"] / "nodes.json").read_text())
+    assert len(nodes) == 3 and {(n["rank"], n["device"], n["quantization"]) for n in nodes} == {(4, "cpu", "none")}
 
 
 def test_devices_receive_only_the_new_base_change(deployment):
@@ -321,7 +325,7 @@ def test_client_gives_up_on_unreachable_server(kit):
         (["--ca", "certs/ca.crt", "--data", "nope.csv"], "--data nope.csv: no such file"),
         (["--ca", "certs/ca.crt", "--data", "local.csv", "--key", "certs/ca.crt"], "not an unencrypted OpenSSH"),
         (["--data", "local.csv"], "--ca CA_CERT is required"),
-        (["--ca", "certs/ca.crt", "--data", "local.csv", "--rank", "0"], "--rank must be >= 1"),
+        (["--ca", "certs/ca.crt", "--data", "local.csv", "--rank", "0"], "--rank: must be an integer >= 1 or auto"),
     ],
 )
 def test_client_rejects_bad_input(kit, args, expected):
