@@ -28,14 +28,12 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -47,7 +45,7 @@ from fedlora.certs import check_certificate, check_private_key
 from fedlora.config import DEVICE_PATTERN, QUANTIZATIONS
 from fedlora.errors import ConnectError, FedLoraError, RunFailed
 
-from .worker import AUTHKEY_BYTES, AUTHKEY_ENV, DIR_PREFIX, NODE_WORKER_ADDRESS, SOCKET_NAME, WORKER_SWITCH_ENV
+from .worker import AUTHKEY_ENV, NODE_WORKER_ADDRESS, WORKER_SWITCH_ENV, private_socket
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 PREFIX = "fedlora-client: "
@@ -289,12 +287,7 @@ class Worker:
     def __init__(self, emit: Callable[[str], None], verbose: bool):
         self.emit = emit
         self.verbose = verbose
-        base = tempfile.gettempdir()
-        if len(base) > 60:  # a Unix socket path must stay under ~104 bytes
-            base = "/tmp"
-        self.directory = Path(tempfile.mkdtemp(prefix=DIR_PREFIX, dir=base))  # mode 0700
-        self.address = str(self.directory / SOCKET_NAME)
-        self.authkey = secrets.token_bytes(AUTHKEY_BYTES)
+        self.directory, self.address, self.authkey = private_socket()
         self.process: subprocess.Popen | None = None
         self.watcher: _Watcher | None = None
         self.restarts = 0

@@ -74,6 +74,19 @@ class WorkerError(RuntimeError):
     """The worker cannot be reached, refused us, or stopped while handling a message."""
 
 
+def private_socket() -> tuple[Path, str, bytes]:
+    """Where a new worker listens: a private directory (mode 0700, :data:`DIR_PREFIX`), the
+    socket path in it, and a fresh random key. The worker removes the directory when it ends."""
+    import secrets
+    import tempfile
+
+    base = tempfile.gettempdir()
+    if len(base) > 60:  # a Unix socket path must stay under ~104 bytes
+        base = "/tmp"
+    directory = Path(tempfile.mkdtemp(prefix=DIR_PREFIX, dir=base))
+    return directory, str(directory / SOCKET_NAME), secrets.token_bytes(AUTHKEY_BYTES)
+
+
 # -- the ClientApp's side --------------------------------------------------------------------------
 
 

@@ -22,6 +22,9 @@ from fedlora.errors import ConfigError
 
 TASKS = ("classification", "causal_lm")
 QUANTIZATIONS = ("none", "4bit", "8bit")
+QUANT_TYPES = ("nf4", "fp4")
+UPDATE_CLIPS = ("none", "median_multiple", "fixed")
+AGGREGATORS = ("mean", "trimmed_mean", "median")
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PARTITIONERS = ("iid", "dirichlet", "column")
@@ -41,7 +44,9 @@ class ModelConfig:
     task : str
         ``classification`` (sequence classification head) or ``causal_lm``.
     quantization : str
-        ``none``, ``4bit`` (NF4, QLoRA) or ``8bit``, through bitsandbytes.
+        ``none``, ``4bit`` (QLoRA: double quantization) or ``8bit``, through bitsandbytes.
+    quant_type : str
+        The 4-bit code: ``nf4`` (QLoRA's NormalFloat, the default) or ``fp4``.
     max_length : int
         Tokens per example after truncation.
     device : str
@@ -56,6 +61,7 @@ class ModelConfig:
     name: str = "sentence-transformers/all-MiniLM-L6-v2"
     task: str = "classification"
     quantization: str = "none"
+    quant_type: str = "nf4"
     max_length: int = 64
     device: str = "auto"
     dtype: str = "auto"
@@ -316,6 +322,37 @@ class PrivacyConfig:
 
 
 @dataclass
+class RobustnessConfig:
+    """Defences against hostile or broken clients (``[robustness]``).
+
+    Attributes
+    ----------
+    update_clip : str
+        ``none``, ``median_multiple`` (clip each client's update norm to ``clip_multiple`` x the
+        round's median update norm) or ``fixed`` (to ``clip_norm``).
+    clip_multiple : float
+        k of ``median_multiple``.
+    clip_norm : float
+        The bound of ``fixed``.
+    aggregator : str
+        ``mean`` (the strategy's own weighted average), ``trimmed_mean`` or ``median``
+        (coordinate-wise, where the strategy's math allows it).
+    trim_fraction : float
+        Fraction of the clients cut at each end by ``trimmed_mean``.
+    max_examples : int
+        Cap on the example count one reply may claim (a count above what its node reported in
+        its capabilities is capped there too); capped counts are logged.
+    """
+
+    update_clip: str = "none"
+    clip_multiple: float = 3.0
+    clip_norm: float = 1.0
+    aggregator: str = "mean"
+    trim_fraction: float = 0.1
+    max_examples: int = 1_000_000
+
+
+@dataclass
 class SimulationConfig:
     """The single-machine simulation (``[simulation]``).
 
@@ -352,6 +389,7 @@ class RunConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Nested plain dict, with strategy options flattened into ``[strategy]`` as in a preset."""
@@ -466,6 +504,11 @@ def validate(cfg: RunConfig) -> None:
         f"must be one of {', '.join(QUANTIZATIONS)}, got {cfg.model.quantization!r}",
     )
     _check(
+        cfg.model.quant_type in QUANT_TYPES,
+        "model.quant_type",
+        f"must be one of {', '.join(QUANT_TYPES)}, got {cfg.model.quant_type!r}",
+    )
+    _check(
         bool(DEVICE_PATTERN.fullmatch(cfg.model.device)),
         "model.device",
         f"must be auto, cpu, cuda, cuda:N or mps, got {cfg.model.device!r}",
@@ -541,6 +584,21 @@ def validate(cfg: RunConfig) -> None:
             f"simulation.devices[{i}]",
             f"must be cpu, cuda, cuda:N or mps, got {device!r}",
         )
+    rob = cfg.robustness
+    _check(
+        rob.update_clip in UPDATE_CLIPS,
+        "robustness.update_clip",
+        f"must be one of {', '.join(UPDATE_CLIPS)}, got {rob.update_clip!r}",
+    )
+    _check(rob.clip_multiple > 0, "robustness.clip_multiple", f"must be > 0, got {rob.clip_multiple}")
+    _check(rob.clip_norm > 0, "robustness.clip_norm", f"must be > 0, got {rob.clip_norm}")
+    _check(
+        rob.aggregator in AGGREGATORS,
+        "robustness.aggregator",
+        f"must be one of {', '.join(AGGREGATORS)}, got {rob.aggregator!r}",
+    )
+    _check(0 <= rob.trim_fraction < 0.5, "robustness.trim_fraction", f"must be in [0, 0.5), got {rob.trim_fraction}")
+    _check(rob.max_examples >= 1, "robustness.max_examples", f"must be >= 1, got {rob.max_examples}")
     _validate_privacy(cfg)
 
 

@@ -174,8 +174,9 @@ def quantization_config(
     cfg: ModelConfig, skip: list[str] | None = None, compute_dtype: torch.dtype = torch.float32
 ) -> Any:
     """transformers' BitsAndBytesConfig for ``cfg.quantization`` (None when unquantized), keeping
-    the ``skip`` modules (:func:`output_heads`) unquantized. 4-bit is QLoRA's: NF4 with double
-    quantization (the block scales quantized too), computing in ``compute_dtype``."""
+    the ``skip`` modules (:func:`output_heads`) unquantized. 4-bit is QLoRA's: NF4 (or FP4,
+    ``model.quant_type``) with double quantization (the block scales quantized too), computing in
+    ``compute_dtype``."""
     if cfg.quantization == "none":
         return None
     from transformers import BitsAndBytesConfig
@@ -184,7 +185,7 @@ def quantization_config(
     if cfg.quantization == "4bit":
         return BitsAndBytesConfig(
             load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
+            bnb_4bit_quant_type=cfg.quant_type,
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype,
             llm_int8_skip_modules=skip,
@@ -219,6 +220,7 @@ def load_model(
         cfg.task,
         num_labels if cfg.task == "classification" else 0,
         cfg.quantization,
+        cfg.quant_type if cfg.quantization == "4bit" else "",
         seed,
         where,
         gradient_checkpointing,

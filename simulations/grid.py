@@ -30,18 +30,15 @@ from __future__ import annotations
 
 import builtins
 import os
-import secrets
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import traceback
 import uuid
 from collections.abc import Iterable, Sequence
 from logging import ERROR
-from pathlib import Path
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -50,7 +47,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-from fedlora.client.worker import AUTHKEY_BYTES, AUTHKEY_ENV, DIR_PREFIX, SOCKET_NAME, WorkerError, call_worker
+from fedlora.client.worker import AUTHKEY_ENV, WorkerError, call_worker, private_socket
 from fedlora.errors import RunFailed
 from fedlora.protocol import NODE_DEVICE, NODE_NUM_PARTITIONS, NODE_PARTITION_ID
 
@@ -85,12 +82,7 @@ class _WorkerProcess:
         import torch
 
         self.lane, self.device = lane, device
-        base = tempfile.gettempdir()
-        if len(base) > 60:  # a Unix socket path must stay under ~104 bytes
-            base = "/tmp"
-        self.directory = Path(tempfile.mkdtemp(prefix=DIR_PREFIX, dir=base))  # mode 0700
-        self.address = str(self.directory / SOCKET_NAME)
-        self.authkey = secrets.token_bytes(AUTHKEY_BYTES)
+        self.directory, self.address, self.authkey = private_socket()
         self.ready = threading.Event()
         self.last_line = ""
         env = dict(os.environ)

@@ -169,3 +169,20 @@ def test_cuda_training(tmp_path, tiny_gpt2, make_config, quantization):
     result = simulate(cfg, out=tmp_path / "r", progress=Progress(quiet=True))
     assert result.rounds[0]["clients_ok"] == 3
     assert load_model(cfg.model, seed=cfg.seed).placement.device == "cuda:0"
+
+
+def test_4bit_code_is_nf4_or_fp4_with_double_quantization(tmp_path, tiny_bert, make_config):
+    """``model.quant_type`` picks the 4-bit code; both keep QLoRA's double quantization, and a
+    tiny model trains on each."""
+    pytest.importorskip("bitsandbytes")
+    from fedlora.errors import ConfigError
+    from fedlora.models import quantization_config
+
+    for code in ("nf4", "fp4"):
+        cfg = make_config(tiny_bert, sets=("rounds=1", "model.quantization='4bit'", f"model.quant_type='{code}'"))
+        q = quantization_config(cfg.model)
+        assert q.bnb_4bit_quant_type == code and q.bnb_4bit_use_double_quant
+    result = simulate(cfg, out=tmp_path / "fp4", progress=Progress(quiet=True))
+    assert result.rounds[0]["clients_ok"] == 3
+    with pytest.raises(ConfigError, match="model.quant_type' must be one of nf4, fp4"):
+        make_config(tiny_bert, sets=("model.quant_type='int4'",))
