@@ -9,6 +9,7 @@ anything is loaded or written.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import math
 import re
@@ -23,6 +24,10 @@ from fedlora.errors import ConfigError
 TASKS = ("classification", "causal_lm")
 QUANTIZATIONS = ("none", "4bit", "8bit")
 QUANT_TYPES = ("nf4", "fp4")
+MAX_SEED = 2**32 - 1
+MAX_ROUNDS = 1_000_000
+#: Rows a synthetic task may generate (``data.max_train_examples`` with ``synthetic:``).
+MAX_SYNTHETIC_EXAMPLES = 10_000_000
 UPDATE_CLIPS = ("none", "median_multiple", "fixed")
 AGGREGATORS = ("mean", "trimmed_mean", "median")
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -468,6 +473,8 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     if typ is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        if not math.isfinite(value):  # inf trains nothing and nan compares false with every bound
+            raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
         return float(value)
     if typ is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -496,7 +503,8 @@ def validate(cfg: RunConfig) -> None:
         "name",
         f"must be letters, digits, '.', '_' or '-', got {cfg.name!r}",
     )
-    _check(cfg.rounds >= 1, "rounds", f"must be >= 1, got {cfg.rounds}")
+    _check(1 <= cfg.rounds <= MAX_ROUNDS, "rounds", f"must be in [1, {MAX_ROUNDS}], got {cfg.rounds}")
+    _check(0 <= cfg.seed <= MAX_SEED, "seed", f"must be in [0, {MAX_SEED}] (numpy's seed range), got {cfg.seed}")
     _check(cfg.model.task in TASKS, "model.task", f"must be one of {', '.join(TASKS)}, got {cfg.model.task!r}")
     _check(
         cfg.model.quantization in QUANTIZATIONS,
@@ -533,6 +541,14 @@ def validate(cfg: RunConfig) -> None:
     )
     _check(0 < cfg.data.eval_fraction < 1, "data.eval_fraction", f"must be in (0, 1), got {cfg.data.eval_fraction}")
     _check(cfg.data.max_train_examples >= 0, "data.max_train_examples", "must be >= 0")
+    if cfg.data.path.startswith("synthetic:"):  # there it is how many rows to generate, in memory
+        for key in ("max_train_examples", "max_eval_examples"):
+            _check(
+                getattr(cfg.data, key) <= MAX_SYNTHETIC_EXAMPLES,
+                f"data.{key}",
+                f"must be <= {MAX_SYNTHETIC_EXAMPLES:,} for a synthetic task (rows generated in memory), got "
+                f"{getattr(cfg.data, key)}",
+            )
     _check(cfg.data.max_eval_examples >= 0, "data.max_eval_examples", "must be >= 0")
     _validate_tasks(cfg.data)
     fed = cfg.federation
@@ -676,14 +692,30 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     raw = raw.strip()
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+    except tomllib.TOMLDecodeError as err:
+        # A bare word is a string (--set model.name=gpt2); something that starts like a TOML
+        # array, table or quoted string but does not parse is a mistake, not a string.
+        if raw and raw[0] in "[{\"'":
+            raise ConfigError(f"--set {key}: {raw!r} is not a valid TOML value ({err})") from None
         value = raw
-    return key.split("."), value
+    return key.split("."), _plain(key, value)
+
+
+def _plain(key: str, value: Any) -> Any:
+    """``value`` if it holds only what a config can (strings, numbers, booleans, lists, tables);
+    a ConfigError naming ``key`` for a TOML date or time, which no config key takes."""
+    if isinstance(value, dict):
+        return {k: _plain(f"{key}.{k}", v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(key, v) for v in value]
+    if isinstance(value, (datetime.date, datetime.time)):
+        raise ConfigError(f"config key '{key}' must not be a TOML date or time, got {value.isoformat()}")
+    return value
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Return a copy of the nested preset dict with ``key=value`` overrides applied."""
-    out = json.loads(json.dumps(raw))
+    out = json.loads(json.dumps({k: _plain(k, v) for k, v in raw.items()}))
     for text in overrides:
         parts, value = parse_override(text)
         node = out
@@ -702,11 +734,14 @@ def read_preset(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"preset not found: {p}")
     try:
-        return tomllib.loads(p.read_text(encoding="utf-8"))
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{p}: invalid TOML: {err}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{p}: not a UTF-8 text file") from None
+    if not raw:  # an empty file would silently run the whole default federation
+        raise ConfigError(f"{p}: the preset is empty; start from one of `fedlora presets`")
+    return raw
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:

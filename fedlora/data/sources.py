@@ -90,6 +90,9 @@ def _load_raw(cfg: DataConfig, seed: int, prefix: str = "data.") -> tuple[Any, A
             raise DataError(f"{prefix}path: file not found: {path}")
         return _read_local(path), None, str(path)
     # A hub dataset name: the real loading code, which needs network access to the hub.
+    from fedlora.hub import offline_unless_reachable
+
+    offline_unless_reachable()  # no network: the local cache or a fast failure, not retries
     try:
         from datasets import load_dataset
 
