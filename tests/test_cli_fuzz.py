@@ -68,3 +68,25 @@ def test_an_unreachable_hub_fails_fast_not_after_a_minute_of_retries(tmp_path, m
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "model.name: cannot load 'someorg/not-cached-model'" in err, err
     assert time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "needle"),
+    [
+        ("one.csv", "text,label\nhello,a\n", "1 example(s); a run needs at least 2"),
+        ("gap.csv", "text,label\nhello,a\n,b\nworld,a\nfoo,b\n", "row 2 has no 'text' (config key 'data.text_column')"),
+        ("num.csv", "text,label\n1,a\n2,b\n3,a\n4,b\n", "row 1: 'text' is 1, not text"),
+        ("nolabel.csv", "text,label\nhello,a\nworld,\nfoo,b\nbar,a\n", "row 2 has no 'label' (config key"),
+        ("nested.jsonl", '{"text": ["a"], "label": "x"}\n{"text": "c", "label": "y"}\n', "cannot read its columns"),
+    ],
+)
+def test_malformed_data_files_are_one_line_errors(tmp_path, capsys, tiny_bert, name, content, needle):
+    data = tmp_path / name
+    data.write_text(content)
+    preset = _preset(tmp_path / "p.toml", tiny_bert)
+    argv = ["simulate", str(preset), "--out", str(tmp_path / "r"), "--set", f"data.path={data}"]
+    argv += ["--set", "federation.clients=1", "--set", "data.partitioner=iid"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and needle in err, err
+    assert not (tmp_path / "r").exists()

@@ -9,6 +9,7 @@ columns are renamed to the loaded names (``text``, ``label``, ``task``).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,34 @@ def _read_local(path: Path) -> Any:
         raise
     except Exception as err:  # noqa: BLE001 - pandas raises many kinds; the user needs one line
         raise DataError(f"data file {path}: cannot read: {str(err).splitlines()[0]}") from None
-    return Dataset.from_pandas(frame, preserve_index=False)
+    try:
+        return Dataset.from_pandas(frame, preserve_index=False)
+    except Exception as err:  # noqa: BLE001 - pyarrow refuses mixed cells (a list among strings)
+        first = str(err).splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"data file {path}: cannot read its columns: {first}") from None
+
+
+def check_cells(ds: Any, columns: list[tuple[str, str]], where: str) -> None:
+    """A DataError (one line, naming the row and the config key) for a cell a column of this kind
+    cannot hold: a text cell that is missing, empty, a number or a list/table; a label or task
+    cell that is missing (it would otherwise become a class named "None").
+
+    ``columns`` are ``(config key, column)`` pairs; the key's last part says the kind.
+    """
+    for key, column in columns:
+        if column not in ds.column_names:
+            continue
+        text = key.endswith("text_column")
+        for row, value in enumerate(ds[column]):
+            missing = value is None or (isinstance(value, float) and math.isnan(value))
+            if missing or (text and isinstance(value, str) and not value.strip()):
+                raise DataError(f"{where}: row {row + 1} has no {column!r} (config key '{key}')")
+            if isinstance(value, (list, dict)):
+                raise DataError(f"{where}: row {row + 1}: {column!r} is a {type(value).__name__}, not a value")
+            if text and not isinstance(value, str):
+                raise DataError(
+                    f"{where}: row {row + 1}: {column!r} is {value!r}, not text (config key '{key}' names the text)"
+                )
 
 
 def _find_in_dir(directory: Path, stems: tuple[str, ...]) -> Path | None:
@@ -185,9 +213,16 @@ def _load_source(src: DataConfig, seed: int, columns: list[_Column], prefix: str
             raise DataError(f"{prefix}eval_path: file not found: {path}")
         evals = _read_local(path)
     _require_columns(train, [(key, col) for key, col, _, _ in columns], f"data file {source}")
+    check_cells(train, [(key, col) for key, col, _, _ in columns], f"data file {source}")
     if evals is not None:
         _require_columns(evals, [(key, col) for key, col, _, in_eval in columns if in_eval], "evaluation data")
+        check_cells(evals, [(key, col) for key, col, _, in_eval in columns if in_eval], "evaluation data")
     else:
+        if len(train) < 2:
+            raise DataError(
+                f"data file {source}: {len(train)} example(s); a run needs at least 2 (training and held-out), "
+                f"or a held-out file ({prefix}eval_path)"
+            )
         split = train.train_test_split(test_size=src.eval_fraction, seed=seed, shuffle=True)
         train, evals = split["train"], split["test"]
     train, evals = _cap(train, src.max_train_examples, seed), _cap(evals, src.max_eval_examples, seed)

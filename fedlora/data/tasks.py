@@ -11,7 +11,7 @@ from typing import Any
 
 from fedlora.config import DataConfig, RunConfig
 from fedlora.data.labels import LabelEncoder, _as_str, labels_from_training, tasks_from_column
-from fedlora.data.sources import _cap, _load_source, _read_local, _require_columns, _source_columns
+from fedlora.data.sources import _cap, _load_source, _read_local, _require_columns, _source_columns, check_cells
 from fedlora.errors import DataError
 from fedlora.process import TASK_DATA, process_state
 
@@ -84,6 +84,7 @@ def load_device_data(cfg: RunConfig, path: str | Path, labels: list[str], tasks:
     if tasks:
         columns.append(("data.task_column", d.task_column or "task", "task"))
     _require_columns(ds, [(key, col) for key, col, _ in columns], f"data file {path}")
+    check_cells(ds, [(key, col) for key, col, _ in columns], f"data file {path}")
     ds = ds.select_columns(list(dict.fromkeys(col for _, col, _ in columns)))
     ds = ds.rename_columns({col: new for _, col, new in columns if col != new})
     if len(ds) == 0:
