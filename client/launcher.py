@@ -299,7 +299,7 @@ class Worker:
 
     def start(self) -> None:
         """Start the process and wait until it listens (or has exited: :meth:`dead` tells)."""
-        from fedlora.server.launcher import tool_env
+        from fedlora.server.launcher import die_with_parent, tool_env
 
         self.directory.mkdir(mode=0o700, exist_ok=True)  # a worker that stopped may have removed it
         try:
@@ -324,6 +324,7 @@ class Worker:
             text=True,
             env=self.env(tool_env()),
             start_new_session=True,
+            preexec_fn=die_with_parent(),
         )
         self.watcher = _Watcher(self.process.stdout, self.emit, self.verbose)
         deadline = time.monotonic() + WORKER_START_TIMEOUT
@@ -372,7 +373,7 @@ def run_client(
 
     ``stop_event`` (tests) or SIGTERM / SIGINT stop it cleanly.
     """
-    from fedlora.server.launcher import end_group, tool_env
+    from fedlora.server.launcher import die_with_parent, end_group, tool_env
 
     host, port = check_options(opts)
     if opts.insecure:
@@ -405,6 +406,8 @@ def run_client(
                 text=True,
                 env=worker.env(tool_env()) if worker is not None else tool_env(),
                 start_new_session=True,
+                # A SIGKILLed fedlora-client takes its SuperNode along (its ClientApps watch it).
+                preexec_fn=die_with_parent(),
             )
             watcher = _Watcher(proc.stdout, emit, opts.verbose)
             try:

@@ -63,6 +63,27 @@ def load_run_config(preset: str | None, overrides: list[str]):
     return RunConfig.from_dict(_absolute_local_paths(raw))
 
 
+def resume_run_config(preset: str | None, overrides: list[str], out: str | None):
+    """``--resume``: the RunConfig of the run on disk, its own ``config.toml`` plus ``--set``.
+
+    The preset only names the run directory when ``--out`` is not given (``runs/<name>``); what
+    runs is what the run was started with. A ``--set`` may change only what
+    :data:`fedlora.runlog.RESUME_MUTABLE` lists (``rounds`` to extend it, the round timeout, the
+    device); any other change is refused where the run directory is opened, naming the key.
+    """
+    from fedlora.config import RunConfig, apply_overrides, read_preset
+    from fedlora.simulations import preset_path
+
+    if out is None:
+        name = apply_overrides(read_preset(preset_path(preset or "quickstart")), overrides).get("name", "run")
+        out = str(Path("runs") / str(name))
+    config = Path(out) / "config.toml"
+    if not config.is_file():
+        raise FedLoraError(f"--resume: {config} not found (is {out} a run directory? name it with --out DIR)")
+    raw = apply_overrides(read_preset(config), overrides)
+    return RunConfig.from_dict(_absolute_local_paths(raw)), out
+
+
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -86,8 +107,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from fedlora.runlog import Progress
     from fedlora.simulations.runtime import simulate
 
-    cfg = load_run_config(args.preset, args.set or [])
+    if args.resume:  # the run on disk says what runs; the preset at most names its folder
+        cfg, args.out = resume_run_config(args.preset, args.set or [], args.out)
+    else:
+        cfg = load_run_config(args.preset, args.set or [])
     progress = Progress(quiet=args.quiet)
+    if args.resume and args.preset:
+        progress.line(f"fedlora simulate: --resume runs {args.out}/config.toml; the preset only named the folder")
     progress.line(
         f"fedlora simulate: {cfg.name}  strategy {cfg.strategy.name}  {cfg.federation.clients} clients  "
         f"{cfg.rounds} rounds  model {cfg.model.name}  data "
@@ -165,7 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["inprocess", "ray"],
         help="inprocess (one shared base model) or ray (Flower's Ray simulation)",
     )
-    sim.add_argument("--resume", action="store_true", help="continue the run directory from its last checkpoint")
+    sim.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run directory from its last good checkpoint, with its own config.toml "
+        "(--set may change rounds and operational keys only)",
+    )
     sim.add_argument("--ray-address", help="existing Ray cluster address (with --backend ray)")
     sim.add_argument("--quiet", action="store_true", help="no progress lines")
     sim.set_defaults(func=cmd_simulate)
@@ -287,13 +318,18 @@ def _server_parser() -> argparse.ArgumentParser:
         "--port",
         type=int,
         default=DEFAULT_PORT,
-        help=f"port of the SuperLink's APIs, which clients dial (default {DEFAULT_PORT})",
+        help=f"the port devices dial: Flower's Fleet API only, the rest stays on loopback (default {DEFAULT_PORT})",
     )
     p.add_argument(
         "--database", metavar="PATH", help="SuperLink state file (SQLite) that survives restarts (default: in memory)"
     )
     p.add_argument("--out", help="run directory (default: runs/<name>/)")
-    p.add_argument("--resume", action="store_true", help="continue the run directory from its last checkpoint")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run directory from its last good checkpoint, with its own config.toml "
+        "(--set may change rounds and operational keys only)",
+    )
     p.add_argument(
         "--min-clients",
         type=int,
@@ -335,9 +371,12 @@ def server_main(argv: list[str] | None = None) -> int:
         overrides = list(args.set or [])
         if args.round_timeout is not None:
             overrides.append(f"federation.round_timeout={args.round_timeout}")
-        cfg = load_run_config(args.preset, overrides)
+        if args.resume:  # the run on disk says what runs, as for `fedlora simulate --resume`
+            cfg, out = resume_run_config(args.preset, overrides, args.out)
+        else:
+            cfg, out = load_run_config(args.preset, overrides), args.out
         opts = ServerOptions(
-            out=Path(args.out) if args.out else Path("runs") / cfg.name,
+            out=Path(out) if out else Path("runs") / cfg.name,
             certs=Path(args.certs) if args.certs else None,
             insecure=args.insecure,
             auth_keys=Path(args.auth_keys) if args.auth_keys else None,

@@ -4,7 +4,8 @@ Layout of ``runs/<name>/``::
 
     config.toml          the resolved configuration (re-runnable as a preset)
     metrics.jsonl        one JSON object per round
-    checkpoints/         round_0001.safetensors + round_0001.json (strategy state), latest.json
+    checkpoints/         round_0001.safetensors + round_0001.json (strategy state, sha256 of the round's
+                         files), round_0001.nodes.pb (simulation: every node's Context.state), latest.json
     adapter/             the final adapter in PEFT's save_pretrained layout
     events.out.tfevents.*  TensorBoard scalars per round (aggregated and per client)
     report.md, *.png     the run's report (fedlora.report), written at the end
@@ -13,20 +14,39 @@ Layout of ``runs/<name>/``::
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
+import re
 import shutil
 import sys
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load, save
 
 from fedlora.config import RunConfig
 from fedlora.errors import FedLoraError
 from fedlora.files import atomic_write_bytes
+
+
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, +-Infinity) replaced by None, through dicts,
+    lists and tuples: metrics.jsonl, summary.json and nodes.json stay strict JSON (a diverged
+    loss is written ``null``, never a bare ``NaN`` other parsers reject)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
 
 
 class RunDirectory:
@@ -85,7 +105,7 @@ class RunDirectory:
     def append_metrics(self, record: dict[str, Any]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         with open(self.metrics_path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record, sort_keys=True) + "\n")
+            fh.write(json.dumps(finite_json(record), sort_keys=True, allow_nan=False) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
 
@@ -101,32 +121,219 @@ class RunDirectory:
         atomic_write_bytes(self.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode())
 
     def write_json(self, name: str, obj: Any) -> None:
-        atomic_write_bytes(self.path / name, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+        text = json.dumps(finite_json(obj), indent=2, sort_keys=True, allow_nan=False)
+        atomic_write_bytes(self.path / name, (text + "\n").encode())
 
     # -- checkpoints ---------------------------------------------------------------------------
 
-    def save_checkpoint(self, server_round: int, state: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
-        """Write round ``server_round``'s global state, then move the ``latest`` pointer."""
+    def save_checkpoint(
+        self, server_round: int, state: dict[str, torch.Tensor], extra: dict[str, Any], nodes: bytes | None = None
+    ) -> None:
+        """Write round ``server_round``'s global state (and the nodes' own state, simulation
+        only), then its sidecar with their checksums, then move the ``latest`` pointer.
+
+        The sidecar is written last: a round whose sidecar is missing or names other bytes was
+        not completed and :meth:`load_checkpoint` passes over it.
+        """
         stem = f"round_{server_round:04d}"
-        tensors = {k: v.contiguous() for k, v in state.items()}
-        atomic_write_bytes(self.checkpoint_dir / f"{stem}.safetensors", save(tensors))
-        atomic_write_bytes(self.checkpoint_dir / f"{stem}.json", json.dumps(extra, sort_keys=True).encode())
+        files = {f"{stem}.safetensors": save({k: v.contiguous() for k, v in state.items()})}
+        if nodes is not None:
+            files[f"{stem}.nodes.pb"] = nodes
+        for name, data in files.items():
+            atomic_write_bytes(self.checkpoint_dir / name, data)
+        sidecar = {
+            "format": CHECKPOINT_FORMAT,
+            "round": server_round,
+            "sha256": {name: hashlib.sha256(data).hexdigest() for name, data in files.items()},
+            "extra": extra,
+        }
+        sidecar["digest"] = _sidecar_digest(sidecar)
+        atomic_write_bytes(self.checkpoint_dir / f"{stem}.json", json.dumps(sidecar, sort_keys=True).encode())
         atomic_write_bytes(self.checkpoint_dir / "latest.json", json.dumps({"round": server_round}).encode())
 
-    def latest_checkpoint_round(self) -> int | None:
-        pointer = self.checkpoint_dir / "latest.json"
-        if not pointer.exists():
-            return None
-        return int(json.loads(pointer.read_text())["round"])
+    def checkpoint_rounds(self) -> list[int]:
+        """Rounds with any checkpoint file on disk, newest first (good or not: see :meth:`load_checkpoint`)."""
+        rounds = set()
+        if self.checkpoint_dir.is_dir():
+            for p in self.checkpoint_dir.glob("round_*"):
+                m = re.fullmatch(r"round_(\d+)\.(safetensors|json|nodes\.pb)", p.name)
+                if m:
+                    rounds.add(int(m.group(1)))
+        pointer = _pointer_round(self.checkpoint_dir / "latest.json")
+        if pointer is not None:
+            rounds.add(pointer)
+        return sorted(rounds, reverse=True)
 
-    def load_checkpoint(self) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]]:
-        server_round = self.latest_checkpoint_round()
-        if server_round is None:
-            raise FedLoraError(f"no checkpoint under {self.checkpoint_dir}")
+    def latest_checkpoint_round(self) -> int | None:
+        """The newest round with a checkpoint file on disk (not yet verified), or None."""
+        rounds = self.checkpoint_rounds()
+        return rounds[0] if rounds else None
+
+    def load_checkpoint(self, report: Callable[[str], None] | None = None) -> tuple[int, dict[str, torch.Tensor], dict]:
+        """(round, global state, sidecar extra) of the newest good checkpoint (see :meth:`load_round`)."""
+        ckpt = self.load_round(report)
+        return ckpt.round, ckpt.state, ckpt.extra
+
+    def load_round(self, report: Callable[[str], None] | None = None) -> Checkpoint:
+        """The newest checkpoint whose files match their checksums, walking back from the newest
+        round on disk; each unusable round is reported in one line and moved to
+        ``checkpoints/unusable/`` once an older one loads (a missing ``latest.json`` is no
+        obstacle: the rounds on disk are scanned).
+
+        Raises
+        ------
+        FedLoraError
+            One line when no round is usable.
+        """
+        report = report or (lambda line: None)
+        rounds = self.checkpoint_rounds()
+        if not rounds:
+            raise FedLoraError(f"--resume: no checkpoint under {self.checkpoint_dir}")
+        if _pointer_round(self.checkpoint_dir / "latest.json") is None:
+            report("checkpoints: latest.json is missing or unreadable; using the newest good round on disk")
+        bad: list[str] = []
+        for server_round in rounds:
+            try:
+                ckpt = self._read_round(server_round)
+            except _Unusable as why:
+                bad.append(f"round {server_round}: {why}")
+                report(f"checkpoint of round {server_round} is unusable ({why}); trying an older one")
+                continue
+            if bad:
+                self._set_aside([r for r in rounds if r > server_round])
+                report(f"checkpoints: resuming from round {server_round}, the newest good one")
+            return ckpt
+        raise FedLoraError(f"--resume: no usable checkpoint under {self.checkpoint_dir} ({'; '.join(bad)})")
+
+    def _read_round(self, server_round: int) -> Checkpoint:
+        """One round's checkpoint, verified; raises :class:`_Unusable` naming what is wrong."""
         stem = f"round_{server_round:04d}"
-        state = load_file(str(self.checkpoint_dir / f"{stem}.safetensors"))
-        extra = json.loads((self.checkpoint_dir / f"{stem}.json").read_text())
-        return server_round, state, extra
+        side_path = self.checkpoint_dir / f"{stem}.json"
+        try:
+            sidecar = json.loads(side_path.read_bytes())
+        except FileNotFoundError:
+            raise _Unusable(f"{side_path.name} is missing") from None
+        except (OSError, ValueError) as err:
+            raise _Unusable(f"{side_path.name} is not valid JSON: {err}") from None
+        if not isinstance(sidecar, dict):
+            raise _Unusable(f"{side_path.name} is not a checkpoint sidecar")
+        if "format" in sidecar:
+            if sidecar.get("digest") != _sidecar_digest(sidecar):
+                raise _Unusable(f"{side_path.name} fails its checksum")
+            if sidecar.get("round") != server_round:
+                raise _Unusable(f"{side_path.name} belongs to round {sidecar.get('round')}")
+            sums, extra = dict(sidecar.get("sha256") or {}), dict(sidecar.get("extra") or {})
+        else:  # written before checksums: trusted as far as it loads
+            sums, extra = {}, sidecar
+        blobs: dict[str, bytes] = {}
+        for name in {f"{stem}.safetensors", *sums}:
+            try:
+                blobs[name] = (self.checkpoint_dir / name).read_bytes()
+            except FileNotFoundError:
+                raise _Unusable(f"{name} is missing") from None
+            if name in sums and hashlib.sha256(blobs[name]).hexdigest() != sums[name]:
+                size = len(blobs[name])
+                raise _Unusable(f"{name} does not match its checksum ({'empty' if not size else f'{size:,} bytes'})")
+        try:
+            state = load(blobs[f"{stem}.safetensors"])
+        except Exception as err:  # noqa: BLE001 - any decoding failure makes the round unusable
+            raise _Unusable(f"{stem}.safetensors does not load: {type(err).__name__}") from None
+        broken = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+        if broken is not None:
+            raise _Unusable(f"{stem}.safetensors holds non-finite values in {broken}")
+        return Checkpoint(server_round, state, extra, blobs.get(f"{stem}.nodes.pb"))
+
+    def _set_aside(self, rounds: list[int]) -> None:
+        """Move the files of unusable newer rounds out of the way (kept for inspection), so a
+        resumed run neither reads them again nor mixes them with its own rounds."""
+        aside = self.checkpoint_dir / "unusable"
+        for server_round in rounds:
+            for p in self.checkpoint_dir.glob(f"round_{server_round:04d}.*"):
+                aside.mkdir(exist_ok=True)
+                os.replace(p, aside / p.name)
+
+    def check_resume_config(self, cfg: RunConfig) -> None:
+        """Refuse to resume with a configuration whose meaning differs from the run's ``config.toml``.
+
+        Only the keys in :data:`RESUME_MUTABLE` (how long and where the run goes on, not what it
+        computes) may differ; the first other difference is named in one line.
+
+        Raises
+        ------
+        FedLoraError
+            ``config.toml`` is missing or unreadable, or a key outside :data:`RESUME_MUTABLE` differs.
+        """
+        path = self.path / "config.toml"
+        try:
+            saved = RunConfig.from_dict(tomllib.loads(path.read_text(encoding="utf-8"))).to_dict()
+        except FileNotFoundError:
+            raise FedLoraError(f"--resume: {path} is missing; cannot tell which run this is") from None
+        except (OSError, ValueError) as err:  # TOMLDecodeError and ConfigError are ValueErrors
+            raise FedLoraError(f"--resume: {path} is unreadable: {err}") from None
+        key = config_difference(saved, cfg.to_dict())
+        if key is not None:
+            old, new = _flat(saved).get(key), _flat(cfg.to_dict()).get(key)
+            raise FedLoraError(
+                f"--resume: {key} = {new!r} differs from the run's config.toml ({old!r}); a resumed run keeps its "
+                f"meaning (only {', '.join(RESUME_MUTABLE)} may change): start a new run with --out DIR"
+            )
+
+
+#: Config keys a resumed run may change: how long, how patiently and where it goes on, never what
+#: it computes (strategy, lora, model, data, federation.clients, seed, privacy, robustness are fixed).
+RESUME_MUTABLE = ("rounds", "federation.round_timeout", "federation.max_reply_mb", "model.device", "simulation.devices")
+
+#: Checkpoint sidecar layout: ``{"format", "round", "sha256": {file: hex}, "extra", "digest"}``.
+CHECKPOINT_FORMAT = 2
+
+
+@dataclass
+class Checkpoint:
+    """One verified round on disk: the global state, the sidecar's extra (strategy, privacy
+    state) and, in simulation, the serialized per-node state (``None`` when not saved)."""
+
+    round: int
+    state: dict[str, torch.Tensor]
+    extra: dict[str, Any]
+    nodes: bytes | None = None
+
+
+class _Unusable(Exception):
+    """A checkpoint round that fails verification (the message says why)."""
+
+
+def _sidecar_digest(sidecar: dict[str, Any]) -> str:
+    """sha256 of the sidecar without its own digest (JSON round-trips floats exactly)."""
+    body = {k: v for k, v in sidecar.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _pointer_round(pointer: Path) -> int | None:
+    try:
+        value = json.loads(pointer.read_text())["round"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists, such as data.tasks, stay whole values)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_difference(saved: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """The first flattened key outside :data:`RESUME_MUTABLE` whose value differs, or None."""
+    a, b = _flat(saved), _flat(new)
+    for key in sorted(set(a) | set(b)):
+        if key not in RESUME_MUTABLE and a.get(key) != b.get(key):
+            return key
+    return None
 
 
 class Progress:

@@ -5,11 +5,15 @@ line naming the problem):
 
 1. checks the preset (model, data, strategy: :func:`~fedlora.server.server_app.prepare`), the
    TLS files, the node keys, the run directory and the port;
-2. starts Flower's ``flower-superlink`` with TLS (``--insecure`` must be asked for), node
-   authentication when ``--auth-keys`` is given, and ``--database`` for a state that survives
-   restarts; its own log goes to ``runs/<name>/superlink.log``;
-3. registers each public key of ``--auth-keys`` through the SuperLink's Control API, so only
-   SuperNodes holding one of the private keys may join;
+2. starts Flower's ``flower-superlink`` on loopback only, with TLS (``--insecure`` must be asked
+   for), node authentication when ``--auth-keys`` is given, and ``--database`` for a state that
+   survives restarts; its own log goes to ``runs/<name>/superlink.log``. Flower 1.41 serves its
+   Fleet, Control and ServerAppIo (runtime) APIs on one HTTP port, so the devices never see that
+   port: ``--host``/``--port`` is a :class:`FleetGateway` that forwards the Fleet API
+   (``/v1/fleet/...``) and refuses everything else, so a device cannot register node keys,
+   start or stop runs, read the run's logs or take the ServerApp's tasks;
+3. registers each public key of ``--auth-keys`` through the SuperLink's Control API on loopback
+   (the operator path), so only SuperNodes holding one of the private keys may join;
 4. submits the run: a Flower App Bundle (FAB) whose components are this package's
    ServerApp (:mod:`fedlora.server.deployed_app`) and ClientApp, and whose run config carries
    the resolved preset. fedlora itself is installed on every machine, so the bundle holds only
@@ -21,15 +25,19 @@ line naming the problem):
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
+import http.server
 import io
 import os
 import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -149,8 +157,165 @@ def fab_files(cfg: RunConfig, run_dir: Path, opts: ServerOptions) -> dict[str, b
     return {"pyproject.toml": tomli_w.dumps(project).encode()}
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> Callable[[], None]:
+    """A ``preexec_fn`` that has the kernel SIGKILL the child when the process starting it dies.
+
+    A SIGKILL of ``fedlora-server`` or ``fedlora-client`` runs no cleanup, and the SuperLink and
+    SuperNode are in their own sessions (so a Ctrl-C reaches only the launcher): without this they
+    would go on serving and training. Flower's own children (SuperExec, ServerApp, ClientApp)
+    watch their parent's pid and end with it. Linux only; elsewhere a no-op.
+    """
+    parent = os.getpid()
+
+    def hook() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            return
+        if os.getppid() != parent:  # the launcher died before prctl took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
+
+
+def loopback_port() -> int:
+    """A free port on 127.0.0.1 for the SuperLink itself (only this host reaches it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+#: The only requests a device may make: Flower's Fleet API, one RPC per path.
+FLEET_PATH = re.compile(r"/v1/fleet/[a-z][a-z-]*")
+#: Largest request body forwarded (adapter uploads are a few MB; --max-reply-mb is checked later).
+GATEWAY_MAX_BODY = 1 << 30
+#: How long a device's connection may sit idle, and a forwarded call may take.
+GATEWAY_TIMEOUT = 300.0
+_HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "accept-encoding", "te"}
+_DRAIN_LIMIT = 1 << 20
+REFUSED = b"fedlora-server: only the Fleet API is served on this port\n"
+
+
+class _GatewayHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _GatewayServer
+
+    def setup(self) -> None:
+        self.request.settimeout(GATEWAY_TIMEOUT)
+        if self.server.tls_context is not None:
+            # Handshake here, in this connection's thread: a peer that stalls it holds up no one.
+            self.request = self.server.tls_context.wrap_socket(self.request, server_side=True)
+        super().setup()
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        pass  # the SuperLink's log records every call
+
+    def _drain(self) -> None:
+        """Read a small refused request's body: closing with unread bytes resets the connection
+        before the client has read the answer."""
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            return
+        if 0 < length <= _DRAIN_LIMIT:
+            self.rfile.read(length)
+
+    def _refuse(self, status: int = 403, body: bytes = REFUSED, drain: bool = True) -> None:
+        if drain:
+            self._drain()
+        self.close_connection = True
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    do_GET = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _refuse
+
+    def do_POST(self) -> None:
+        # A full match, not a prefix: "/v1/fleet/../control/..." must not reach the Control API.
+        if not FLEET_PATH.fullmatch(self.path):
+            return self._refuse()
+        if "Transfer-Encoding" in self.headers:
+            return self._refuse(411, b"fedlora-server: Content-Length required\n")
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if not 0 <= length <= GATEWAY_MAX_BODY:
+            return self._refuse(413, b"fedlora-server: bad request size\n")
+        body = self.rfile.read(length)
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_HEADERS}
+        try:
+            res = self.server.upstream.post(self.path, content=body, headers=headers)
+        except Exception:  # noqa: BLE001 - the SuperLink is starting or gone: the SuperNode retries
+            return self._refuse(503, b"fedlora-server: the SuperLink is not available\n", drain=False)
+        self.send_response(res.status_code)
+        for key, value in res.headers.items():
+            if key.lower() not in _HOP_HEADERS and key.lower() != "content-encoding":
+                self.send_header(key, value)
+        self.send_header("Content-Length", str(len(res.content)))
+        self.end_headers()
+        self.wfile.write(res.content)
+
+
+class _GatewayServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], tls_context: ssl.SSLContext | None, upstream: Any):
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.tls_context = tls_context
+        self.upstream = upstream
+        super().__init__(address, _GatewayHandler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a failed handshake or a peer that went away: nothing to report
+
+
+class FleetGateway:
+    """The one port the devices reach (``--host``/``--port``): Flower's Fleet API, nothing else.
+
+    It terminates TLS with the server's certificate and forwards ``POST /v1/fleet/<rpc>``
+    (headers, node-authentication signatures included, unchanged) to the SuperLink on loopback.
+    Every other request (Control API: register nodes, start, list, stop runs, stream logs;
+    ServerAppIo/runtime API; docs) is answered 403 without reaching the SuperLink.
+    """
+
+    def __init__(self, host: str, port: int, upstream_port: int, tls: dict[str, Path] | None):
+        import httpx
+
+        self.tls_context = None
+        verify: ssl.SSLContext | bool = False
+        if tls is not None:
+            self.tls_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self.tls_context.load_cert_chain(str(tls["cert"]), str(tls["key"]))
+            verify = ssl.create_default_context(cafile=str(tls["ca"]))
+        scheme = "https" if tls is not None else "http"
+        self.upstream = httpx.Client(
+            base_url=f"{scheme}://127.0.0.1:{upstream_port}", verify=verify, timeout=GATEWAY_TIMEOUT
+        )
+        self.server = _GatewayServer((host, port), self.tls_context, self.upstream)
+        self.thread = threading.Thread(target=self.server.serve_forever, name="fleet-gateway", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        if self.thread.is_alive():
+            self.server.shutdown()
+        self.server.server_close()
+        self.upstream.close()
+
+
 class SuperLink:
-    """A ``flower-superlink`` child process and a Control API client to it."""
+    """A ``flower-superlink`` child process on loopback and a Control API client to it."""
 
     def __init__(self, opts: ServerOptions, log_path: Path, tls: dict[str, Path] | None):
         self.opts = opts
@@ -158,15 +323,18 @@ class SuperLink:
         self.tls = tls
         self.process: subprocess.Popen | None = None
         self.client: Any = None
+        self.gateway: FleetGateway | None = None
+        # Fleet, Control and ServerAppIo share this port: only this host may reach it.
+        self.internal_port = loopback_port()
 
     def command(self) -> list[str]:
         o = self.opts
         cmd = [
             tool("flower-superlink"),
             "--host",
-            o.host,
+            "127.0.0.1",
             "--port",
-            str(o.port),
+            str(self.internal_port),
             "--isolation",
             "subprocess",
             "--disable-runtime-dependency-installation",
@@ -189,10 +357,11 @@ class SuperLink:
         return cmd
 
     def launch(self) -> None:
-        """Start the process; :meth:`wait_ready` connects to it."""
+        """Start the process and the devices' gateway; :meth:`wait_ready` connects to it."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log_file:
-            # Own session: stopping it takes the SuperExec and ServerApp processes along.
+            # Own session: stopping it takes the SuperExec and ServerApp processes along; it dies
+            # with fedlora-server even when that is SIGKILLed.
             self.process = subprocess.Popen(
                 self.command(),
                 stdout=log_file,
@@ -200,7 +369,15 @@ class SuperLink:
                 stdin=subprocess.DEVNULL,
                 env=tool_env(),
                 start_new_session=True,
+                preexec_fn=die_with_parent(),
             )
+        try:
+            self.gateway = FleetGateway(self.opts.host, self.opts.port, self.internal_port, self.tls)
+        except OSError as err:
+            raise FedLoraError(
+                f"--host {self.opts.host} --port {self.opts.port}: cannot listen there ({err.strerror})"
+            ) from None
+        self.gateway.start()
 
     def wait_ready(self) -> None:
         self.client = self._wait_ready()
@@ -218,8 +395,7 @@ class SuperLink:
         from flwr.cli.utils import init_http_client_from_connection
         from flwr.proto.control_pb2 import ListRunsRequest
 
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.opts.host, self.opts.host)
-        address = f"[{host}]:{self.opts.port}" if ":" in host else f"{host}:{self.opts.port}"
+        address = f"127.0.0.1:{self.internal_port}"
         conn = SuperLinkConnection(
             name="fedlora-server",
             address=address,
@@ -315,6 +491,9 @@ class SuperLink:
             pass
 
     def stop(self, grace: float = 15.0) -> None:
+        if self.gateway is not None:
+            self.gateway.stop()
+            self.gateway = None
         if self.client is not None:
             try:
                 self.client.close()
@@ -389,6 +568,8 @@ def serve(cfg: RunConfig, opts: ServerOptions, emit: Callable[[str], None] = pri
     if not 0 < opts.port < 65536:
         raise FedLoraError(f"--port must be 1-65535, got {opts.port}")
     run_dir = RunDirectory.open(opts.out, resume=opts.resume)
+    if opts.resume:
+        run_dir.check_resume_config(cfg)  # the run on disk keeps its meaning: strategy, clients, adapter
     check_port_free(opts.host, opts.port)
     created = not run_dir.path.exists()
     run_dir.path.mkdir(parents=True, exist_ok=True)

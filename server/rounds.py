@@ -35,14 +35,23 @@ from flwr.serverapp import Grid
 
 from fedlora import protocol as P
 from fedlora.adapters import from_record, to_record
+from fedlora.errors import FedLoraError, RunFailed
 from fedlora.export import export_adapter, fold_base_delta
 from fedlora.runlog import Progress, RunDirectory, ScalarLog
 from fedlora.strategies import LoRAStrategy, NodeDirectory, NodeInfo, create
+from fedlora.strategies.robust import clip_states, first_non_finite
 from fedlora.transport import Wire, arrays_of, decode_update, message_bytes
 
 from .evaluation import evaluate_state
 from .privacy import CentralDP, PrivacyBook
-from .validation import ReplyError, validate_reply
+from .validation import (
+    ReplyError,
+    budget_stop_epsilons,
+    check_eval_metrics,
+    check_info,
+    example_cap,
+    validate_reply,
+)
 
 if TYPE_CHECKING:
     from .server_app import Prepared
@@ -176,6 +185,17 @@ def capability_table(nodes: list[NodeInfo]) -> list[str]:
     return lines
 
 
+def check_trained(rounds: list[dict[str, Any]]) -> None:
+    """RunFailed (exit 1) when not one reply of any round was usable: the adapter is the initial
+    one, and a run that trained nothing must not look like a success (a round timeout or reply
+    limit too small, a data file no device can use)."""
+    if not rounds or any(int(r.get("clients_ok", 0)) > 0 for r in rounds):
+        return
+    reasons = [d["reason"] for r in rounds for d in r.get("dropped", [])]
+    why = f"; e.g. {reasons[-1]}" if reasons else ""
+    raise RunFailed(f"no client's reply was usable in any of the {len(rounds)} round(s): nothing was trained{why}")
+
+
 def fmt_metrics(metrics: dict[str, Any]) -> str:
     keys = [k for k in ("eval_accuracy", "eval_perplexity", "eval_loss") if k in metrics]
     return "  ".join(f"{k} {metrics[k]:.4f}" for k in keys)
@@ -237,6 +257,7 @@ class RoundLoop:
         try:
             for server_round in range(first, self.cfg.rounds + 1):
                 state = self.round(server_round, state, result)
+            check_trained(result.rounds)
             self.export(state, result)
         finally:
             self.scalars.close()
@@ -252,7 +273,14 @@ class RoundLoop:
         state = self.strategy.initialize(initial_state, host)
         result = RunResult(run_dir=str(self.run_dir.path))
         if resume:
-            last, state, extra = self.run_dir.load_checkpoint()
+            ckpt = self.run_dir.load_round(report=self.progress.line)
+            last, extra = ckpt.round, ckpt.extra
+            if cfg.rounds < last:
+                raise FedLoraError(f"--resume: rounds = {cfg.rounds} but the run has already done {last} rounds")
+            self.check_adapter_shape(extra.get("adapter"), ckpt.state, state)
+            state = ckpt.state
+            self.restore_nodes(ckpt.nodes)
+            self.run_dir.write_config(cfg)  # `rounds` may have been extended: config.toml says what runs
             self.strategy.load_state_dict(extra.get("strategy", {}))
             self.privacy.load_state_dict(extra.get("privacy", {}))
             if self.central is not None:
@@ -317,7 +345,13 @@ class RoundLoop:
                 reason = reply.error.reason if reply.has_error() else "no capability record"
                 self.progress.line(f"node {node} could not report its capabilities: {reason}")
                 continue
-            self.record_node(node, reply.content.config_records[P.INFO])
+            info = reply.content.config_records[P.INFO]
+            try:
+                check_info(node, info)
+            except ReplyError as err:  # ignored, named; the node is asked again next round
+                self.progress.line(f"node {node} sent malformed capabilities (ignored): {err}")
+                continue
+            self.record_node(node, info)
 
     def record_node(self, node: int, info: ConfigRecord) -> None:
         """Keep what ``node`` says it has (a malformed record is ignored) in the directory and in
@@ -352,20 +386,26 @@ class RoundLoop:
                 max_bytes=self.max_reply_bytes,
                 epsilon=self.cfg.privacy.mode == "local",
             )
+            info = reply.content.config_records.get(P.INFO)
+            reported = check_info(node, info) if info is not None else None
+            metrics = dict(reply.content[P.METRICS])
+            try:
+                self.strategy.check_reply(node, metrics, decoded)  # what only this strategy reads
+            except ValueError as err:  # a strategy's one-line reason, dropped like the server's own
+                raise ReplyError(str(err)) from None
         except ReplyError as err:
             book.drop(node, str(err))
             self.strategy.chain.forget(node)  # what it holds is unknown: the whole base next time
             self.progress.line(f"{where}  DROPPED: {err}")
             return
-        info = reply.content.config_records.get(P.INFO)
-        if node not in self.nodes and info is not None:
+        capped = self.cap_examples(node, reply, metrics, entry)
+        if node not in self.nodes and reported is not None:
             self.record_node(node, info)
         self.strategy.chain.ack(node, info.get(P.INFO_BASE_DIGEST) if info is not None else None)
         bytes_up = message_bytes(reply)
         # From here on the reply holds what the node trained, float32 (on a lossy wire the node
         # sent what changed since what it was sent; it is added to the float32 tensors it was sent).
         reply.content[P.ARRAYS] = to_record(decode_update(decoded, book.reference.get(node, {}), self.wire))
-        metrics = dict(reply.content[P.METRICS])
         entry.update(
             {
                 "train_loss": float(metrics[P.TRAIN_LOSS]),
@@ -384,7 +424,30 @@ class RoundLoop:
         eps = f"  epsilon {entry['epsilon']:.4g}" if "epsilon" in entry else ""
         self.progress.line(
             f"{where}  loss {entry['train_loss']:.4f}  examples {entry['num_examples']}  {entry['seconds']:.1f}s{eps}"
+            + (f"  (capped from {capped:,})" if capped is not None else "")
         )
+
+    def cap_examples(self, node: int, reply: Message, metrics: dict[str, Any], entry: dict[str, Any]) -> int | None:
+        """Cap the example counts ``reply`` claims (``metrics`` and the reply's own record, which
+        the strategy reads) at :func:`example_cap`, so no node owns the aggregate by claiming
+        more than it has; the entry records what was claimed. Returns the claimed total when it
+        was capped, else None."""
+        limit = self.cfg.robustness.max_examples
+        known = self.nodes.get(node)  # what the node reported before this reply, if it did
+        record = reply.content[P.METRICS]
+        claimed = int(metrics[P.NUM_EXAMPLES])
+        cap = example_cap(limit, known.num_examples if known is not None else None)
+        over = None
+        if claimed > cap:
+            metrics[P.NUM_EXAMPLES] = record[P.NUM_EXAMPLES] = cap
+            entry["examples_capped_from"] = over = claimed
+        for task, value in P.task_metrics(dict(metrics), P.NUM_EXAMPLES).items():
+            task_cap = example_cap(limit, known.tasks.get(task) if known is not None else None)
+            if int(value) > task_cap:
+                key = P.task_metric(P.NUM_EXAMPLES, task)
+                metrics[key] = record[key] = task_cap
+                entry.setdefault("task_examples_capped_from", {})[task] = int(value)
+        return over
 
     def budget_stopped(self, reply: Message, entry: dict[str, Any], where: str) -> bool:
         """Whether ``reply`` says its node's privacy budget would be exceeded (it trained nothing);
@@ -394,10 +457,10 @@ class RoundLoop:
         metrics = dict(reply.content.metric_records[P.METRICS])
         if not metrics.get(P.BUDGET_STOP) or self.cfg.privacy.mode != "local":
             return False
-        try:
-            spent, reached = float(metrics[P.EPSILON]), float(metrics[P.EPSILON_NEXT])
-        except (KeyError, TypeError, ValueError):
+        epsilons = budget_stop_epsilons(metrics)
+        if epsilons is None:
             return False  # malformed: validation drops it
+        spent, reached = epsilons
         budget = self.cfg.privacy.budget
         entry["stopped"] = (
             f"privacy budget: epsilon {spent:.4g} spent, this round would reach {reached:.4g} > {budget:g}"
@@ -417,6 +480,8 @@ class RoundLoop:
         """
         order = {node: i for i, node in enumerate(book.sent)}
         book.valid.sort(key=lambda reply: order.get(reply.metadata.src_node_id, len(order)))
+        for node, facts in self.clip(server_round, book).items():
+            book.entry(node).update(facts)
         if self.central is not None:
             population = len(list(self.grid.get_node_ids()))
             arrays, agg, dp_facts = self.central.aggregate_train(server_round, book.valid, book.reference, population)
@@ -425,11 +490,47 @@ class RoundLoop:
             dp_facts = {}
         if arrays is not None:
             state = from_record(arrays)
+            # A non-finite global would be sent to every node, whose replies validation then drops
+            # as non-finite, round after round: stop now, before it is checkpointed.
+            bad = first_non_finite(state)
+            if bad is not None:
+                raise RunFailed(
+                    f"round {server_round}/{self.cfg.rounds}: the aggregated global adapter is not finite "
+                    f"(tensor {bad}); the run stopped, the last good checkpoint is kept"
+                )
         for node, facts in self.strategy.client_facts().items():
             book.entry(node).update(facts)
         for node, facts in dp_facts.items():
             book.entry(node).update(facts)
         return state, (float(agg[P.TRAIN_LOSS]) if agg is not None else None)
+
+    def clip(self, server_round: int, book: RoundBook) -> dict[int, dict[str, Any]]:
+        """Clip every valid reply's update to ``robustness.update_clip``'s bound before any strategy
+        (or central DP) sees it: a clipped reply's tensors become what it was sent plus the clipped
+        update. Returns per-node facts (the update's norm, whether it was clipped)."""
+        rob = self.cfg.robustness
+        if rob.update_clip == "none" or not book.valid:
+            return {}
+        nodes = [reply.metadata.src_node_id for reply in book.valid]
+        states = [from_record(reply.content[P.ARRAYS]) for reply in book.valid]
+        clipped, norms, bound = clip_states(
+            states,
+            [book.reference.get(node, {}) for node in nodes],
+            mode=rob.update_clip,
+            multiple=rob.clip_multiple,
+            fixed=rob.clip_norm,
+        )
+        facts: dict[int, dict[str, Any]] = {}
+        for reply, node, new, norm in zip(book.valid, nodes, clipped, norms):
+            cut = bound is not None and norm > bound
+            facts[node] = {"robust_update_norm": round(norm, 6), "robust_clipped": cut}
+            if cut:
+                reply.content[P.ARRAYS] = to_record(new)
+                self.progress.line(
+                    f"round {server_round}/{self.cfg.rounds}  node {node}  update norm {norm:.4g} clipped to "
+                    f"{bound:.4g} (robustness.update_clip = {rob.update_clip})"
+                )
+        return facts
 
     def evaluate(self, server_round: int, state: dict[str, torch.Tensor], book: RoundBook) -> dict[str, float]:
         """The global state on the server's split; for personalized strategies, the nodes' own
@@ -446,14 +547,32 @@ class RoundLoop:
             self.strategy.configure_evaluate(server_round, to_record(state), ConfigRecord(dict(self.shared)), self.grid)
         )
         replies = collect(self.grid, messages, self.cfg.federation.round_timeout)
+        sent = {m.metadata.dst_node_id for m in messages}
+        good = []
         for reply in replies:
+            node = reply.metadata.src_node_id
             if reply.has_error() or P.METRICS not in reply.content.metric_records:
                 continue
             got = dict(reply.content.metric_records[P.METRICS])
-            book.entry(reply.metadata.src_node_id).update(
+            try:
+                if node not in sent:
+                    raise ReplyError("evaluate reply from a node that was not sent a message this round")
+                check_eval_metrics(got)
+            except ReplyError as err:  # its numbers stay out of the entry and the mean
+                book.entry(node)["eval_dropped"] = str(err)
+                self.progress.line(f"round {server_round}/{self.cfg.rounds}  evaluate  node {node}  DROPPED: {err}")
+                continue
+            # The mean over nodes is weighted by it; its own eval split, so only the run's cap applies.
+            cap = self.cfg.robustness.max_examples
+            if P.NUM_EXAMPLES in got:
+                if got[P.NUM_EXAMPLES] > cap:
+                    book.entry(node)["eval_examples_capped_from"] = got[P.NUM_EXAMPLES]
+                    reply.content.metric_records[P.METRICS][P.NUM_EXAMPLES] = cap
+            book.entry(node).update(
                 {k: float(v) for k, v in got.items() if k in ("eval_accuracy", "eval_loss", "eval_perplexity")}
             )
-        agg = self.strategy.aggregate_evaluate(server_round, replies)
+            good.append(reply)
+        agg = self.strategy.aggregate_evaluate(server_round, good)
         return {k: float(v) for k, v in dict(agg).items()} if agg is not None else {}
 
     def record(
@@ -497,10 +616,55 @@ class RoundLoop:
             "strategy": self.strategy.state_dict(),
             "initial": result.initial,
             "privacy": self.privacy.state_dict(),
+            "adapter": self.adapter_shape(),
         }
         if self.central is not None:
             extra["central_dp"] = self.central.state_dict()
-        self.run_dir.save_checkpoint(server_round, state, extra)
+        # The nodes' own state (FedSA's private B, HetLoRA's pruning, error-feedback residuals,
+        # privacy ledgers) where the grid holds it in this process: the in-process simulation.
+        node_states = getattr(self.grid, "node_states", None)
+        self.run_dir.save_checkpoint(server_round, state, extra, nodes=node_states() if node_states else None)
+
+    def adapter_shape(self) -> dict[str, Any]:
+        """What fixes the global adapter's shape, kept in each checkpoint so a resume that would
+        change it is refused even when config.toml was edited by hand."""
+        cfg = self.cfg
+        return {
+            "strategy.name": cfg.strategy.name,
+            "model.name": cfg.model.name,
+            "lora.rank": cfg.lora.rank,
+            "lora.target_modules": list(cfg.lora.target_modules),
+        }
+
+    def check_adapter_shape(
+        self, saved: dict[str, Any] | None, loaded: dict[str, torch.Tensor], fresh: dict[str, torch.Tensor]
+    ) -> None:
+        """Refuse, in one line naming the key, a resume whose configuration changes the adapter."""
+        for key, value in self.adapter_shape().items():
+            if saved is not None and key in saved and saved[key] != value:
+                raise FedLoraError(
+                    f"--resume: {key} = {value!r} but the checkpoint was made with {saved[key]!r}; "
+                    "the adapter's shape cannot change in a resumed run (start a new run with --out DIR)"
+                )
+        # The fresh adapter's tensors must all be there, shaped alike (strategies may keep more,
+        # such as FedEx's base deltas).
+        wrong = sorted(k for k in fresh if k not in loaded or loaded[k].shape != fresh[k].shape)
+        if wrong:
+            raise FedLoraError(
+                f"--resume: the checkpoint's adapter does not match this configuration (tensor {wrong[0]}); "
+                "check lora.target_modules, lora.rank and strategy.name against the run's config.toml"
+            )
+
+    def restore_nodes(self, nodes: bytes | None) -> None:
+        """Give the in-process grid's nodes back the state the checkpoint saved for them."""
+        restore = getattr(self.grid, "restore_node_states", None)
+        if restore is None:
+            return
+        if nodes is None:
+            if self.cfg.strategy.name == "fedsa":
+                self.progress.line("checkpoint has no node state: FedSA's private B factors start again from zero")
+            return
+        restore(nodes)
 
     def export(self, state: dict[str, torch.Tensor], result: RunResult) -> None:
         """The final adapter(s) in peft's format (base deltas folded in) and summary.json."""

@@ -2,25 +2,161 @@
 
 A reply that fails any check is dropped (and logged by the caller); it never raises out of the
 round. The checks compare the reply with what was sent to that node: same keys, same shapes,
-the run's transport encoding (bytes that decode to the declared shape), finite values, a
-plausible example count, a bounded size.
+the run's transport encoding (bytes that decode to the declared shape), finite values, a bounded
+size; and every value the server or a strategy reads is checked for type, range and finiteness
+before use: the metrics (:func:`check_metrics`, then the strategy's own
+:meth:`~fedlora.strategies.LoRAStrategy.check_reply`), the ``INFO`` record (:func:`check_info`),
+personalized strategies' evaluate replies (:func:`check_eval_metrics`). Example counts that are
+well-formed but implausible are capped, not dropped (:func:`example_cap`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
+from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Message
 
 from fedlora import protocol as P
-from fedlora.adapters import exact_on_wire
+from fedlora.adapters import exact_on_wire, is_lora_a
+from fedlora.strategies import NodeInfo
 from fedlora.transport import Wire, WireError, arrays_of, decode
+
+#: Longest list a metric value may be (Flower's MetricRecord allows lists of numbers).
+MAX_METRIC_LIST = 1024
+#: Largest whole number a metric may carry (a reply's counts are capped far lower, by
+#: ``robustness.max_examples``; this only keeps the arithmetic on them exact).
+MAX_METRIC_INT = 2**53
 
 
 class ReplyError(ValueError):
     """Why one reply was rejected (one line)."""
+
+
+def is_number(value: Any) -> bool:
+    """Whether ``value`` is an int or a float, not a bool (a bool is an int to Python)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_finite(value: Any) -> bool:
+    """Whether ``value`` is a finite float or an int within ``MAX_METRIC_INT`` (checked before any
+    conversion: ``float(10**400)`` raises)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return abs(value) <= MAX_METRIC_INT
+    return isinstance(value, float) and math.isfinite(value)
+
+
+def budget_stop_epsilons(metrics: Mapping[str, Any]) -> tuple[float, float] | None:
+    """(epsilon spent, epsilon the round would reach) of a reply that says its node's privacy
+    budget stops it, or None when they are missing or not finite non-negative numbers (the reply
+    is then validated, and dropped, as any other)."""
+    spent, reached = metrics.get(P.EPSILON), metrics.get(P.EPSILON_NEXT)
+    if not all(is_finite(v) and v >= 0 for v in (spent, reached)):
+        return None
+    return float(spent), float(reached)
+
+
+def is_count(value: Any, least: int = 0) -> bool:
+    """Whether ``value`` is a whole number in ``[least, MAX_METRIC_INT]``."""
+    return isinstance(value, int) and not isinstance(value, bool) and least <= value <= MAX_METRIC_INT
+
+
+def sent_rank(sent: Mapping[str, Any]) -> int | None:
+    """The largest LoRA rank among the A factors a node was sent (None when it was sent none)."""
+    ranks = [int(tuple(v.shape)[0]) for k, v in sent.items() if is_lora_a(k) and len(tuple(v.shape)) == 2]
+    return max(ranks) if ranks else None
+
+
+def check_metrics(metrics: Mapping[str, Any], *, epsilon: bool = False, max_rank: int | None = None) -> None:
+    """Raise :class:`ReplyError` unless every value of a train reply's metrics is one the server
+    can use: numbers (or short lists of them) that are finite, and for the keys the server and the
+    strategies read (``num-examples``, ``train-loss``, ``train-seconds``, ``epsilon``, ``rank``,
+    per-task counts) of the right kind and range.
+
+    Parameters
+    ----------
+    metrics : mapping
+        The reply's ``metrics`` record as plain values.
+    epsilon : bool
+        The run is under local DP: the reply must state the node's epsilon so far.
+    max_rank : int, optional
+        The rank the node was sent: a reply's ``rank`` (the rank it trains next) may not exceed it.
+    """
+    for key, value in metrics.items():
+        values = value if isinstance(value, list) else [value]
+        if isinstance(value, list) and len(value) > MAX_METRIC_LIST:
+            raise ReplyError(f"metric {key!r} is a list of {len(value)} values (at most {MAX_METRIC_LIST})")
+        for v in values:
+            if not is_finite(v):
+                raise ReplyError(f"metric {key!r} must be a finite number, got {_short(value)}")
+    num = metrics.get(P.NUM_EXAMPLES)
+    if not is_count(num, 1):
+        raise ReplyError(f"{P.NUM_EXAMPLES} must be a positive integer, got {_short(num)}")
+    loss = metrics.get(P.TRAIN_LOSS)
+    if not is_number(loss):
+        raise ReplyError(f"{P.TRAIN_LOSS} must be a finite number, got {_short(loss)}")
+    seconds = metrics.get(P.TRAIN_SECONDS, 0.0)
+    if not is_number(seconds) or seconds < 0:
+        raise ReplyError(f"{P.TRAIN_SECONDS} must be a non-negative number, got {_short(seconds)}")
+    eps = metrics.get(P.EPSILON)
+    if epsilon and eps is None:
+        raise ReplyError(f"reply lacks {P.EPSILON} under privacy.mode = 'local'")
+    if eps is not None and (not is_number(eps) or eps < 0):
+        raise ReplyError(f"{P.EPSILON} must be a non-negative number, got {_short(eps)}")
+    if P.RANK in metrics:
+        rank = metrics[P.RANK]
+        if not is_count(rank, 1):
+            raise ReplyError(f"{P.RANK} must be a positive integer, got {_short(rank)}")
+        if max_rank is not None and rank > max_rank:
+            raise ReplyError(f"{P.RANK} {rank} exceeds the rank {max_rank} the node was sent")
+    # Strategies weight by these (FL-TAC's per-task weights): whole numbers only.
+    for task, value in P.task_metrics(dict(metrics), P.NUM_EXAMPLES).items():
+        if not is_count(value):
+            key = P.task_metric(P.NUM_EXAMPLES, task)
+            raise ReplyError(f"{key} must be a non-negative integer, got {_short(value)}")
+
+
+def check_eval_metrics(metrics: Mapping[str, Any]) -> None:
+    """Raise :class:`ReplyError` unless an evaluate reply's metrics (a personalized strategy's
+    node evaluating its own model) are finite numbers with a positive whole ``num-examples``."""
+    for key, value in metrics.items():
+        if not is_finite(value):
+            raise ReplyError(f"metric {key!r} must be a finite number, got {_short(value)}")
+    if P.NUM_EXAMPLES in metrics and not is_count(metrics[P.NUM_EXAMPLES], 1):
+        raise ReplyError(f"{P.NUM_EXAMPLES} must be a positive integer, got {_short(metrics[P.NUM_EXAMPLES])}")
+
+
+#: Longest base digest a train reply's ``INFO`` may name (a hex digest is 64 characters).
+MAX_DIGEST = 128
+
+
+def check_info(node_id: int, info: Mapping[str, Any]) -> NodeInfo | None:
+    """What a train reply's ``INFO`` record says about its node (None when it carries only the
+    base digest); :class:`ReplyError` when any of it is malformed (see
+    :meth:`~fedlora.strategies.NodeInfo.from_record`) or the digest is not a short string."""
+    digest = info.get(P.INFO_BASE_DIGEST)
+    if digest is not None and not (isinstance(digest, str) and len(digest) <= MAX_DIGEST):
+        raise ReplyError(f"info {P.INFO_BASE_DIGEST} must be a string of at most {MAX_DIGEST} characters")
+    if set(info.keys()) <= {P.INFO_BASE_DIGEST}:
+        return None
+    try:
+        return NodeInfo.from_record(node_id, info)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ReplyError(f"info: {_short(err, 120)}") from None
+
+
+def example_cap(max_examples: int, reported: int | None) -> int:
+    """The most examples one reply may claim: ``robustness.max_examples``, and no more than its
+    node reported in its capabilities (``reported``; None or 0 when it did not say)."""
+    return min(max_examples, reported) if reported else max_examples
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    """``repr(value)`` cut to ``limit`` characters (a hostile value can be huge)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def validate_reply(
@@ -86,24 +222,5 @@ def validate_reply(
         if not torch.isfinite(values).all():
             raise ReplyError(f"{key}: non-finite values")
         decoded[key] = values
-    num = metrics.get(P.NUM_EXAMPLES)
-    if not isinstance(num, int) or isinstance(num, bool) or num <= 0:
-        raise ReplyError(f"{P.NUM_EXAMPLES} must be a positive integer, got {num!r}")
-    loss = metrics.get(P.TRAIN_LOSS)
-    if not isinstance(loss, (int, float)) or not np.isfinite(loss):
-        raise ReplyError(f"{P.TRAIN_LOSS} must be a finite number, got {loss!r}")
-    eps = metrics.get(P.EPSILON)
-    if epsilon and eps is None:
-        raise ReplyError(f"reply lacks {P.EPSILON} under privacy.mode = 'local'")
-    if eps is not None and (not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0):
-        raise ReplyError(f"{P.EPSILON} must be a non-negative number, got {eps!r}")
-    # Strategies act on these (HetLoRA's next rank, FL-TAC's per-task weights): whole numbers only.
-    per_task = [P.task_metric(P.NUM_EXAMPLES, t) for t in P.task_metrics(dict(metrics), P.NUM_EXAMPLES)]
-    for key in [P.RANK] + per_task:
-        if key in metrics:
-            value = metrics[key]
-            if not isinstance(value, int) or isinstance(value, bool) or value < (1 if key == P.RANK else 0):
-                raise ReplyError(
-                    f"{key} must be a {'positive' if key == P.RANK else 'non-negative'} integer, got {value!r}"
-                )
+    check_metrics(dict(metrics), epsilon=epsilon, max_rank=sent_rank(sent))
     return decoded

@@ -125,7 +125,9 @@ def simulate(
         ``ray``: Flower's ``run_simulation`` with the Ray backend (one model per Ray worker;
         ``simulation.devices`` is refused there).
     resume : bool
-        Continue from the run directory's latest checkpoint.
+        Continue from the run directory's newest good checkpoint (every virtual node's state
+        included, in process); ``cfg`` may differ from the run's config.toml only in
+        :data:`fedlora.runlog.RESUME_MUTABLE` keys (``rounds`` extended, say).
     progress : Progress, optional
         Where progress lines go.
     ray_address : str, optional
@@ -141,6 +143,8 @@ def simulate(
         raise FedLoraError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     devices = grid_devices(cfg, backend)  # a device that is not there: one line, before anything is written
     run_dir = RunDirectory.open(out if out is not None else Path("runs") / cfg.name, resume=resume)
+    if resume:
+        run_dir.check_resume_config(cfg)  # the run on disk keeps its meaning: strategy, clients, adapter
     prepared = prepare(cfg)  # every user mistake surfaces here, before anything is written
     progress = progress or Progress()
     results: list[RunResult] = []

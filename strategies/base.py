@@ -47,6 +47,7 @@ from fedlora.protocol import TASK_SEP, split_task_key, task_key
 from .basechain import BaseChain
 from .hooks import ClientHooks
 from .options import StrategyOptions
+from .robust import Reducer, reducer
 
 __all__ = [
     "TASK_SEP",
@@ -100,22 +101,80 @@ class NodeInfo:
 
     @classmethod
     def from_record(cls, node_id: int, info: Mapping[str, Any]) -> NodeInfo:
-        """Parse an ``INFO`` record; ValueError (or KeyError/TypeError) when it is malformed."""
-        tasks = json.loads(str(info.get(P.INFO_TASKS, "{}")))
-        chosen = json.loads(str(info.get(P.INFO_CHOSEN, "{}")))
-        if not isinstance(tasks, dict) or not isinstance(chosen, dict):
-            raise ValueError("tasks or chosen is not a JSON object")
+        """Parse an ``INFO`` record; ValueError naming the entry when it is malformed.
+
+        Every value is checked before it is kept (a node's word shapes payloads and weights):
+        ``rank`` a whole number in ``[1, MAX_INFO_RANK]`` (strategies cap it at ``lora.rank``),
+        counts whole and in ``[0, MAX_INFO_COUNT]``, memory finite and non-negative, strings
+        short and printable, ``tasks`` and ``chosen`` bounded JSON objects.
+        """
+        rank = info[P.INFO_RANK]
+        if not _whole(rank, 1, MAX_INFO_RANK):
+            raise ValueError(f"{P.INFO_RANK} must be a whole number in [1, {MAX_INFO_RANK}], got {rank!r:.40}")
+        memory = info.get(P.INFO_MEMORY_GB, 0.0)
+        if not isinstance(memory, (int, float)) or isinstance(memory, bool) or not 0 <= memory <= MAX_INFO_MEMORY_GB:
+            raise ValueError(f"{P.INFO_MEMORY_GB} must be a number in [0, {MAX_INFO_MEMORY_GB:g}], got {memory!r:.40}")
+        num = info.get(P.INFO_NUM_EXAMPLES, 0)
+        if not _whole(num, 0, MAX_INFO_COUNT):
+            raise ValueError(f"{P.INFO_NUM_EXAMPLES} must be a whole number in [0, {MAX_INFO_COUNT}], got {num!r:.40}")
+        tasks = _json_object(info, P.INFO_TASKS)
+        if len(tasks) > MAX_INFO_TASKS or not all(_label(k) and _whole(v, 0, MAX_INFO_COUNT) for k, v in tasks.items()):
+            raise ValueError(f"{P.INFO_TASKS} must map at most {MAX_INFO_TASKS} task names to example counts")
+        texts = {key: info.get(key, default) for key, default in _INFO_TEXTS.items()}
+        for key, text in texts.items():
+            if not _label(text):
+                raise ValueError(f"{key} must be a printable string of at most {MAX_INFO_TEXT} characters")
         return cls(
             node_id=node_id,
-            rank=int(info[P.INFO_RANK]),
-            device=str(info.get(P.INFO_DEVICE, "cpu")),
-            memory_gb=float(info.get(P.INFO_MEMORY_GB, 0.0)),
-            num_examples=int(info.get(P.INFO_NUM_EXAMPLES, 0)),
-            tasks={str(k): int(v) for k, v in tasks.items()},
-            quantization=str(info.get(P.INFO_QUANTIZATION, "none")),
-            dtype=str(info.get(P.INFO_DTYPE, "float32")),
-            chosen=chosen,
+            rank=rank,
+            device=texts[P.INFO_DEVICE],
+            memory_gb=float(memory),
+            num_examples=num,
+            tasks=dict(tasks),
+            quantization=texts[P.INFO_QUANTIZATION],
+            dtype=texts[P.INFO_DTYPE],
+            chosen=_json_object(info, P.INFO_CHOSEN),
         )
+
+
+#: Bounds on what a node may say about itself (``INFO``): far above any real device, low enough
+#: that nothing downstream (payload shapes, weights, the capability table) is at risk.
+MAX_INFO_RANK = 4096
+MAX_INFO_MEMORY_GB = 1e9
+MAX_INFO_COUNT = 10**12
+MAX_INFO_TASKS = 256
+MAX_INFO_TEXT = 64
+MAX_INFO_JSON = 4096
+_INFO_TEXTS = {P.INFO_DEVICE: "cpu", P.INFO_QUANTIZATION: "none", P.INFO_DTYPE: "float32"}
+
+
+def _whole(value: Any, least: int, most: int) -> bool:
+    """Whether ``value`` is an int (not a bool) in ``[least, most]``."""
+    return isinstance(value, int) and not isinstance(value, bool) and least <= value <= most
+
+
+def _label(value: Any) -> bool:
+    """Whether ``value`` is a short printable string (it lands in progress lines and tables)."""
+    return isinstance(value, str) and len(value) <= MAX_INFO_TEXT and value.isprintable()
+
+
+def _json_object(info: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """The JSON object under ``key`` (``{}`` when absent); ValueError unless it is a string of at
+    most :data:`MAX_INFO_JSON` characters holding a finite JSON object."""
+    text = info.get(key, "{}")
+    if not isinstance(text, str) or len(text) > MAX_INFO_JSON:
+        raise ValueError(f"{key} must be a JSON object of at most {MAX_INFO_JSON} characters")
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{key} holds {constant}")
+
+    try:
+        value = json.loads(text, parse_constant=refuse)
+    except RecursionError:  # nesting deep enough to exhaust the parser's stack
+        raise ValueError(f"{key} is nested too deeply") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{key} is not a JSON object")
+    return value
 
 
 class NodeDirectory:
@@ -243,6 +302,10 @@ class LoRAStrategy(Strategy):
     #: releases one noisy mean of clipped updates; a strategy whose aggregate is that mean, over
     #: one payload sent to every node, can take it as a single update (:meth:`aggregate_updates`).
     central_dp_refusal: ClassVar[str] = ""
+    #: The ``robustness.aggregator`` values the strategy's math allows: a coordinate-wise median
+    #: or trimmed mean needs an aggregate that is a mean of same-shape tensors, taken through
+    #: :meth:`average`. ``update_clip`` works on the replies before any strategy sees them.
+    robust_aggregators: ClassVar[tuple[str, ...]] = ("mean",)
 
     def __init__(
         self, cfg: RunConfig, spec: AdapterSpec, *, tasks: Sequence[str] = (), nodes: NodeDirectory | None = None
@@ -293,6 +356,17 @@ class LoRAStrategy(Strategy):
             raise ConfigError(
                 f"config key 'privacy.mode': strategy '{cls.name}' cannot run under central (user-level) DP: "
                 f"{cls.central_dp_refusal}; use privacy.mode = 'local' or fedavg, ffa, federa, fedsa, dpdylora"
+            )
+        aggregator = cfg.robustness.aggregator
+        if aggregator not in cls.robust_aggregators:
+            raise ConfigError(
+                f"config key 'robustness.aggregator': strategy '{cls.name}' cannot aggregate by {aggregator!r} "
+                f"(it allows {', '.join(cls.robust_aggregators)}); use update_clip to bound hostile updates instead"
+            )
+        if aggregator != "mean" and cfg.privacy.mode == "central":
+            raise ConfigError(
+                "config key 'robustness.aggregator': central DP releases one noisy mean of clipped updates; "
+                "use aggregator = 'mean' (its clip already bounds every node)"
             )
         ranks = {p.rank for p in cfg.federation.profiles}
         if not cls.heterogeneous_ranks and ranks - {cfg.lora.rank}:
@@ -347,11 +421,34 @@ class LoRAStrategy(Strategy):
         """Extra ConfigRecord entries for node ``node_id`` (read by :attr:`client_hooks`)."""
         return {}
 
+    def check_reply(self, node_id: int, metrics: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> None:
+        """Raise ValueError (one line) when a train reply that passed the server's checks carries
+        a value this strategy would read and cannot use (as Flower's strategies check their own
+        replies). The server has already checked shapes, finiteness, and that every metric is a
+        finite number with ``num-examples`` positive, ``rank`` within what was sent and per-task
+        counts whole and non-negative; the reply is dropped and named when this raises.
+
+        Parameters
+        ----------
+        node_id : int
+            The replying node.
+        metrics : mapping
+            The reply's metrics as plain values.
+        state : mapping of str to Tensor
+            The reply's decoded tensors (the keys the node was sent).
+        """
+
     def aggregate(
         self, server_round: int, state: dict[str, torch.Tensor], updates: list[ClientUpdate]
     ) -> dict[str, torch.Tensor]:
         """New global state from the current one and the round's validated updates."""
         raise NotImplementedError
+
+    def average(self, mean: Reducer) -> Reducer:
+        """The average to take of same-shape tensors: the strategy's weighted ``mean``, or the
+        coordinate-wise median / trimmed mean that ``robustness.aggregator`` names."""
+        rob = self.cfg.robustness
+        return reducer(rob.aggregator, rob.trim_fraction, mean)
 
     def state_dict(self) -> dict[str, Any]:
         """Strategy state beyond the global tensors, JSON-serialisable (for checkpoints)."""

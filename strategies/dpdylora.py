@@ -50,6 +50,7 @@ from .hooks import ClientHooks
 from .options import StrategyOptions, option, require
 from .ranks import truncate
 from .registry import register
+from .robust import Reducer
 
 #: Mixed into the round's seed for the per-step ranks, so they are not the draws of other
 #: generators seeded from the same number (dropout, batch order).
@@ -110,6 +111,7 @@ def dylora_aggregate(
     updates: Sequence[Mapping[str, torch.Tensor]],
     weights: Sequence[float],
     rank: int,
+    mean: Reducer = weighted_mean,
 ) -> dict[str, torch.Tensor]:
     """New global state: the weighted mean of the round's rank-``rank`` replies written into the
     first ``rank`` components of the global factors; components ``>= rank`` unchanged.
@@ -130,6 +132,8 @@ def dylora_aggregate(
         Example counts per client (normalised here).
     rank : int
         The round's rank ``b_t``.
+    mean : callable
+        The average of the slices (weighted mean, or a robust reducer).
     """
     for i, update in enumerate(updates):
         got = _factor_rank(update)
@@ -138,9 +142,9 @@ def dylora_aggregate(
         missing = [k for k in update if k not in state]
         if missing:
             raise KeyError(f"update {i} has a tensor the global state lacks: {missing[0]}")
-    mean = weighted_mean(updates, weights)
+    averaged = mean(updates, weights)
     out = dict(state)
-    for key, value in mean.items():
+    for key, value in averaged.items():
         if is_lora_a(key):
             new = state[key].clone()
             new[:rank] = value
@@ -244,6 +248,8 @@ class DPDyLoRA(LoRAStrategy):
     name = "dpdylora"
     options_class = DPDyLoRAOptions
     client_hooks = DPDyLoRAClient
+    #: Every reply is the same rank-b_t slice, averaged coordinate-wise: any coordinate-wise reducer fits.
+    robust_aggregators = ("mean", "trimmed_mean", "median")
 
     def __init__(self, cfg, spec: AdapterSpec, **kwargs: Any) -> None:
         super().__init__(cfg, spec, **kwargs)
@@ -301,7 +307,11 @@ class DPDyLoRA(LoRAStrategy):
         self, server_round: int, state: dict[str, torch.Tensor], updates: list[ClientUpdate]
     ) -> dict[str, torch.Tensor]:
         return dylora_aggregate(
-            state, [u.state for u in updates], [u.num_examples for u in updates], self.round_rank(server_round)
+            state,
+            [u.state for u in updates],
+            [u.num_examples for u in updates],
+            self.round_rank(server_round),
+            self.average(weighted_mean),
         )
 
     def round_metrics(self) -> dict[str, Any]:

@@ -55,10 +55,12 @@ class FedAvgLoRA(LoRAStrategy):
     :class:`~fedlora.strategies.hooks.ClientHooks`: train what was received, send it back."""
 
     name = "fedavg"
+    #: Each factor is averaged on its own, coordinate by coordinate: any coordinate-wise reducer fits.
+    robust_aggregators = ("mean", "trimmed_mean", "median")
 
     def aggregate(
         self, server_round: int, state: dict[str, torch.Tensor], updates: list[ClientUpdate]
     ) -> dict[str, torch.Tensor]:
-        averaged = weighted_mean([u.state for u in updates], [u.num_examples for u in updates])
+        averaged = self.average(weighted_mean)([u.state for u in updates], [u.num_examples for u in updates])
         state.update(averaged)
         return state

@@ -95,6 +95,8 @@ class FeDeRA(LoRAStrategy):
     name = "federa"
     needs_float_base = True
     client_hooks = FeDeRAClient
+    #: FedIT's per-factor average: any coordinate-wise reducer fits.
+    robust_aggregators = ("mean", "trimmed_mean", "median")
 
     def initialize(self, state: dict[str, torch.Tensor], host: AdapterHost | None = None) -> dict[str, torch.Tensor]:
         if host is None:
@@ -119,5 +121,5 @@ class FeDeRA(LoRAStrategy):
     def aggregate(
         self, server_round: int, state: dict[str, torch.Tensor], updates: list[ClientUpdate]
     ) -> dict[str, torch.Tensor]:
-        state.update(weighted_mean([u.state for u in updates], [u.num_examples for u in updates]))
+        state.update(self.average(weighted_mean)([u.state for u in updates], [u.num_examples for u in updates]))
         return state

@@ -88,6 +88,10 @@ class FedExLoRA(HeterogeneousRankStrategy):
         "updates does not provide"
     )
     needs_float_base = True
+    #: Its residual makes the model's update exactly the weighted mean of the nodes' products
+    #: B_k A_k whatever the factors' average is: a median of the factors would change the split
+    #: between factors and residual, not what a hostile node contributes. update_clip does.
+    robust_aggregators = ("mean",)
 
     def aggregate(
         self, server_round: int, state: dict[str, torch.Tensor], updates: list[ClientUpdate]

@@ -77,6 +77,8 @@ class FedSALoRA(LoRAStrategy):
     name = "fedsa"
     personalized = True
     client_hooks = FedSAClient
+    #: The shared A (and head) is averaged coordinate-wise: any coordinate-wise reducer fits.
+    robust_aggregators = ("mean", "trimmed_mean", "median")
 
     def payload(self, node_id: int, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return shared_part(state)
@@ -84,7 +86,7 @@ class FedSALoRA(LoRAStrategy):
     def aggregate(
         self, server_round: int, state: dict[str, torch.Tensor], updates: list[ClientUpdate]
     ) -> dict[str, torch.Tensor]:
-        state.update(weighted_mean([u.state for u in updates], [u.num_examples for u in updates]))
+        state.update(self.average(weighted_mean)([u.state for u in updates], [u.num_examples for u in updates]))
         return state
 
     def configure_evaluate(

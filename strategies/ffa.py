@@ -22,13 +22,17 @@ from .fedavg import weighted_mean
 from .hooks import ClientHooks, TrainGroup
 from .options import StrategyOptions, option
 from .registry import register
+from .robust import Reducer
 
 #: Round config key: the seed of the shared frozen A, from which every client rebuilds it.
 A_SEED = "a-seed"
 
 
 def ffa_aggregate(
-    state: Mapping[str, torch.Tensor], updates: list[Mapping[str, torch.Tensor]], weights: list[float]
+    state: Mapping[str, torch.Tensor],
+    updates: list[Mapping[str, torch.Tensor]],
+    weights: list[float],
+    mean: Reducer = weighted_mean,
 ) -> dict[str, torch.Tensor]:
     """New global state: the frozen A factors unchanged, every sent tensor (B, head) averaged.
 
@@ -40,11 +44,13 @@ def ffa_aggregate(
         The clients' trained tensors (never containing an A factor).
     weights : list of float
         Example counts per client.
+    mean : callable
+        The average of the sent tensors (weighted mean, or a robust reducer).
     """
     if any(is_lora_a(k) for u in updates for k in u):
         raise ValueError("FFA-LoRA clients must not send A factors")
     out = dict(state)
-    out.update(weighted_mean(updates, weights))
+    out.update(mean(updates, weights))
     return out
 
 
@@ -69,6 +75,8 @@ class FFALoRA(LoRAStrategy):
     name = "ffa"
     options_class = FFAOptions
     client_hooks = FFAClient
+    #: Averaging B over a shared A is coordinate-wise (and stays exact for any reducer: A is common).
+    robust_aggregators = ("mean", "trimmed_mean", "median")
 
     @property
     def a_seed(self) -> int:
@@ -89,4 +97,6 @@ class FFALoRA(LoRAStrategy):
     def aggregate(
         self, server_round: int, state: dict[str, torch.Tensor], updates: list[ClientUpdate]
     ) -> dict[str, torch.Tensor]:
-        return ffa_aggregate(state, [u.state for u in updates], [u.num_examples for u in updates])
+        return ffa_aggregate(
+            state, [u.state for u in updates], [u.num_examples for u in updates], self.average(weighted_mean)
+        )

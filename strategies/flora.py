@@ -81,6 +81,8 @@ class FLoRA(HeterogeneousRankStrategy):
         "it stacks each node's own factors into the base, which a single noisy mean of updates does not provide"
     )
     needs_float_base = True
+    #: It stacks every node's factors (no average of tensors): a median of stacks is not defined.
+    robust_aggregators = ("mean",)
 
     def _fresh_lora(self, state: dict[str, torch.Tensor], server_round: int) -> dict[str, torch.Tensor]:
         shapes = {k: tuple(v.shape) for k, v in state.items() if is_lora_a(k)}

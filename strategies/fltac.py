@@ -33,6 +33,7 @@ from .fedavg import weighted_mean
 from .hooks import ClientHooks, TrainGroup
 from .options import StrategyOptions, option, require
 from .registry import register
+from .robust import Reducer
 
 #: Round config key: JSON list of the tasks whose adapters a node trains this round.
 TASKS = "tasks"
@@ -118,7 +119,12 @@ def task_clusters(labels: Sequence[int], tags: Sequence[str]) -> dict[str, int]:
 
 
 def fltac_aggregate(
-    adapters: Sequence[Mapping[str, torch.Tensor]], tags: Sequence[str], weights: Sequence[float], k: int, seed: int = 0
+    adapters: Sequence[Mapping[str, torch.Tensor]],
+    tags: Sequence[str],
+    weights: Sequence[float],
+    k: int,
+    seed: int = 0,
+    mean: Reducer = weighted_mean,
 ) -> tuple[dict[str, dict[str, torch.Tensor]], list[int], float]:
     """Cluster the adapters, average within clusters, and give each task its cluster's average.
 
@@ -134,6 +140,8 @@ def fltac_aggregate(
         Number of clusters (capped at the number of adapters).
     seed : int
         Seeds k-means.
+    mean : callable
+        The average within a cluster (weighted mean, or a robust reducer).
 
     Returns
     -------
@@ -147,7 +155,7 @@ def fltac_aggregate(
     clusters: dict[int, dict[str, torch.Tensor]] = {}
     for c in sorted(set(labels_list)):
         members = [i for i, v in enumerate(labels_list) if v == c]
-        clusters[c] = weighted_mean([adapters[i] for i in members], [weights[i] for i in members])
+        clusters[c] = mean([adapters[i] for i in members], [weights[i] for i in members])
     per_task = {task: clusters[c] for task, c in task_clusters(labels_list, tags).items()}
     return per_task, labels_list, cluster_purity(labels_list, tags)
 
@@ -187,6 +195,9 @@ class FLTAC(LoRAStrategy):
     options_class = FLTACOptions
     client_hooks = FLTACClient
     needs_node_info = True
+    #: Within a cluster the adapters are averaged factor by factor, as FedIT: a coordinate-wise
+    #: reducer fits there (the clustering itself is on the clipped replies).
+    robust_aggregators = ("mean", "trimmed_mean", "median")
 
     def __init__(self, cfg, spec: AdapterSpec, **kwargs: Any) -> None:
         super().__init__(cfg, spec, **kwargs)
@@ -229,6 +240,17 @@ class FLTAC(LoRAStrategy):
     def client_config(self, node_id: int, server_round: int) -> dict[str, Any]:
         return {TASKS: json.dumps(self.node_tasks(node_id))}
 
+    def check_reply(self, node_id: int, metrics: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> None:
+        # Each task adapter in the reply is weighted by its task's count: a zero would leave a
+        # cluster weightless (its mean undefined).
+        returned = {split_task_key(k)[0] for k in state}
+        for task in self.tasks:
+            key = task_metric(NUM_EXAMPLES, task)
+            if task in returned and key in metrics and not (isinstance(metrics[key], int) and metrics[key] >= 1):
+                raise ValueError(
+                    f"{key} must be a positive integer for a task the reply trained, got {metrics[key]!r:.40}"
+                )
+
     def aggregate(
         self, server_round: int, state: dict[str, torch.Tensor], updates: list[ClientUpdate]
     ) -> dict[str, torch.Tensor]:
@@ -242,7 +264,9 @@ class FLTAC(LoRAStrategy):
                     weights.append(int(update.metrics.get(task_metric(NUM_EXAMPLES, task), update.num_examples)))
                     owners.append(update.node_id)
         k = self.options.clusters or len(self.tasks)
-        per_task, labels, purity = fltac_aggregate(adapters, tags, weights, k, seed=self.cfg.seed + server_round)
+        per_task, labels, purity = fltac_aggregate(
+            adapters, tags, weights, k, seed=self.cfg.seed + server_round, mean=self.average(weighted_mean)
+        )
         for task, adapter in per_task.items():
             state.update({task_key(task, key): v for key, v in adapter.items()})
         self.purity = purity

@@ -232,6 +232,10 @@ class HetLoRA(HeterogeneousRankStrategy):
     )
     options_class = HetLoRAOptions
     client_hooks = HetLoRAClient
+    #: Its aggregate is a norm-weighted sum of zero-padded factors: a coordinate-wise median would
+    #: count a lower rank's padding as votes for zero and drop the sparsity weights that are the
+    #: method. update_clip bounds a hostile node here (its norm, hence its weight, is clipped).
+    robust_aggregators = ("mean",)
 
     def __init__(self, cfg, spec: AdapterSpec, **kwargs: Any) -> None:
         super().__init__(cfg, spec, **kwargs)
@@ -253,6 +257,15 @@ class HetLoRA(HeterogeneousRankStrategy):
             PRUNE_LAMBDA: float(self.options.prune_lambda),
             MIN_RANK: int(self.options.min_rank),
         }
+
+    def check_reply(self, node_id: int, metrics: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> None:
+        # The reply's rank is the node's next payload size: never above what it trained, never
+        # below the run's min_rank (a pruned node cannot go under it).
+        if RANK in metrics:
+            rank, trained = metrics[RANK], self.node_rank(node_id)
+            least = min(self.options.min_rank, trained)
+            if not isinstance(rank, int) or not least <= rank <= trained:
+                raise ValueError(f"{RANK} must be in [{least}, {trained}], got {rank!r:.40}")
 
     def aggregate(
         self, server_round: int, state: dict[str, torch.Tensor], updates: list[ClientUpdate]

@@ -90,3 +90,18 @@ def test_malformed_data_files_are_one_line_errors(tmp_path, capsys, tiny_bert, n
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and needle in err, err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    ("sets", "needle"),
+    [
+        ("federation.round_timeout=1e-9", "no reply before the round timeout"),
+        ("federation.max_reply_mb=1e-9", "exceeds the limit"),
+    ],
+)
+def test_a_run_that_trains_nothing_exits_1_with_the_reason(tmp_path, capsys, tiny_bert, sets, needle):
+    preset = _preset(tmp_path / "p.toml", tiny_bert)
+    assert main(["simulate", str(preset), "--out", str(tmp_path / "r"), "--set", sets]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "no client's reply was usable in any of the 1 round(s): nothing was trained" in err[-1], err
+    assert needle in err[-1], err
