@@ -2,18 +2,23 @@
 
 :meth:`RoundLoop.run` is the whole run; each round is :meth:`RoundLoop.round`::
 
-    query_new_nodes   nodes not heard from report rank, device, memory, examples, tasks
-                      (only for strategies whose payload depends on it)
+    query_new_nodes   nodes not heard from report rank, device, precision, memory, examples,
+                      tasks (all nodes once before round 1: the capability table, nodes.json;
+                      later only for strategies whose payload depends on it)
     configure         strategy.configure_train: one message per sampled node
     collect           push, then pull replies as they arrive (until all are in or the timeout)
-    check_reply       validate each against what that node was sent; drop bad ones, named
-    aggregate         strategy.aggregate_train over the valid replies
+    check_reply       validate each against what that node was sent (payload, every metric and
+                      info value, the strategy's own check_reply); cap claimed example counts;
+                      drop bad ones, named
+    aggregate         [robustness] clip each update, then strategy.aggregate_train over the
+                      valid replies in sampling order; a non-finite result stops the run
     evaluate          the global state on the server's held-out split (+ on the nodes for
                       personalized strategies)
     record            one line in metrics.jsonl, TensorBoard scalars, a progress line
     checkpoint        the global state and the strategy's state, atomically
 
-and after the last round :meth:`RoundLoop.export` writes the peft adapter(s) and summary.json.
+and after the last round :meth:`RoundLoop.export` writes the peft adapter(s) and summary.json
+(a run in which no reply of any round was usable fails instead: it trained nothing).
 
 The loop owns the run's bookkeeping (the :class:`~fedlora.strategies.NodeDirectory` of what
 nodes reported, the per-round client entries); the strategy gets what it needs through its

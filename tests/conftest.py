@@ -121,3 +121,85 @@ def peft_logits(model_dir, task, adapter_dir, input_ids):
     model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
     with torch.no_grad():
         return model(input_ids=input_ids).logits
+
+
+def free_port() -> int:
+    """A free TCP port on loopback (deployment tests)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def flower_env(home: Path) -> dict[str, str]:
+    """The environment a deployment test runs fedlora's commands in: this venv's tools first,
+    and Flower's home (where it installs a run's app bundle) under ``home``, not ~/.flwr."""
+    import sys
+
+    env = dict(os.environ)
+    env["FLWR_HOME"] = str(home)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (from /proc), for tests that check what a launcher leaves."""
+    found, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+        except OSError:
+            continue
+        for child in map(int, children):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def until(predicate, timeout: float, poll: float = 0.1):
+    """``predicate()``'s first truthy value within ``timeout`` seconds (its last value otherwise)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(poll)
+    return predicate()
+
+
+PROFILES = "federation.profiles=[{name='phone',rank=1},{name='tablet',rank=2},{name='laptop',rank=4}]"
+#: Every registered strategy with the --set overrides it needs to run on the tiny task.
+STRATEGY_RUNS = {
+    "fedavg": (),
+    "ffa": (),
+    "federa": (),
+    "fedsa": (),
+    "dpdylora": (),
+    "hetlora": (PROFILES, "strategy.prune_threshold=0.5"),
+    "flora": (PROFILES,),
+    "fedex": (PROFILES,),
+    "fltac": (
+        "data.max_train_examples=0",
+        "data.max_eval_examples=0",
+        "data.partition_column=task",
+        "data.dirichlet_alpha=0.3",
+        "data.tasks=[{name='topics',path='synthetic:topics',max_train_examples=90,max_eval_examples=30},"
+        "{name='sentiment',path='synthetic:sentiment',max_train_examples=90,max_eval_examples=30}]",
+    ),
+}
+
+
+def kill_all(pids) -> None:
+    """SIGKILL whichever of ``pids`` still run (a test's cleanup of what a launcher left)."""
+    import signal
+
+    for pid in pids:
+        if process_alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

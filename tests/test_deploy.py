@@ -21,23 +21,15 @@ from pathlib import Path
 
 import pytest
 import tomli_w
+from conftest import descendants as _descendants
+from conftest import flower_env as _env
+from conftest import free_port as _free_port
+from conftest import kill_all as _kill_all
 from conftest import process_alive, tiny_config
+from conftest import until as _until
 
 BIN = Path(sys.executable).parent
 RUN_TIMEOUT = 240
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _env(home: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["FLWR_HOME"] = str(home)  # Flower installs the run's app bundle here, not in ~/.flwr
-    env["PATH"] = str(BIN) + os.pathsep + env.get("PATH", "")
-    return env
 
 
 def _start(args: list[str], cwd: Path, env: dict, log: Path) -> subprocess.Popen:
@@ -50,21 +42,6 @@ def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
-
-
-def _descendants(pid: int) -> set[int]:
-    found, todo = set(), [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
-        except OSError:
-            continue
-        for child in map(int, children):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -447,15 +424,6 @@ def _workers(pid: int) -> set[int]:
     return found
 
 
-def _until(predicate, timeout: float):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.1)
-    return predicate()
-
-
 def _client_on(kit: Path, port: int, name: str) -> subprocess.Popen:
     cmd = [str(BIN / "fedlora-client"), "--server", f"127.0.0.1:{port}", "--insecure", "--data", "local.csv"]
     return subprocess.Popen(
@@ -466,15 +434,6 @@ def _client_on(kit: Path, port: int, name: str) -> subprocess.Popen:
         stderr=open(kit / f"{name}.err", "wb"),
         start_new_session=True,
     )
-
-
-def _kill_all(pids: set[int]) -> None:
-    for pid in pids:
-        if process_alive(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def test_worker_ends_when_the_client_is_killed(kit, silent_server):

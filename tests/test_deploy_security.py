@@ -21,7 +21,12 @@ from pathlib import Path
 
 import pytest
 import tomli_w
+from conftest import descendants as _descendants
+from conftest import flower_env as _env
+from conftest import free_port as _free_port
+from conftest import kill_all as _kill_all
 from conftest import process_alive, tiny_config
+from conftest import until as _until
 
 BIN = Path(sys.executable).parent
 START_TIMEOUT = 180
@@ -57,57 +62,11 @@ print(json.dumps(out))
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _env(home: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["FLWR_HOME"] = str(home)
-    env["PATH"] = str(BIN) + os.pathsep + env.get("PATH", "")
-    return env
-
-
-def _descendants(pid: int) -> set[int]:
-    found, todo = set(), [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
-        except OSError:
-            continue
-        for child in map(int, children):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
-
-
-def _until(predicate, timeout: float):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.2)
-    return predicate()
-
-
-def _kill_all(pids) -> None:
-    for pid in pids:
-        if process_alive(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ import tomllib
 import pytest
 import tomli_w
 import torch
+from conftest import STRATEGY_RUNS
 
 from fedlora.cli import main, resume_run_config, server_main
 from fedlora.errors import FedLoraError
@@ -28,26 +29,6 @@ from fedlora.runlog import Progress, RunDirectory
 from fedlora.server.rounds import RoundLoop
 from fedlora.simulations.runtime import simulate
 
-PROFILES = "federation.profiles=[{name='phone',rank=1},{name='tablet',rank=2},{name='laptop',rank=4}]"
-#: Every registered strategy, with what it needs to run on the tiny task (as test_simulation.py).
-STRATEGY_RUNS = {
-    "fedavg": (),
-    "ffa": (),
-    "federa": (),
-    "fedsa": (),
-    "dpdylora": (),
-    "hetlora": (PROFILES, "strategy.prune_threshold=0.5"),
-    "flora": (PROFILES,),
-    "fedex": (PROFILES,),
-    "fltac": (
-        "data.max_train_examples=0",
-        "data.max_eval_examples=0",
-        "data.partition_column=task",
-        "data.dirichlet_alpha=0.3",
-        "data.tasks=[{name='topics',path='synthetic:topics',max_train_examples=90,max_eval_examples=30},"
-        "{name='sentiment',path='synthetic:sentiment',max_train_examples=90,max_eval_examples=30}]",
-    ),
-}
 #: Per-round metrics that must match exactly between a resumed and an uninterrupted run.
 TIMING_KEYS = {"seconds", "train_seconds"}
 
