@@ -51,7 +51,7 @@ from .node import (
     run_classes,
     train_examples,
 )
-from .privacy import NodePrivacy, ledger_file
+from .privacy import NodePrivacy, ledger_file, state_file
 
 app = ClientApp()
 
@@ -94,6 +94,11 @@ def setup(msg: Message, context: Context) -> Setup:
         spec = replace(spec, alpha=float(config[P.ALPHA]))
     hooks = strategy.client_hooks(config)
     return Setup(run, config, labels, tasks, loaded, get_host(loaded), spec, hooks)
+
+
+def node_store(context: Context, config: ConfigRecord) -> NodeStore:
+    """What this node keeps for itself: in its Context, and on a device also in its state file."""
+    return NodeStore(context.state, state_file(dict(context.node_config)), str(config.get(P.RUN_UID, "")))
 
 
 def train_group(
@@ -190,7 +195,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     data = encoded(raw, s.run, s.loaded.tokenizer)
     index = node_index(context)
     seed = int(config[P.SEED]) + 7919 * index
-    store = NodeStore(context.state)
+    store = node_store(context, config)
     ledger = ledger_file(dict(context.node_config))
     privacy = NodePrivacy.load(s.run, context.state, ledger) if s.run.privacy.mode == "local" else None
     start = time.perf_counter()
@@ -271,7 +276,7 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
         name = s.host.ensure(s.spec, seed=s.run.seed)
         s.host.set_base_delta({}, "")
         s.host.load_state(name, received)
-        kept = s.hooks.kept(s.host.shapes(name), received, NodeStore(context.state))
+        kept = s.hooks.kept(s.host.shapes(name), received, node_store(context, s.config))
         s.host.load_state(name, kept)
         metrics = evaluate(
             s.host.peft_model,

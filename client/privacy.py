@@ -101,6 +101,15 @@ class NodePrivacy:
         self.ledger.step(dp.noise_multiplier, dp.sample_rate, steps, part)
 
 
+def state_file(node_config: dict) -> Path | None:
+    """Where a device keeps what it trains for itself across restarts (FedSA's private factors),
+    beside its data like its privacy ledger; None in simulation (checkpoints hold node state)."""
+    if P.NODE_DATA_PATH not in node_config:
+        return None
+    data = Path(str(node_config[P.NODE_DATA_PATH]))
+    return data.with_name(data.name + ".fedlora-state.safetensors")
+
+
 def ledger_file(node_config: dict) -> Path | None:
     """Where a device keeps its ledger across restarts (beside its data); None in simulation."""
     if P.NODE_DATA_PATH not in node_config:

@@ -29,6 +29,7 @@ INFO = "info"
 
 # -- ConfigRecord keys every message carries (the run, shared by all nodes) -------------------
 RUN = "run"  # the resolved RunConfig as JSON
+RUN_UID = "run-uid"  # a token made when the run starts, kept across --resume: names a node's saved state
 LABELS = "labels"  # JSON list of class names in id order
 RUN_TASKS = "run-tasks"  # JSON list of the run's task names (empty: single task)
 

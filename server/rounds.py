@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -243,6 +244,9 @@ class RoundLoop:
             P.LABELS: json.dumps(prepared.data.labels),
             P.RUN_TASKS: json.dumps(list(prepared.data.tasks)),
         }
+        #: Names this run (not its config: a new run of the same preset is another run) for what
+        #: devices save of it on disk; made at the start, restored on ``--resume``.
+        self.run_uid = uuid.uuid4().hex
         self.max_reply_bytes = int(self.cfg.federation.max_reply_mb * 1024 * 1024)
         self.wire = Wire(self.cfg.federation.transport_dtype, self.cfg.federation.transport_quantize)
         #: User-level DP around the strategy's aggregation (``privacy.mode = "central"``).
@@ -285,6 +289,7 @@ class RoundLoop:
             self.check_adapter_shape(extra.get("adapter"), ckpt.state, state)
             state = ckpt.state
             self.restore_nodes(ckpt.nodes)
+            self.run_uid = str(extra.get("run_uid", self.run_uid))  # a device's saved state is this run's
             self.run_dir.write_config(cfg)  # `rounds` may have been extended: config.toml says what runs
             self.strategy.load_state_dict(extra.get("strategy", {}))
             self.privacy.load_state_dict(extra.get("privacy", {}))
@@ -305,6 +310,7 @@ class RoundLoop:
         started = time.perf_counter()
         if self.strategy.needs_node_info:
             self.query_new_nodes()
+        self.shared[P.RUN_UID] = self.run_uid
         messages = self.configure(server_round, state)
         book = RoundBook.of(messages, dict(self.strategy.sent))
         replies = collect(
@@ -622,6 +628,7 @@ class RoundLoop:
             "initial": result.initial,
             "privacy": self.privacy.state_dict(),
             "adapter": self.adapter_shape(),
+            "run_uid": self.run_uid,
         }
         if self.central is not None:
             extra["central_dp"] = self.central.state_dict()

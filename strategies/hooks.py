@@ -27,12 +27,16 @@ import contextlib
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from flwr.app import RecordDict
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 
 from fedlora.adapters import exact_on_wire, from_record, module_of, to_record
+from fedlora.files import atomic_write_bytes
 from fedlora.protocol import LOCAL_STATE
 
 
@@ -57,20 +61,42 @@ class TrainGroup:
 
 
 class NodeStore:
-    """Tensors a node keeps for itself across rounds, in Flower's ``Context.state``.
+    """Tensors a node keeps for itself across rounds (FedSA-LoRA's private B), in Flower's
+    ``Context.state`` and, on a device, in a file of its own.
 
-    ``Context.state`` persists across rounds in every runtime (the in-process simulation, Ray,
-    a deployed SuperNode), and nothing in it is ever sent.
+    ``Context.state`` persists across rounds in every runtime (the in-process simulation, whose
+    checkpoints include it; Ray; a deployed SuperNode), and nothing in it is ever sent. A
+    SuperNode keeps it in memory only, and a restarted server starts a new Flower run whose
+    Context is empty, so a device also writes what it keeps to ``file`` (safetensors, tagged
+    with the run's ``run_uid``) and reads it back when its state is empty: a resumed run finds
+    its private factors, a new run of the same preset (another ``run_uid``) starts afresh.
     """
 
-    def __init__(self, state: RecordDict) -> None:
+    def __init__(self, state: RecordDict, file: Path | None = None, run_uid: str = "") -> None:
         self._state = state
+        self._file = file
+        self._run_uid = run_uid
 
     def load(self) -> dict[str, torch.Tensor]:
-        return from_record(self._state[LOCAL_STATE]) if LOCAL_STATE in self._state else {}
+        if LOCAL_STATE in self._state:
+            return from_record(self._state[LOCAL_STATE])
+        if self._file is None or not self._run_uid or not self._file.is_file():
+            return {}
+        try:
+            with safe_open(str(self._file), framework="pt") as f:
+                if (f.metadata() or {}).get("run_uid") != self._run_uid:
+                    return {}  # another run's: never mix a stale private factor into this one
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (OSError, ValueError, RuntimeError, SafetensorError):  # unreadable: start afresh, not fail
+            return {}
+        self._state[LOCAL_STATE] = to_record(tensors)
+        return tensors
 
     def save(self, tensors: Mapping[str, torch.Tensor]) -> None:
         self._state[LOCAL_STATE] = to_record(tensors)
+        if self._file is not None and self._run_uid:
+            data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, {"run_uid": self._run_uid})
+            atomic_write_bytes(self._file, data, private=True)
 
 
 def digest(tensors: Mapping[str, torch.Tensor], extra: str = "") -> str:

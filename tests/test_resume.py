@@ -336,3 +336,39 @@ def test_resume_cannot_shorten_a_run_below_its_rounds_done(three_rounds, tiny_be
     _, out = three_rounds
     with pytest.raises(FedLoraError, match=r"^--resume: rounds = 2 but the run has already done 3 rounds$"):
         simulate(tiny_config(tiny_bert, strategy="fedsa", sets=("rounds=2",)), out=out, resume=True, progress=quiet())
+
+
+def test_a_device_keeps_its_private_factors_in_its_own_file(tmp_path):
+    """FedSA-LoRA on a device: a restarted server starts a new Flower run (an empty Context), so
+    the private B comes back from the device's state file, and only for the same fedlora run."""
+    from flwr.app import RecordDict
+
+    from fedlora.client.privacy import state_file
+    from fedlora.protocol import NODE_DATA_PATH
+    from fedlora.strategies.hooks import NodeStore
+
+    file = state_file({NODE_DATA_PATH: str(tmp_path / "local.csv")})
+    assert file == tmp_path / "local.csv.fedlora-state.safetensors"
+    assert state_file({}) is None  # simulation: node state is checkpointed with the run instead
+    kept = {"layer.lora_B": torch.arange(6.0).reshape(3, 2)}
+    NodeStore(RecordDict(), file, "run-a").save(kept)
+    assert file.stat().st_mode & 0o077 == 0  # the device's own: not readable by other users
+
+    fresh = RecordDict()
+    back = NodeStore(fresh, file, "run-a").load()
+    assert torch.equal(back["layer.lora_B"], kept["layer.lora_B"])
+    assert NodeStore(fresh, None, "").load().keys() == back.keys()  # now in the Context too
+    assert NodeStore(RecordDict(), file, "run-b").load() == {}  # another run: start afresh
+    file.write_bytes(b"not safetensors")
+    assert NodeStore(RecordDict(), file, "run-a").load() == {}  # unreadable: start afresh, do not fail
+
+
+def test_the_run_uid_survives_resume(tmp_path, tiny_bert, make_config, monkeypatch):
+    cfg = make_config(tiny_bert, strategy="fedsa")
+    run_interrupted(cfg, tmp_path / "cut", after=1, monkeypatch=monkeypatch)
+    first = RunDirectory(tmp_path / "cut").load_checkpoint()[2]["run_uid"]
+    simulate(cfg, out=tmp_path / "cut", resume=True, progress=quiet(), report=False)
+    assert RunDirectory(tmp_path / "cut").load_checkpoint()[2]["run_uid"] == first
+    other = tmp_path / "other"
+    simulate(cfg, out=other, progress=quiet(), report=False)
+    assert RunDirectory(other).load_checkpoint()[2]["run_uid"] != first
