@@ -33,7 +33,6 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -45,7 +44,7 @@ from fedlora.certs import check_certificate, check_private_key
 from fedlora.config import DEVICE_PATTERN, QUANTIZATIONS
 from fedlora.errors import ConnectError, FedLoraError, RunFailed
 
-from .worker import AUTHKEY_ENV, NODE_WORKER_ADDRESS, WORKER_SWITCH_ENV, private_socket
+from .worker import AUTHKEY_ENV, NODE_WORKER_ADDRESS, WORKER_SWITCH_ENV, private_socket, spawn
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 PREFIX = "fedlora-client: "
@@ -306,26 +305,7 @@ class Worker:
             os.unlink(self.address)
         except OSError:
             pass
-        cmd = [
-            sys.executable,
-            "-m",
-            "fedlora.client.worker",
-            "--address",
-            self.address,
-            "--parent-pid",
-            str(os.getpid()),
-        ]
-        # Own session: a Ctrl-C in the terminal reaches fedlora-client, which stops the worker.
-        self.process = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            env=self.env(tool_env()),
-            start_new_session=True,
-            preexec_fn=die_with_parent(),
-        )
+        self.process = spawn(self.address, self.authkey, tool_env(), preexec_fn=die_with_parent())
         self.watcher = _Watcher(self.process.stdout, self.emit, self.verbose)
         deadline = time.monotonic() + WORKER_START_TIMEOUT
         while not os.path.exists(self.address) and self.process.poll() is None and time.monotonic() < deadline:

@@ -87,6 +87,28 @@ def private_socket() -> tuple[Path, str, bytes]:
     return directory, str(directory / SOCKET_NAME), secrets.token_bytes(AUTHKEY_BYTES)
 
 
+def spawn(address: str, authkey: bytes, env: dict[str, str], preexec_fn: Any = None) -> Any:
+    """Start a worker listening on ``address`` (a :class:`subprocess.Popen`, text output piped).
+
+    It gets ``authkey`` through its environment (it pops it at once), ends when this process is
+    no longer its parent (``--parent-pid``), and runs in its own session so a Ctrl-C in the
+    terminal reaches only its launcher, which stops it.
+    """
+    import subprocess
+
+    cmd = [sys.executable, "-m", "fedlora.client.worker", "--address", address, "--parent-pid", str(os.getpid())]
+    return subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env={**env, AUTHKEY_ENV: authkey.hex()},
+        start_new_session=True,
+        preexec_fn=preexec_fn,
+    )
+
+
 # -- the ClientApp's side --------------------------------------------------------------------------
 
 

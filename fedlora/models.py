@@ -56,10 +56,13 @@ def output_heads(source: str, task: str, num_labels: int) -> list[str]:
     4-bit, ``'Parameter' object has no attribute 'CB'`` in 8-bit). The names come from the
     architecture built on the meta device (no weights read).
     """
-    names = set(HEAD_MODULES)
     model = skeleton(source, task, num_labels)
-    if model is None:
-        return sorted(names)
+    return heads_of(model) if model is not None else sorted(HEAD_MODULES)
+
+
+def heads_of(model: torch.nn.Module) -> list[str]:
+    """:func:`output_heads` of an already built ``model`` (a meta-device skeleton)."""
+    names = set(HEAD_MODULES)
     output = model.get_output_embeddings()
     names.update(name for name, module in model.named_modules() if output is not None and module is output)
     params = list(model.named_parameters())
@@ -103,7 +106,7 @@ def model_facts(
     model = skeleton(source, cfg.task, num_labels)
     if model is None:
         raise ModelError(f"model.name: cannot read the configuration of {cfg.name!r}")
-    heads = set(output_heads(source, cfg.task, num_labels))
+    heads = set(heads_of(model))  # the same skeleton: the architecture is built once
     total = sum(p.numel() for p in model.parameters())
     quantized = sum(
         m.weight.numel()

@@ -259,6 +259,7 @@ class RoundLoop:
     def run(self, resume: bool = False) -> RunResult:
         """Every configured round, then the export."""
         state, result, first = self.start(resume)
+        self.shared[P.RUN_UID] = self.run_uid  # made or restored by start(): names what devices save
         self.query_new_nodes()  # what every node has, printed and kept before the first round
         for line in capability_table(self.nodes.all()):
             self.progress.line(line)
@@ -310,7 +311,6 @@ class RoundLoop:
         started = time.perf_counter()
         if self.strategy.needs_node_info:
             self.query_new_nodes()
-        self.shared[P.RUN_UID] = self.run_uid
         messages = self.configure(server_round, state)
         book = RoundBook.of(messages, dict(self.strategy.sent))
         replies = collect(
@@ -673,8 +673,8 @@ class RoundLoop:
         if restore is None:
             return
         if nodes is None:
-            if self.cfg.strategy.name == "fedsa":
-                self.progress.line("checkpoint has no node state: FedSA's private B factors start again from zero")
+            if self.strategy.personalized:  # its nodes' own factors (FedSA's B) were in that state
+                self.progress.line("checkpoint has no node state: the nodes' private factors start again from zero")
             return
         restore(nodes)
 

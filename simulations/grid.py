@@ -47,7 +47,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-from fedlora.client.worker import AUTHKEY_ENV, WorkerError, call_worker, private_socket
+from fedlora.client.worker import WorkerError, call_worker, private_socket, spawn
 from fedlora.errors import RunFailed
 from fedlora.protocol import NODE_DEVICE, NODE_NUM_PARTITIONS, NODE_PARTITION_ID
 
@@ -89,25 +89,13 @@ class _WorkerProcess:
         self.ready = threading.Event()
         self.last_line = ""
         env = dict(os.environ)
-        env[AUTHKEY_ENV] = self.authkey.hex()  # the worker pops it at once
         env["PYTHONUNBUFFERED"] = "1"
         # The same intra-op thread count as this process: CPU reductions split their work by
         # thread, so a different count could round differently and a CPU lane would not compute
         # what lane 0 computes.
         env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
-        cmd = [sys.executable, "-m", "fedlora.client.worker", "--address", self.address]
-        cmd += ["--parent-pid", str(os.getpid())]  # it exits on its own if this process dies
-        # Own session: a Ctrl-C in the terminal reaches this process only, whose close() stops it.
         try:
-            self.process = subprocess.Popen(
-                cmd,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                text=True,
-                env=env,
-                start_new_session=True,
-            )
+            self.process = spawn(self.address, self.authkey, env)
         except BaseException:
             shutil.rmtree(self.directory, ignore_errors=True)
             raise
