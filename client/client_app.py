@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,37 @@ def node_store(context: Context, config: ConfigRecord) -> NodeStore:
     return NodeStore(context.state, state_file(dict(context.node_config)), str(config.get(P.RUN_UID, "")))
 
 
+def proximal_penalty(params: Mapping[str, torch.Tensor], anchor: Mapping[str, torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx's proximal term ``(mu / 2) * sum_k ||params[k] - anchor[k]||^2`` (Li et al., MLSys
+    2020), differentiable in ``params``: its gradient is ``mu * (w - w0)``."""
+    total = sum((((params[k] - anchor[k].to(params[k].device)) ** 2).sum() for k in anchor), torch.zeros(()))
+    return 0.5 * mu * total
+
+
+def with_proximal(
+    regularizer: Callable[[], torch.Tensor] | None,
+    params: Mapping[str, torch.nn.Parameter],
+    keys: Iterable[str],
+    mu: float,
+) -> Callable[[], torch.Tensor] | None:
+    """``regularizer`` (a strategy's, or None) plus FedProx's term over ``keys``, anchored at their
+    values now: call it after the received tensors are installed, before training. ``mu = 0``
+    gives ``regularizer`` unchanged.
+
+    The anchor is what the server sent (the global model); tensors a node keeps for itself
+    (FedSA's private B) have no global value to stay near and are left out.
+    """
+    if mu <= 0:
+        return regularizer
+    anchor = {k: params[k].detach().clone() for k in keys}
+
+    def penalty() -> torch.Tensor:
+        term = proximal_penalty({k: params[k] for k in anchor}, anchor, mu)
+        return term if regularizer is None else regularizer() + term
+
+    return penalty
+
+
 def train_group(
     s: Setup,
     name: str,
@@ -137,7 +169,9 @@ def train_group(
             pad_id=s.loaded.tokenizer.pad_token_id,
             causal=s.run.model.task == "causal_lm",
             seed=seed,
-            regularizer=s.hooks.regularizer(params, s.spec.rank),
+            regularizer=with_proximal(
+                s.hooks.regularizer(params, s.spec.rank), params, group.tensors, float(config.get(P.PROXIMAL_MU, 0.0))
+            ),
             before_step=before_step,
             dp=dp,
             compute_dtype=s.loaded.compute_dtype,

@@ -31,7 +31,8 @@ from flwr.app import ConfigRecord, Context
 from fedlora import protocol as P
 from fedlora.capacity import MARGIN, PRECISIONS, RANKS, choose, memory_needed
 from fedlora.config import ClientProfile, ModelConfig, RunConfig
-from fedlora.data import Encoded, encode, load_device_data, load_partition, task_rows
+from fedlora.data import Encoded, load_device_data, load_partition, task_rows
+from fedlora.data.instruct import encode_rows
 from fedlora.devices import placement
 from fedlora.errors import ConfigError
 from fedlora.process import DERIVED, ENCODED, NODE_DATA, process_state
@@ -109,9 +110,8 @@ def eval_examples(run: RunConfig, context: Context, labels: list[str], tasks: li
 
 def encoded(ds: Any, run: RunConfig, tokenizer: Any) -> Encoded:
     """``ds`` tokenized for ``run``'s model (once per process)."""
-    return process_state().get(
-        ENCODED, (id(ds), run.model.name, run.model.max_length), lambda: encode(ds, tokenizer, run.model.max_length)
-    )
+    key = (id(ds), run.model.name, run.model.max_length, run.data.format, run.data.template)
+    return process_state().get(ENCODED, key, lambda: encode_rows(ds, run.data, tokenizer, run.model.max_length))
 
 
 #: ``context.state`` record holding what ``auto`` chose for this node (kept across messages).

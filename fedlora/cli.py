@@ -177,6 +177,47 @@ def cmd_truncate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _column_arg(value: str) -> tuple[str, str]:
+    """``--column KEY=NAME``: which column of the file plays which part."""
+    from fedlora.llm_eval import COLUMN_KEYS
+
+    key, sep, name = value.partition("=")
+    key = key.strip().removeprefix("data.")
+    if not sep or not name.strip() or key not in COLUMN_KEYS:
+        raise argparse.ArgumentTypeError(f"expected KEY=NAME with KEY one of {', '.join(COLUMN_KEYS)}, got {value!r}")
+    return key, name.strip()
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """``fedlora evaluate``: one JSON object with the adapter's metrics on a data file, on stdout."""
+    import json
+
+    from fedlora.llm_eval import EvalOptions, evaluate_adapter
+
+    for flag in ("max_length", "max_examples"):
+        if getattr(args, flag) < 0:
+            raise FedLoraError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    for flag in ("batch_size", "max_answer_tokens"):
+        if getattr(args, flag) < 1:
+            raise FedLoraError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    result = evaluate_adapter(
+        args.adapter,
+        args.data,
+        base=args.base,
+        data_format=args.format,
+        template=args.template,
+        columns=dict(args.column or []),
+        max_length=args.max_length,
+        device=args.device,
+        dtype=args.dtype,
+        options=EvalOptions(
+            batch_size=args.batch_size, max_examples=args.max_examples, max_answer_tokens=args.max_answer_tokens
+        ),
+    )
+    print(json.dumps(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedlora", description="Federated LoRA fine-tuning on Flower.")
     _add_debug(parser)
@@ -213,6 +254,48 @@ def build_parser() -> argparse.ArgumentParser:
     trunc.add_argument("--rank", type=int, required=True, help="the rank to keep (1..the adapter's rank)")
     trunc.add_argument("--out", help="output folder (default: <ADAPTER_DIR>-rank<K> beside it)")
     trunc.set_defaults(func=cmd_truncate)
+    ev = sub.add_parser(
+        "evaluate", help="loss/perplexity, choice accuracy, exact match (or accuracy) of a peft adapter on a file"
+    )
+    ev.add_argument(
+        "adapter", metavar="ADAPTER_DIR", help="a peft adapter folder (runs/<name>/adapter or any peft LoRA)"
+    )
+    ev.add_argument("--data", required=True, metavar="FILE", help="csv/tsv/json/jsonl/parquet file to evaluate on")
+    ev.add_argument(
+        "--base", help="base model: hub name or local folder (default: the adapter's base_model_name_or_path)"
+    )
+    ev.add_argument(
+        "--format",
+        choices=("text", "instruction", "chat"),
+        help="how rows are laid out (default: the run's data.format from fedlora.json, else sniffed from the columns)",
+    )
+    ev.add_argument(
+        "--template",
+        choices=("alpaca", "vicuna", "chat"),
+        help="prompt template (default: the run's; else alpaca, or for chat the tokenizer's own or vicuna)",
+    )
+    ev.add_argument(
+        "--column",
+        action="append",
+        type=_column_arg,
+        metavar="KEY=NAME",
+        help="name a column, e.g. response_column=response (repeatable; default: the run's, else data.* defaults)",
+    )
+    ev.add_argument(
+        "--max-length", type=int, default=0, help="tokens per example (default: the run's, else the model's)"
+    )
+    ev.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (default 8)")
+    ev.add_argument("--max-examples", type=int, default=0, help="evaluate only the file's first N rows (default: all)")
+    ev.add_argument(
+        "--max-answer-tokens",
+        type=int,
+        default=32,
+        help="exact match covers references of at most this many tokens (default 32)",
+    )
+    ev.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps")
+    ev.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"), help="compute dtype")
+    ev.set_defaults(func=cmd_evaluate)
+    _add_debug(ev, subcommand=True)
     par = sub.add_parser("partition", help="write each simulated client's data to a CSV (for fedlora-client --data)")
     par.add_argument("preset", nargs="?", help="preset TOML path or packaged name (default: quickstart)")
     par.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")

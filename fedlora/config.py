@@ -33,8 +33,12 @@ AGGREGATORS = ("mean", "trimmed_mean", "median")
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PARTITIONERS = ("iid", "dirichlet", "column")
+#: How a causal LM's examples are laid out (``data.format``) and rendered (``data.template``).
+DATA_FORMATS = ("text", "instruction", "chat")
+TEMPLATES = ("alpaca", "vicuna", "chat")
 TRANSPORT_DTYPES = ("float32", "float16", "bfloat16")
 TRANSPORT_QUANTIZERS = ("none", "int8", "nf4")
+LR_SCHEDULES = ("constant", "cosine")  # federation.lr_schedule (fedlora.training.round_lr)
 
 
 @dataclass
@@ -168,6 +172,21 @@ class DataConfig:
         least two). Their rows are concatenated, with a ``task`` column naming the source;
         ``path``, ``text_column``, ``label_column``, ``eval_path`` and ``eval_split`` are then
         set per task instead.
+    format : str
+        ``text`` (raw text in ``text_column``, every token scored), ``instruction`` (a prompt,
+        an optional input and a response per row, as Alpaca and Dolly publish them) or
+        ``chat`` (a list of ``{"role", "content"}`` turns per row). The last two need
+        ``model.task = "causal_lm"``; the loss then covers the response tokens only.
+    prompt_column, input_column, response_column : str
+        Columns of the ``instruction`` format (Alpaca's names by default; for Dolly set
+        ``input_column = "context"`` and ``response_column = "response"``). The input is
+        optional: a missing column or an empty cell means no input.
+    messages_column : str
+        Column of the ``chat`` format: the turns of one conversation; every turn up to the last
+        assistant turn is the prompt, that turn the response.
+    template : str
+        How a row becomes text: ``alpaca`` (Stanford Alpaca's prompt), ``vicuna`` (Vicuna
+        v1.1's) or ``chat`` (the tokenizer's own chat template).
     """
 
     path: str = "synthetic:topics"
@@ -183,6 +202,12 @@ class DataConfig:
     partition_column: str = ""
     task_column: str = ""
     tasks: list[TaskSource] = field(default_factory=list)
+    format: str = "text"
+    prompt_column: str = "instruction"
+    input_column: str = "input"
+    response_column: str = "output"
+    messages_column: str = "messages"
+    template: str = "alpaca"
 
 
 def has_tasks(data: DataConfig) -> bool:
@@ -238,7 +263,16 @@ class FederationConfig:
     batch_size : int
         Examples per local step.
     lr : float
-        Client learning rate (AdamW).
+        Client learning rate (AdamW); with ``lr_schedule = "cosine"``, that of round 1.
+    lr_schedule : str
+        ``constant`` or ``cosine``: round ``r`` of ``R`` trains at ``lr_min + (lr - lr_min) *
+        (1 + cos(pi (r - 1) / (R - 1))) / 2`` (:func:`fedlora.training.round_lr`). ``R`` is the
+        run's current ``rounds``: extending a run at ``--resume`` stretches the rest of the curve.
+    lr_min : float
+        The cosine schedule's last-round rate, in ``[0, lr]``.
+    proximal_mu : float
+        FedProx: each client adds ``(mu / 2) * ||w - w_received||^2`` over the tensors it trains
+        to its local loss (0: plain local training).
     transport_dtype : str
         Float type on the wire, both ways: ``float32``, ``float16`` or ``bfloat16`` (with
         ``transport_quantize``, the type of the per-block scales). Aggregation is float32.
@@ -268,6 +302,9 @@ class FederationConfig:
     local_epochs: float = 0.0
     batch_size: int = 16
     lr: float = 1e-3
+    lr_schedule: str = "constant"
+    lr_min: float = 0.0
+    proximal_mu: float = 0.0
     transport_dtype: str = "float32"
     transport_quantize: str = "none"
     error_feedback: bool = False
@@ -551,6 +588,7 @@ def validate(cfg: RunConfig) -> None:
             )
     _check(cfg.data.max_eval_examples >= 0, "data.max_eval_examples", "must be >= 0")
     _validate_tasks(cfg.data)
+    _validate_format(cfg)
     fed = cfg.federation
     _check(fed.clients >= 1, "federation.clients", f"must be >= 1, got {fed.clients}")
     _check(0 < fed.fraction <= 1, "federation.fraction", f"must be in (0, 1], got {fed.fraction}")
@@ -558,6 +596,19 @@ def validate(cfg: RunConfig) -> None:
     _check(fed.local_epochs >= 0, "federation.local_epochs", f"must be >= 0, got {fed.local_epochs}")
     _check(fed.batch_size >= 1, "federation.batch_size", f"must be >= 1, got {fed.batch_size}")
     _check(fed.lr > 0, "federation.lr", f"must be > 0, got {fed.lr}")
+    _check(
+        fed.lr_schedule in LR_SCHEDULES,
+        "federation.lr_schedule",
+        f"must be one of {', '.join(LR_SCHEDULES)}, got {fed.lr_schedule!r}",
+    )
+    _check(
+        0 <= fed.lr_min <= fed.lr, "federation.lr_min", f"must be in [0, federation.lr = {fed.lr}], got {fed.lr_min}"
+    )
+    _check(
+        math.isfinite(fed.proximal_mu) and fed.proximal_mu >= 0,
+        "federation.proximal_mu",
+        f"must be a finite number >= 0, got {fed.proximal_mu}",
+    )
     _check(
         fed.transport_dtype in TRANSPORT_DTYPES,
         "federation.transport_dtype",
@@ -655,6 +706,36 @@ def _validate_privacy(cfg: RunConfig) -> None:
             p.epsilon_budget is None,
             "privacy.epsilon_budget",
             "applies to mode = 'local' (a client's own budget); for central DP set privacy.target_epsilon",
+        )
+
+
+def _validate_format(cfg: RunConfig) -> None:
+    d = cfg.data
+    _check(d.format in DATA_FORMATS, "data.format", f"must be one of {', '.join(DATA_FORMATS)}, got {d.format!r}")
+    _check(d.template in TEMPLATES, "data.template", f"must be one of {', '.join(TEMPLATES)}, got {d.template!r}")
+    if d.format == "text":
+        return
+    _check(
+        cfg.model.task == "causal_lm",
+        "data.format",
+        f"= {d.format!r} needs model.task = 'causal_lm' (got {cfg.model.task!r}); classification reads text",
+    )
+    # [[data.tasks]] sources name only text/label columns; instruction columns per source are not supported.
+    _check(not d.tasks, "data.format", f"= {d.format!r} cannot be used with data.tasks (one source only)")
+    _check(
+        not (d.format == "chat" and d.template == "alpaca"),
+        "data.template",
+        "= 'alpaca' is single-turn; with data.format = 'chat' use 'chat' or 'vicuna'",
+    )
+    keys = ("prompt_column", "response_column") if d.format == "instruction" else ("messages_column",)
+    for key in keys:
+        _check(bool(getattr(d, key)), f"data.{key}", f"must name a column with data.format = {d.format!r}")
+    if d.format == "instruction":
+        columns = [d.prompt_column, d.input_column, d.response_column]
+        _check(
+            len(set(columns) - {""}) == len([c for c in columns if c]),
+            "data.input_column",
+            f"data.prompt_column, data.input_column and data.response_column must differ, got {columns}",
         )
 
 

@@ -52,6 +52,20 @@ def fold_base_delta(
     return replace(spec, rank_pattern=tuple(sorted(ranks.items())), alpha_pattern=tuple(sorted(alphas.items()))), out
 
 
+def data_layout(cfg: RunConfig) -> dict[str, Any]:
+    """How the run read its examples, for ``fedlora evaluate`` to read a file the same way:
+    ``model_task``, ``format``, ``template``, the column names and ``max_length`` (tokens)."""
+    d = cfg.data
+    keys = ("text_column", "label_column", "prompt_column", "input_column", "response_column", "messages_column")
+    return {
+        "model_task": cfg.model.task,
+        "format": getattr(d, "format", "text"),
+        "template": getattr(d, "template", ""),
+        "columns": {key: getattr(d, key) for key in keys if isinstance(getattr(d, key, None), str)},
+        "max_length": cfg.model.max_length,
+    }
+
+
 def export_adapter(
     host: AdapterHost,
     adapter: str,
@@ -65,7 +79,8 @@ def export_adapter(
 
     The adapter config names the base model as the user named it (a hub name stays a hub
     name even when an offline copy was used), and ``fedlora.json`` records what a user needs to
-    rebuild the base (task, labels). The tokenizer is saved beside it.
+    rebuild the base (task, labels) and how the run read its data (``data``: :func:`data_layout`,
+    what ``fedlora evaluate`` reads a file with). The tokenizer is saved beside it.
 
     Returns
     -------
@@ -101,6 +116,7 @@ def export_adapter(
         "alpha": host.specs[adapter].alpha,
         "quantization": cfg.model.quantization,
         "strategy": cfg.strategy.name,
+        "data": data_layout(cfg),
         **dict(extra or {}),
     }
     (out / "fedlora.json").write_text(json.dumps(meta, indent=2) + "\n")

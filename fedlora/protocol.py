@@ -45,6 +45,7 @@ SEED = "seed"
 TRANSPORT_DTYPE = "transport-dtype"
 TRANSPORT_QUANTIZE = "transport-quantize"
 ERROR_FEEDBACK = "error-feedback"
+PROXIMAL_MU = "proximal-mu"  # FedProx: weight mu of (mu / 2) ||w - w_received||^2 in the local loss
 # The stateful downlink of the base change (:mod:`fedlora.strategies.basechain`): the digest of the
 # base this message builds to, and (when only links since then are sent) the one it builds on.
 BASE_DIGEST = "base-digest"

@@ -3,7 +3,9 @@
 ``fedlora report runs/a runs/b`` reads each run's metrics.jsonl, summary.json and config.toml
 and writes, in the output folder:
 
-* ``accuracy.png``: eval accuracy (or perplexity for causal LM) per round, round 0 included;
+* ``accuracy.png``: eval accuracy per round, round 0 included, when a run has accuracy
+  (classification);
+* ``perplexity.png``: eval perplexity per round (log scale), round 0 included, for causal LM runs;
 * ``loss.png``: train and eval loss per round;
 * ``bytes.png``: bytes down and up per round (all clients);
 * ``epsilon.png``: the privacy budget per round, when a run records ``epsilon``;
@@ -92,7 +94,9 @@ def _label(run: RunRecord, runs: Sequence[RunRecord]) -> str:
     return f"{name} [{strategy}]" if strategy and strategy not in name else name
 
 
-def _plot(path: Path, title: str, ylabel: str, lines: list[tuple[str, list[int], list[float], str]]) -> bool:
+def _plot(
+    path: Path, title: str, ylabel: str, lines: list[tuple[str, list[int], list[float], str]], logy: bool = False
+) -> bool:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -107,6 +111,8 @@ def _plot(path: Path, title: str, ylabel: str, lines: list[tuple[str, list[int],
     ax.set_title(title)
     ax.set_xlabel("round")
     ax.set_ylabel(ylabel)
+    if logy and all(y > 0 for _, _, ys, _ in lines for y in ys):
+        ax.set_yscale("log")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -140,15 +146,19 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
     quality = "eval_perplexity" if causal else "eval_accuracy"
 
     plots: dict[str, str] = {}
-    acc_lines = []
-    for run in runs:
-        label = _label(run, runs)
-        acc_lines.append((label, *run.series(quality, with_initial=True), "-"))
-        for key in _metric_keys([run]):
-            if key.startswith(f"{quality}/"):
-                acc_lines.append((f"{label}: {key.split('/', 1)[1]}", *run.series(key), ":"))
-    if _plot(out / "accuracy.png", quality.replace("eval_", "eval ") + " per round", quality, acc_lines):
-        plots["accuracy.png"] = f"{quality} per round (round 0: before training)"
+    # Accuracy and perplexity get a plot each: they share no scale (a fraction vs. a number of
+    # the vocabulary's order), and a run reports the one its task has.
+    for metric, png, logy in (("eval_accuracy", "accuracy.png", False), ("eval_perplexity", "perplexity.png", True)):
+        lines = []
+        for run in runs:
+            label = _label(run, runs)
+            lines.append((label, *run.series(metric, with_initial=True), "-"))
+            for key in _metric_keys([run]):
+                if key.startswith(f"{metric}/"):
+                    lines.append((f"{label}: {key.split('/', 1)[1]}", *run.series(key), ":"))
+        title = metric.replace("eval_", "eval ") + " per round" + (" (log scale)" if logy else "")
+        if _plot(out / png, title, metric, lines, logy=logy):
+            plots[png] = f"{metric} per round (round 0: before training)"
     loss_lines = []
     for run in runs:
         label = _label(run, runs)

@@ -5,7 +5,9 @@ Layout of ``runs/<name>/``::
     config.toml          the resolved configuration (re-runnable as a preset)
     metrics.jsonl        one JSON object per round
     checkpoints/         round_0001.safetensors + round_0001.json (strategy state, sha256 of the round's
-                         files), round_0001.nodes.pb (simulation: every node's Context.state), latest.json
+                         files), round_0001.nodes.pb (simulation: every node's Context.state),
+                         round_0001.server.safetensors (the strategy's tensor state: server optimizer
+                         moments), latest.json
     adapter/             the final adapter in PEFT's save_pretrained layout
     events.out.tfevents.*  TensorBoard scalars per round (aggregated and per client)
     report.md, *.png     the run's report (fedlora.report), written at the end
@@ -127,10 +129,16 @@ class RunDirectory:
     # -- checkpoints ---------------------------------------------------------------------------
 
     def save_checkpoint(
-        self, server_round: int, state: dict[str, torch.Tensor], extra: dict[str, Any], nodes: bytes | None = None
+        self,
+        server_round: int,
+        state: dict[str, torch.Tensor],
+        extra: dict[str, Any],
+        nodes: bytes | None = None,
+        server: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """Write round ``server_round``'s global state (and the nodes' own state, simulation
-        only), then its sidecar with their checksums, then move the ``latest`` pointer.
+        only, and the strategy's tensor state when it has any), then its sidecar with their
+        checksums, then move the ``latest`` pointer.
 
         The sidecar is written last: a round whose sidecar is missing or names other bytes was
         not completed and :meth:`load_checkpoint` passes over it.
@@ -139,6 +147,8 @@ class RunDirectory:
         files = {f"{stem}.safetensors": save({k: v.contiguous() for k, v in state.items()})}
         if nodes is not None:
             files[f"{stem}.nodes.pb"] = nodes
+        if server:
+            files[f"{stem}.server.safetensors"] = save({k: v.contiguous() for k, v in server.items()})
         for name, data in files.items():
             atomic_write_bytes(self.checkpoint_dir / name, data)
         sidecar = {
@@ -156,7 +166,7 @@ class RunDirectory:
         rounds = set()
         if self.checkpoint_dir.is_dir():
             for p in self.checkpoint_dir.glob("round_*"):
-                m = re.fullmatch(r"round_(\d+)\.(safetensors|json|nodes\.pb)", p.name)
+                m = re.fullmatch(r"round_(\d+)\.(safetensors|json|nodes\.pb|server\.safetensors)", p.name)
                 if m:
                     rounds.add(int(m.group(1)))
         pointer = _pointer_round(self.checkpoint_dir / "latest.json")
@@ -241,7 +251,16 @@ class RunDirectory:
         broken = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
         if broken is not None:
             raise _Unusable(f"{stem}.safetensors holds non-finite values in {broken}")
-        return Checkpoint(server_round, state, extra, blobs.get(f"{stem}.nodes.pb"))
+        server = None
+        if f"{stem}.server.safetensors" in blobs:
+            try:
+                server = load(blobs[f"{stem}.server.safetensors"])
+            except Exception as err:  # noqa: BLE001 - as for the state
+                raise _Unusable(f"{stem}.server.safetensors does not load: {type(err).__name__}") from None
+            broken = next((k for k, v in server.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+            if broken is not None:
+                raise _Unusable(f"{stem}.server.safetensors holds non-finite values in {broken}")
+        return Checkpoint(server_round, state, extra, blobs.get(f"{stem}.nodes.pb"), server)
 
     def _set_aside(self, rounds: list[int]) -> None:
         """Move the files of unusable newer rounds out of the way (kept for inspection), so a
@@ -290,12 +309,14 @@ CHECKPOINT_FORMAT = 2
 @dataclass
 class Checkpoint:
     """One verified round on disk: the global state, the sidecar's extra (strategy, privacy
-    state) and, in simulation, the serialized per-node state (``None`` when not saved)."""
+    state), in simulation the serialized per-node state, and the strategy's tensor state (server
+    optimizer moments); ``None`` when not saved."""
 
     round: int
     state: dict[str, torch.Tensor]
     extra: dict[str, Any]
     nodes: bytes | None = None
+    server: dict[str, torch.Tensor] | None = None
 
 
 class _Unusable(Exception):

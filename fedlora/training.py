@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fedlora.config import LR_SCHEDULES
 from fedlora.data import Encoded, collate
 from fedlora.devices import autocast, model_device
 from fedlora.privacy import DPSGD, DPSettings, check_moved, per_example_causal_loss, poisson_batches
@@ -40,6 +41,22 @@ def steps_for(num_examples: int, batch_size: int, local_steps: int, local_epochs
     if local_epochs > 0:
         return max(1, math.ceil(local_epochs * num_examples / batch_size))
     return local_steps
+
+
+def round_lr(lr: float, server_round: int, rounds: int, schedule: str = "constant", lr_min: float = 0.0) -> float:
+    """The client learning rate of round ``server_round`` (1-based) of ``rounds``.
+
+    ``constant``: ``lr`` every round. ``cosine``: ``lr_min + (lr - lr_min) * (1 + cos(pi * (r - 1)
+    / (R - 1))) / 2``, so round 1 gets ``lr`` and round ``R`` gets ``lr_min`` (``R = 1``: ``lr``).
+    ``R`` is the run's current ``rounds``: a run extended at ``--resume`` stretches the rest of
+    its schedule over the new length (the rounds already done keep the rates they had).
+    """
+    if schedule == "constant" or rounds <= 1:
+        return float(lr)
+    if schedule != "cosine":
+        raise ValueError(f"lr schedule must be one of {', '.join(LR_SCHEDULES)}, got {schedule!r}")
+    progress = min(max(server_round - 1, 0), rounds - 1) / (rounds - 1)
+    return float(lr_min + (lr - lr_min) * (1 + math.cos(math.pi * progress)) / 2)
 
 
 def train_local(

@@ -293,6 +293,7 @@ class RoundLoop:
             self.run_uid = str(extra.get("run_uid", self.run_uid))  # a device's saved state is this run's
             self.run_dir.write_config(cfg)  # `rounds` may have been extended: config.toml says what runs
             self.strategy.load_state_dict(extra.get("strategy", {}))
+            self.strategy.load_tensor_state(ckpt.server or {})
             self.privacy.load_state_dict(extra.get("privacy", {}))
             if self.central is not None:
                 self.central.load_state_dict(extra.get("central_dp", {}))
@@ -635,7 +636,13 @@ class RoundLoop:
         # The nodes' own state (FedSA's private B, HetLoRA's pruning, error-feedback residuals,
         # privacy ledgers) where the grid holds it in this process: the in-process simulation.
         node_states = getattr(self.grid, "node_states", None)
-        self.run_dir.save_checkpoint(server_round, state, extra, nodes=node_states() if node_states else None)
+        self.run_dir.save_checkpoint(
+            server_round,
+            state,
+            extra,
+            nodes=node_states() if node_states else None,
+            server=self.strategy.tensor_state(),
+        )
 
     def adapter_shape(self) -> dict[str, Any]:
         """What fixes the global adapter's shape, kept in each checkpoint so a resume that would

@@ -20,7 +20,8 @@ from flwr.serverapp import Grid, ServerApp
 from fedlora.adapters import AdapterHost, AdapterSpec, get_host, lora_modules
 from fedlora.capacity import MARGIN, memory_needed
 from fedlora.config import RunConfig
-from fedlora.data import Encoded, TaskData, encode, load_partition, load_task_data, partition_sizes_ok
+from fedlora.data import Encoded, TaskData, load_partition, load_task_data, partition_sizes_ok
+from fedlora.data.instruct import encode_rows
 from fedlora.devices import placement
 from fedlora.errors import ConfigError, DataError
 from fedlora.models import LoadedModel, load_model, model_facts
@@ -124,7 +125,7 @@ def prepare(cfg: RunConfig, *, check_partitions: bool = True) -> Prepared:
             host.ensure(spec, seed=cfg.seed)
             check_dp_model(host.peft_model, host.params(name).values())
     create(cfg, spec, tasks=list(getattr(data, "tasks", [])))
-    eval_data = encode(data.eval, loaded.tokenizer, cfg.model.max_length)
+    eval_data = encode_rows(data.eval, cfg.data, loaded.tokenizer, cfg.model.max_length)
     return Prepared(cfg=cfg, data=data, loaded=loaded, spec=spec, eval_data=eval_data)
 
 

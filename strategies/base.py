@@ -43,11 +43,13 @@ from fedlora.adapters import AdapterHost, AdapterSpec, exact_on_wire, from_recor
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
 from fedlora.protocol import TASK_SEP, split_task_key, task_key
+from fedlora.training import round_lr
 
 from .basechain import BaseChain
 from .hooks import ClientHooks
 from .options import StrategyOptions
 from .robust import Reducer, reducer
+from .server_opt import ServerOptimizer
 
 __all__ = [
     "TASK_SEP",
@@ -306,6 +308,10 @@ class LoRAStrategy(Strategy):
     #: or trimmed mean needs an aggregate that is a mean of same-shape tensors, taken through
     #: :meth:`average`. ``update_clip`` works on the replies before any strategy sees them.
     robust_aggregators: ClassVar[tuple[str, ...]] = ("mean",)
+    #: Why ``strategy.server_optimizer`` (FedOpt on the round's aggregate) is not defined for the
+    #: strategy, or "" when it is. It needs the change the aggregation makes to a tensor the server
+    #: keeps from round to round to be an update of that tensor (a pseudo-gradient).
+    server_optimizer_refusal: ClassVar[str] = ""
 
     def __init__(
         self, cfg: RunConfig, spec: AdapterSpec, *, tasks: Sequence[str] = (), nodes: NodeDirectory | None = None
@@ -323,6 +329,15 @@ class LoRAStrategy(Strategy):
         #: What each node of the current round was sent, float32, base change aside: the server
         #: adds a node's decoded upload to it on a lossy wire (:func:`fedlora.transport.decode_update`).
         self.sent: dict[int, dict[str, torch.Tensor]] = {}
+        #: FedOpt on each round's aggregate (``strategy.server_optimizer``; ``none``: the aggregate as is).
+        self.server_opt = ServerOptimizer(
+            self.options.server_optimizer,
+            self.options.server_lr,
+            momentum=self.options.server_momentum,
+            beta1=self.options.beta1,
+            beta2=self.options.beta2,
+            tau=self.options.tau,
+        )
 
     @classmethod
     def parse_options(cls, raw: Mapping[str, Any]) -> Any:
@@ -340,7 +355,12 @@ class LoRAStrategy(Strategy):
         tasks : list of str
             Task names of multi-task data (empty otherwise).
         """
-        cls.parse_options(cfg.strategy.options)
+        options = cls.parse_options(cfg.strategy.options)
+        if options.server_optimizer != "none" and cls.server_optimizer_refusal:
+            raise ConfigError(
+                f"config key 'strategy.server_optimizer': strategy '{cls.name}' cannot take a server optimizer: "
+                f"{cls.server_optimizer_refusal}; use server_optimizer = 'none'"
+            )
         if cls.needs_float_base:
             asked = [("model.quantization", cfg.model.quantization)] + [
                 (f"federation.profiles[{i}].quantization", p.quantization)
@@ -457,6 +477,33 @@ class LoRAStrategy(Strategy):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` on resume."""
 
+    def tensor_state(self) -> dict[str, torch.Tensor]:
+        """Strategy state held in tensors (the server optimizer's moments), for checkpoints; empty
+        when there is none."""
+        return self.server_opt.state_dict()
+
+    def load_tensor_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore :meth:`tensor_state` on resume (empty: nothing saved, start afresh)."""
+        self.server_opt.load_state_dict(state)
+
+    def server_step(
+        self, old: Mapping[str, torch.Tensor], aggregated: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """``aggregated`` after the server optimizer's step, taken on the tensors where a
+        pseudo-gradient is defined: kept by the server before and after, at the same shape, not
+        base-delta factors (folded into frozen weights, not trained). ``none`` returns
+        ``aggregated`` untouched."""
+        if not self.server_opt.active:
+            return aggregated
+        keys = [
+            k
+            for k, v in aggregated.items()
+            if not is_base_delta(k) and k in old and tuple(old[k].shape) == tuple(v.shape) and v.is_floating_point()
+        ]
+        out = dict(aggregated)
+        out.update(self.server_opt.step({k: old[k] for k in keys}, {k: aggregated[k] for k in keys}))
+        return out
+
     # -- Flower Strategy interface -------------------------------------------------------------
 
     def sample(self, grid: Grid, server_round: int) -> list[int]:
@@ -479,7 +526,8 @@ class LoRAStrategy(Strategy):
             P.LOCAL_STEPS: fed.local_steps,
             P.LOCAL_EPOCHS: float(fed.local_epochs),
             P.BATCH_SIZE: fed.batch_size,
-            P.LR: float(fed.lr),
+            P.LR: round_lr(fed.lr, server_round, self.cfg.rounds, fed.lr_schedule, fed.lr_min),
+            P.PROXIMAL_MU: float(fed.proximal_mu),
             # The client mixes in its partition id (or node id), so seeds differ per client yet
             # do not depend on the node ids a runtime happens to assign.
             P.SEED: self.cfg.seed * 1_000_003 + server_round * 10_007,
@@ -555,7 +603,8 @@ class LoRAStrategy(Strategy):
         self._client_facts = {}
         if not updates:
             return None, None
-        new_state = self.aggregate(server_round, dict(self._global), updates)
+        old = dict(self._global)
+        new_state = self.server_step(old, self.aggregate(server_round, dict(old), updates))
         total = sum(u.num_examples for u in updates)
         loss = sum(float(u.metrics.get(P.TRAIN_LOSS, 0.0)) * u.num_examples for u in updates) / total
         self._global = new_state
@@ -573,6 +622,7 @@ class LoRAStrategy(Strategy):
     def summary(self) -> None:
         log(LOG_INFO, "\t├── Strategy: %s (%s)", self.name, type(self).__name__)
         log(LOG_INFO, "\t├── Fraction of clients per round: %.2f", self.cfg.federation.fraction)
+        log(LOG_INFO, "\t├── Server optimizer: %s", self.server_opt.summary())
         log(LOG_INFO, "\t└── Options: %s", self.options.to_dict() or "{}")
 
 

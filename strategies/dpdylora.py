@@ -250,6 +250,9 @@ class DPDyLoRA(LoRAStrategy):
     client_hooks = DPDyLoRAClient
     #: Every reply is the same rank-b_t slice, averaged coordinate-wise: any coordinate-wise reducer fits.
     robust_aggregators = ("mean", "trimmed_mean", "median")
+    #: The round's slice is averaged and the rest kept, so aggregate - old is a pseudo-gradient (zero
+    #: above b_t, where the moments only decay); a server step is post-processing of the DP release.
+    server_optimizer_refusal = ""
 
     def __init__(self, cfg, spec: AdapterSpec, **kwargs: Any) -> None:
         super().__init__(cfg, spec, **kwargs)

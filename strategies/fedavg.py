@@ -57,6 +57,9 @@ class FedAvgLoRA(LoRAStrategy):
     name = "fedavg"
     #: Each factor is averaged on its own, coordinate by coordinate: any coordinate-wise reducer fits.
     robust_aggregators = ("mean", "trimmed_mean", "median")
+    #: Every factor is kept by the server and replaced by its average: aggregate - old is a
+    #: pseudo-gradient of each tensor (FedOpt as Reddi et al. define it).
+    server_optimizer_refusal = ""
 
     def aggregate(
         self, server_round: int, state: dict[str, torch.Tensor], updates: list[ClientUpdate]

@@ -97,6 +97,9 @@ class FeDeRA(LoRAStrategy):
     client_hooks = FeDeRAClient
     #: FedIT's per-factor average: any coordinate-wise reducer fits.
     robust_aggregators = ("mean", "trimmed_mean", "median")
+    #: A and B are averaged as FedIT's (a pseudo-gradient); the fixed SVD residual is a base delta,
+    #: which the server optimizer never touches.
+    server_optimizer_refusal = ""
 
     def initialize(self, state: dict[str, torch.Tensor], host: AdapterHost | None = None) -> dict[str, torch.Tensor]:
         if host is None:

@@ -92,6 +92,10 @@ class FedExLoRA(HeterogeneousRankStrategy):
     #: B_k A_k whatever the factors' average is: a median of the factors would change the split
     #: between factors and residual, not what a hostile node contributes. update_clip does.
     robust_aggregators = ("mean",)
+    server_optimizer_refusal = (
+        "it folds into the base the residual that makes the averaged factors exactly the mean of the nodes' "
+        "models; a server step on the factors after that would break the exactness that is the method"
+    )
 
     def aggregate(
         self, server_round: int, state: dict[str, torch.Tensor], updates: list[ClientUpdate]

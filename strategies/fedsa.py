@@ -79,6 +79,9 @@ class FedSALoRA(LoRAStrategy):
     client_hooks = FedSAClient
     #: The shared A (and head) is averaged coordinate-wise: any coordinate-wise reducer fits.
     robust_aggregators = ("mean", "trimmed_mean", "median")
+    #: The server steps on what it holds, the shared A (and head); the nodes' private B never reaches
+    #: it (its copy stays at zero: zero pseudo-gradient, left exactly as it is).
+    server_optimizer_refusal = ""
 
     def payload(self, node_id: int, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return shared_part(state)

@@ -77,6 +77,9 @@ class FFALoRA(LoRAStrategy):
     client_hooks = FFAClient
     #: Averaging B over a shared A is coordinate-wise (and stays exact for any reducer: A is common).
     robust_aggregators = ("mean", "trimmed_mean", "median")
+    #: B (and the head) are averaged as FedIT's: a pseudo-gradient; the frozen A never changes, so
+    #: its pseudo-gradient is zero and a server step leaves it exactly as it is.
+    server_optimizer_refusal = ""
 
     @property
     def a_seed(self) -> int:

@@ -83,6 +83,10 @@ class FLoRA(HeterogeneousRankStrategy):
     needs_float_base = True
     #: It stacks every node's factors (no average of tensors): a median of stacks is not defined.
     robust_aggregators = ("mean",)
+    server_optimizer_refusal = (
+        "it merges each round's update into the base and restarts the LoRA factors from a fresh init, so "
+        "there is no tensor whose change across rounds is a pseudo-gradient"
+    )
 
     def _fresh_lora(self, state: dict[str, torch.Tensor], server_round: int) -> dict[str, torch.Tensor]:
         shapes = {k: tuple(v.shape) for k, v in state.items() if is_lora_a(k)}

@@ -198,6 +198,9 @@ class FLTAC(LoRAStrategy):
     #: Within a cluster the adapters are averaged factor by factor, as FedIT: a coordinate-wise
     #: reducer fits there (the clustering itself is on the clipped replies).
     robust_aggregators = ("mean", "trimmed_mean", "median")
+    #: Each task's adapter is a tensor the server keeps across rounds, replaced by its cluster's
+    #: average: a pseudo-gradient per task (zero for a task no node trained this round).
+    server_optimizer_refusal = ""
 
     def __init__(self, cfg, spec: AdapterSpec, **kwargs: Any) -> None:
         super().__init__(cfg, spec, **kwargs)

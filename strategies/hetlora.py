@@ -236,6 +236,11 @@ class HetLoRA(HeterogeneousRankStrategy):
     #: count a lower rank's padding as votes for zero and drop the sparsity weights that are the
     #: method. update_clip bounds a hostile node here (its norm, hence its weight, is clipped).
     robust_aggregators = ("mean",)
+    server_optimizer_refusal = (
+        "its zero-padding writes zero, not 'unchanged', into components above the replying nodes' ranks "
+        "(shrinking them is the method), so a server step on that change would overshoot past zero and undo "
+        "the ranks the nodes prune to"
+    )
 
     def __init__(self, cfg, spec: AdapterSpec, **kwargs: Any) -> None:
         super().__init__(cfg, spec, **kwargs)

@@ -97,3 +97,22 @@ def test_progress_status_line_only_on_a_terminal():
         p.line("round 1/2  client 1/3  done")
     assert log.getvalue() == "round 1/2  client 1/3  done\n"  # plain lines for logs
     assert "\rround 1/2  client 0  step 2/4" in tty.getvalue() and tty.getvalue().endswith("done\n")
+
+
+def test_causal_run_plots_perplexity_on_its_own(tmp_path, tiny_gpt2, two_runs):
+    from conftest import tiny_config
+
+    cfg = tiny_config(tiny_gpt2, task="causal_lm", sets=("name=rep-causal", "rounds=1"))
+    run = tmp_path / "causal"
+    simulate(cfg, out=run, progress=Progress(quiet=True))
+    _valid_png(run / "perplexity.png")
+    assert not (run / "accuracy.png").exists()  # a causal LM has no accuracy to plot
+    text = (run / "report.md").read_text()
+    assert "(perplexity.png)" in text and "accuracy.png" not in text and "eval_perplexity" in text
+    # beside a classification run: each plot holds the runs that have its metric
+    out = tmp_path / "mixed"
+    assert main(["report", str(run), str(two_runs[0]), "--out", str(out)]) == 0
+    _valid_png(out / "perplexity.png")
+    _valid_png(out / "accuracy.png")
+    text = (out / "report.md").read_text()
+    assert "(perplexity.png)" in text and "(accuracy.png)" in text

@@ -14,11 +14,17 @@ import torch
 @dataclass
 class Encoded:
     """Token ids of a dataset, unpadded, plus labels (classification) and task ids (multi-task)
-    for batching."""
+    for batching.
+
+    ``prompt_lengths`` (instruction and chat data, :mod:`fedlora.data.instruct`): how many
+    leading tokens of each row are prompt, which the causal LM loss does not score; None scores
+    every token (raw text).
+    """
 
     input_ids: list[list[int]]
     labels: list[int] | None
     task_ids: list[int] | None = None
+    prompt_lengths: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -39,6 +45,7 @@ def subset(enc: Encoded, indices: Iterable[int]) -> Encoded:
         input_ids=[enc.input_ids[i] for i in indices],
         labels=None if enc.labels is None else [enc.labels[i] for i in indices],
         task_ids=None if enc.task_ids is None else [enc.task_ids[i] for i in indices],
+        prompt_lengths=None if enc.prompt_lengths is None else [enc.prompt_lengths[i] for i in indices],
     )
 
 
@@ -69,7 +76,8 @@ def split_by_task(enc: Encoded) -> dict[int, Encoded]:
 
 
 def collate(enc: Encoded, indices: list[int], pad_id: int, causal: bool) -> dict[str, torch.Tensor]:
-    """Pad the chosen rows into a batch; causal LM targets are the inputs with padding ignored."""
+    """Pad the chosen rows into a batch; causal LM targets are the inputs with padding (and, for
+    instruction data, each row's prompt) ignored."""
     rows = [enc.input_ids[i] for i in indices]
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -79,7 +87,11 @@ def collate(enc: Encoded, indices: list[int], pad_id: int, causal: bool) -> dict
         mask[j, : len(row)] = 1
     batch = {"input_ids": input_ids, "attention_mask": mask}
     if causal:
-        batch["labels"] = input_ids.masked_fill(mask == 0, -100)
+        labels = input_ids.masked_fill(mask == 0, -100)
+        if enc.prompt_lengths is not None:  # only the response is learned, not the prompt
+            for j, i in enumerate(indices):
+                labels[j, : enc.prompt_lengths[i]] = -100
+        batch["labels"] = labels
     else:
         batch["labels"] = torch.tensor([enc.labels[i] for i in indices], dtype=torch.long)
     return batch

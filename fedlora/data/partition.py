@@ -14,7 +14,81 @@ from fedlora.data.tasks import TaskData, load_task_data
 from fedlora.errors import DataError
 from fedlora.process import PARTITIONER, process_state
 
-__all__ = ["load_partition", "make_partitioner", "partition_by", "partition_sizes_ok", "write_partitions"]
+__all__ = [
+    "dirichlet_sizes",
+    "load_partition",
+    "make_partitioner",
+    "partition_by",
+    "partition_sizes_ok",
+    "quantity_skew_partitioner",
+    "write_partitions",
+]
+
+
+def dirichlet_sizes(num_examples: int, num_partitions: int, alpha: float, seed: int) -> list[int]:
+    """Client sizes drawn from Dirichlet(alpha) proportions, each at least 1, summing to ``num_examples``.
+
+    Every client first gets one example; the rest are shared in the drawn proportions, rounded
+    down, and the leftover goes one each to the largest fractional parts (ties to the lower id).
+
+    Raises
+    ------
+    ValueError
+        When there are fewer examples than partitions.
+    """
+    import numpy as np
+
+    if num_examples < num_partitions:
+        raise ValueError(f"{num_examples} examples cannot give {num_partitions} partitions one each")
+    props = np.random.default_rng(seed).dirichlet(np.full(num_partitions, float(alpha)))
+    share = props * (num_examples - num_partitions)
+    sizes = np.floor(share).astype(np.int64)
+    leftover = num_examples - num_partitions - int(sizes.sum())
+    order = sorted(range(num_partitions), key=lambda i: (-(share[i] - sizes[i]), i))
+    for i in order[:leftover]:
+        sizes[i] += 1
+    return [int(x) + 1 for x in sizes]
+
+
+def _quantity_skew_class():
+    from flwr_datasets.partitioner import Partitioner
+
+    class QuantitySkew(Partitioner):
+        """Shuffled rows cut into :func:`dirichlet_sizes` shares (a flwr-datasets Partitioner).
+
+        flwr-datasets' SizePartitioner needs the sizes before it sees the data, and cuts the rows
+        in file order (a hub set sorted by topic would give topic skew too): here the sizes are
+        drawn when the data is bound and the rows shuffled with the same seed.
+        """
+
+        def __init__(self, num_partitions: int, alpha: float, seed: int) -> None:
+            super().__init__()
+            self._num_partitions, self._alpha, self._seed = num_partitions, alpha, seed
+            self._indices: list[list[int]] | None = None
+
+        @property
+        def num_partitions(self) -> int:
+            return self._num_partitions
+
+        def load_partition(self, partition_id: int) -> Any:
+            import numpy as np
+
+            if self._indices is None:
+                n = len(self.dataset)
+                sizes = dirichlet_sizes(n, self._num_partitions, self._alpha, self._seed)
+                order = np.random.default_rng(self._seed + 1).permutation(n).tolist()
+                bounds = np.cumsum([0, *sizes]).tolist()
+                self._indices = [order[bounds[i] : bounds[i + 1]] for i in range(self._num_partitions)]
+            return self.dataset.select(self._indices[partition_id])
+
+    return QuantitySkew
+
+
+def quantity_skew_partitioner(num_partitions: int, alpha: float, seed: int) -> Any:
+    """A flwr-datasets Partitioner giving client ``i`` a Dirichlet(alpha) share of the rows (at
+    least one), for data with no labels to skew (causal LM). The class is built on first use:
+    flwr-datasets takes seconds to import."""
+    return _quantity_skew_class()(num_partitions, alpha, seed)
 
 
 def make_partitioner(cfg: RunConfig, num_partitions: int):
@@ -29,10 +103,11 @@ def make_partitioner(cfg: RunConfig, num_partitions: int):
         # Over the labels unless a column is named: partition_column = "task" skews the mix of tasks.
         by = by or ("labels" if cfg.model.task == "classification" else "")
         if not by:
-            raise DataError(
-                "data.partitioner: 'dirichlet' splits over labels; causal LM data has none "
-                "(use iid or column, or set data.partition_column)"
-            )
+            # Causal LM text has no labels to skew: the non-IID-ness left is how much data each
+            # client holds (quantity skew, Dirichlet(alpha) over the clients' sizes), which is
+            # what a federation of devices differs in most. partition_column (Dolly's
+            # ``category``) skews the mix of a column instead.
+            return quantity_skew_partitioner(num_partitions, d.dirichlet_alpha, cfg.seed)
         return DirichletPartitioner(
             num_partitions=num_partitions,
             partition_by=by,
@@ -81,8 +156,9 @@ def load_partition(cfg: RunConfig, partition_id: int, num_partitions: int) -> An
 
 def write_partitions(cfg: RunConfig, out: str | Path, num_partitions: int) -> list[Path]:
     """Write each simulated client's partition to ``out/client<i>.csv`` (columns named as in the
-    run's config, labels by name), the files ``fedlora-client --data`` reads, so a deployment on
-    one host reproduces the simulation with the same seed (``--partition-id i``)."""
+    run's config, labels by name; ``.jsonl`` for chat data, whose cells are lists), the files
+    ``fedlora-client --data`` reads, so a deployment on one host reproduces the simulation with
+    the same seed (``--partition-id i``)."""
     import pandas as pd
 
     data = load_task_data(cfg)
@@ -92,7 +168,14 @@ def write_partitions(cfg: RunConfig, out: str | Path, num_partitions: int) -> li
     paths = []
     for pid in range(num_partitions):
         part = load_partition(cfg, pid, num_partitions)
-        frame = {d.text_column: list(part["text"])}
+        if d.format == "text":
+            frame = {d.text_column: list(part["text"])}
+        else:  # instruction / messages columns keep their names when loaded
+            frame = {
+                c: list(part[c])
+                for c in (d.prompt_column, d.input_column, d.response_column, d.messages_column)
+                if c and c in part.column_names
+            }
         if "labels" in part.column_names:
             names = [data.labels[i] for i in part["labels"]]
             if data.tasks:  # qualified "task:label" -> the label within its task
@@ -100,7 +183,11 @@ def write_partitions(cfg: RunConfig, out: str | Path, num_partitions: int) -> li
             frame[d.label_column] = names
         if data.tasks:
             frame[d.task_column or "task"] = list(part["task"])
-        path = out / f"client{pid}.csv"
-        pd.DataFrame(frame).to_csv(path, index=False)
+        if d.format == "chat":  # a conversation (list of turns) does not fit a csv cell
+            path = out / f"client{pid}.jsonl"
+            pd.DataFrame(frame).to_json(path, orient="records", lines=True, force_ascii=False)
+        else:
+            path = out / f"client{pid}.csv"
+            pd.DataFrame(frame).to_csv(path, index=False)
         paths.append(path)
     return paths

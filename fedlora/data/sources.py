@@ -55,15 +55,28 @@ def check_cells(ds: Any, columns: list[tuple[str, str]], where: str) -> None:
     cannot hold: a text cell that is missing, empty, a number or a list/table; a label or task
     cell that is missing (it would otherwise become a class named "None").
 
-    ``columns`` are ``(config key, column)`` pairs; the key's last part says the kind.
+    ``columns`` are ``(config key, column)`` pairs; the key's last part says the kind. An
+    instruction's prompt and response are text; its input is text that may be missing or empty
+    (no input); a chat's messages must be a conversation (:func:`fedlora.data.instruct.check_messages`).
     """
+    from fedlora.data.instruct import check_messages
+
     for key, column in columns:
         if column not in ds.column_names:
             continue
-        text = key.endswith("text_column")
+        if key.endswith("messages_column"):
+            for row, value in enumerate(ds[column]):
+                problem = check_messages(value)
+                if problem:
+                    raise DataError(f"{where}: row {row + 1}: {column!r} {problem} (config key '{key}')")
+            continue
+        optional = key.endswith("input_column")
+        text = optional or key.endswith(("text_column", "prompt_column", "response_column"))
         for row, value in enumerate(ds[column]):
             missing = value is None or (isinstance(value, float) and math.isnan(value))
             if missing or (text and isinstance(value, str) and not value.strip()):
+                if optional:
+                    continue
                 raise DataError(f"{where}: row {row + 1} has no {column!r} (config key '{key}')")
             if isinstance(value, (list, dict)):
                 raise DataError(f"{where}: row {row + 1}: {column!r} is a {type(value).__name__}, not a value")
@@ -182,9 +195,30 @@ def partition_by(cfg: RunConfig) -> str:
     return column
 
 
+def format_columns(d: DataConfig, text_column: str, prefix: str = "data.") -> list[_Column]:
+    """The columns holding the examples' text in ``d.format``: ``text_column`` loaded as ``text``;
+    the instruction or messages columns under their own names (templates read them by the
+    configured names). The instruction's input is optional (``in_eval`` False, and
+    :func:`drop_absent_optional` removes it when the file lacks it: Dolly calls it ``context``)."""
+    if d.format == "instruction":
+        columns: list[_Column] = [(f"{prefix}prompt_column", d.prompt_column, d.prompt_column, True)]
+        if d.input_column:
+            columns.append((f"{prefix}input_column", d.input_column, d.input_column, False))
+        columns.append((f"{prefix}response_column", d.response_column, d.response_column, True))
+        return columns
+    if d.format == "chat":
+        return [(f"{prefix}messages_column", d.messages_column, d.messages_column, True)]
+    return [(f"{prefix}text_column", text_column, "text", True)]
+
+
+def drop_absent_optional(columns: list[Any], ds: Any) -> list[Any]:
+    """``columns`` without the optional ones (an instruction's input) that ``ds`` does not have."""
+    return [c for c in columns if not c[0].endswith("input_column") or c[1] in ds.column_names]
+
+
 def _source_columns(cfg: RunConfig, prefix: str, text_column: str, label_column: str) -> list[_Column]:
     d = cfg.data
-    columns: list[_Column] = [(f"{prefix}text_column", text_column, "text", True)]
+    columns: list[_Column] = format_columns(d, text_column, prefix)
     if cfg.model.task == "classification":
         columns.append((f"{prefix}label_column", label_column, "label", True))
     if d.task_column:
@@ -207,6 +241,7 @@ def _load_source(src: DataConfig, seed: int, columns: list[_Column], prefix: str
     keys with ``prefix``.
     """
     train, evals, source = _load_raw(src, seed, prefix)
+    columns = drop_absent_optional(columns, train)
     if src.eval_path:
         path = Path(src.eval_path).expanduser()
         if not path.is_file():

@@ -11,7 +11,16 @@ from typing import Any
 
 from fedlora.config import DataConfig, RunConfig
 from fedlora.data.labels import LabelEncoder, _as_str, labels_from_training, tasks_from_column
-from fedlora.data.sources import _cap, _load_source, _read_local, _require_columns, _source_columns, check_cells
+from fedlora.data.sources import (
+    _cap,
+    _load_source,
+    _read_local,
+    _require_columns,
+    _source_columns,
+    check_cells,
+    drop_absent_optional,
+    format_columns,
+)
 from fedlora.errors import DataError
 from fedlora.process import TASK_DATA, process_state
 
@@ -25,6 +34,8 @@ class TaskData:
     train, eval : datasets.Dataset
         Columns ``text`` and, for classification, ``labels`` (int ids into ``labels``). With
         tasks, also ``task`` (the task's name) and ``task_id`` (int index into ``tasks``).
+        Instruction and chat data (``data.format``) keep their own columns instead of ``text``,
+        under their names in the source (:mod:`fedlora.data.instruct` reads them).
     labels : list of str
         Class names in id order (empty for causal LM). With tasks they are qualified,
         ``<task>:<label>``, grouped by task in the order of ``tasks``, so equal label values of
@@ -55,7 +66,8 @@ def load_task_data(cfg: RunConfig) -> TaskData:
 def load_device_data(cfg: RunConfig, path: str | Path, labels: list[str], tasks: list[str]) -> Any:
     """A device's own examples (``fedlora-client --data``), with the run's class ids.
 
-    The file is read with the run's column names: ``data.text_column``, ``data.label_column``
+    The file is read with the run's column names: ``data.text_column`` (the instruction or
+    messages columns for ``data.format`` ``instruction``/``chat``), ``data.label_column``
     (classification) and, when the run has tasks, ``data.task_column`` (``task`` for runs built
     from ``[[data.tasks]]``). Every row is training data, as a simulated client's partition is.
     Labels map to the ids the server sent, so a device that holds only some of the classes
@@ -78,7 +90,8 @@ def load_device_data(cfg: RunConfig, path: str | Path, labels: list[str], tasks:
     ds = _read_local(path)
     d = cfg.data
     classification = cfg.model.task == "classification"
-    columns = [("data.text_column", d.text_column, "text")]
+    # The text columns of data.format (an instruction's input only when the file has it).
+    columns = [(key, col, new) for key, col, new, _ in drop_absent_optional(format_columns(d, d.text_column), ds)]
     if classification:
         columns.append(("data.label_column", d.label_column, "label"))
     if tasks:
