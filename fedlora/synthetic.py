@@ -375,3 +375,28 @@ def write_tiny_bert(directory) -> str:
     BertModel(config).save_pretrained(directory)
     tok.save_pretrained(directory)
     return str(directory)
+
+
+def write_tiny_gpt2(directory, tok=None) -> str:
+    """A 2-layer random GPT-2 causal LM (width 32, seeded) and its tokenizer (``tok``, default
+    :func:`tiny_tokenizer`, whose [CLS]/[SEP] then serve as BOS/EOS), saved to ``directory``."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = tok if tok is not None else tiny_tokenizer()
+    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.cls_token_id
+    eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=len(tok),
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        n_positions=64,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=bos,
+        eos_token_id=eos,
+    )
+    GPT2LMHeadModel(config).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return str(directory)

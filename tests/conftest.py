@@ -22,27 +22,9 @@ def tiny_bert(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory) -> str:
     """A 2-layer random GPT-2 causal LM sharing the tiny word-piece tokenizer."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from fedlora.synthetic import write_tiny_gpt2
 
-    from fedlora.synthetic import tiny_tokenizer
-
-    directory = tmp_path_factory.mktemp("tiny-gpt2")
-    tok = tiny_tokenizer()
-    torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=len(tok),
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        n_positions=64,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.cls_token_id,
-        eos_token_id=tok.sep_token_id,
-    )
-    GPT2LMHeadModel(config).save_pretrained(directory)
-    tok.save_pretrained(directory)
-    return str(directory)
+    return write_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))
 
 
 def process_alive(pid: int) -> bool:

@@ -351,22 +351,9 @@ def test_dirichlet_quantity_skew_for_causal_lm():
 
 
 def _tiny_lm(directory, tok):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from fedlora.synthetic import write_tiny_gpt2
 
-    torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=len(tok),
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        n_positions=64,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    GPT2LMHeadModel(config).save_pretrained(directory)
-    tok.save_pretrained(directory)
-    return str(directory)
+    return write_tiny_gpt2(directory, tok)
 
 
 def test_instruction_federation_through_the_cli(tmp_path, monkeypatch, plain_tok):
