@@ -338,8 +338,12 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
 
 
 def handle_query(msg: Message, context: Context) -> Message:
-    """Tell the server what this node has (see :func:`fedlora.client.node.capabilities`)."""
+    """Tell the server what this node has (see :func:`fedlora.client.node.capabilities`), or, for
+    the server's end-of-run notice (:data:`~fedlora.protocol.RUN_OVER`), print it."""
     config = msg.content[P.CONFIG]
+    if P.RUN_OVER in config:  # a deployed server's last word: fedlora-client ends on this line
+        print(f"fedlora-client: {P.RUN_OVER_LINE}: {str(config[P.RUN_OVER])[:300]}", flush=True)
+        return Message(content=RecordDict(), reply_to=msg)
     run = RunConfig.from_dict(json.loads(str(config[P.RUN])))
     info = capabilities(run, context, *run_classes(config))
     if is_device(context):

@@ -14,7 +14,7 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from .worker import HANDLERS, call_worker, worker_address
+from .worker import HANDLERS, call_worker, say_failure, worker_address
 
 app = ClientApp()
 
@@ -26,7 +26,11 @@ def dispatch(kind: str, msg: Message, context: Context) -> Message:
         return call_worker(address, kind, msg, context)
     from . import client_app
 
-    return getattr(client_app, HANDLERS[kind])(msg, context)
+    try:
+        return getattr(client_app, HANDLERS[kind])(msg, context)
+    except Exception as err:  # Flower turns it into the error reply; the device says why first
+        say_failure(kind, err)
+        raise
 
 
 @app.query()

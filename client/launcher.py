@@ -16,12 +16,16 @@ What the command does, in order:
    (``data-path``, ``rank``, ``partition-id``, ``export-dir``, ``worker-address``). The
    SuperNode asks the server for work, starts the light ClientApp (:mod:`fedlora.client.entry`)
    for each message, which hands it to the worker, and sends back only adapter factors and
-   metrics; the file under ``--data`` never leaves the device. After a network drop or a server
-   restart the SuperNode reconnects by itself, for up to ``--max-wait`` seconds;
-5. runs until stopped (Ctrl-C or SIGTERM: exit 0, the SuperNode, its ClientApp processes and
-   the worker shut down with it), or until the server refuses it or stays away: one line,
-   exit 1. A worker that dies is restarted (a line says so) up to ``WORKER_RESTARTS`` times;
-   after that the command stops with one line, exit 1.
+   metrics; the file under ``--data`` never leaves the device. A message the device cannot
+   handle (its data file does not fit the run, say) is explained on the device in one line;
+5. runs until the server says the run is over (it prints "the federation is over: ..." and
+   exits 0), until stopped (Ctrl-C or SIGTERM: exit 0; the SuperNode, its ClientApp processes
+   and the worker shut down with it), or until the server refuses it (one line at once, exit
+   1). When the server goes away mid-run (its host restarted; ``fedlora-server --resume``
+   brings it back) the device says so once and joins again by itself, for up to
+   ``--max-wait`` seconds, keeping its worker and loaded model. A worker that dies is
+   restarted (a line says so) up to ``WORKER_RESTARTS`` times; after that the command stops
+   with one line, exit 1.
 """
 
 from __future__ import annotations
@@ -147,6 +151,11 @@ def probe(host: str, port: int, ca: Path | None, timeout: float) -> None:
     """
     with socket.create_connection((host, port), timeout=timeout) as sock:
         if ca is None:
+            if _speaks_tls(sock, host):
+                raise ConnectError(
+                    f"the server at {host}:{port} uses TLS; drop --insecure and pass --ca CA_CERT "
+                    "(the ca.crt made by `fedlora certs` together with the server's certificate)"
+                )
             return
         context = ssl.create_default_context(cafile=str(ca))
         try:
@@ -161,6 +170,19 @@ def probe(host: str, port: int, ca: Path | None, timeout: float) -> None:
             raise ConnectError(
                 f"TLS handshake with {host}:{port} failed ({err.reason}); is the server running with --insecure?"
             ) from None
+
+
+def _speaks_tls(sock: socket.socket, host: str) -> bool:
+    """Whether the server on ``sock`` completes a TLS handshake (an ``--insecure`` client would
+    otherwise retry plain HTTP against it until ``--max-wait``). Nothing is verified or sent."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with context.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=True):
+            return True
+    except (ssl.SSLError, OSError):  # a plain HTTP server answers the hello with an error, or closes
+        return False
 
 
 def reach(
@@ -243,16 +265,27 @@ def supernode_command(opts: ClientOptions, runtime_port: int, worker_address: st
     return cmd
 
 
+#: Flower's SuperNode lines that say the server refused the node (:class:`ApiErrorCode`): no
+#: self-registration on an authenticating server (2001), a key it does not know (2004).
+_NO_KEY = "[code: 2001]"
+_UNKNOWN_KEY = ("Failed to activate SuperNode", "[code: 2004]")
+#: Flower's retry warning: the connection to the server is gone (said once, in fedlora's words).
+_RETRYING = "Connection attempt failed"
+
+
 class _Watcher:
-    """Reads the SuperNode's output: passes fedlora's lines (and, verbose, everything) through and
-    remembers what explains an exit."""
+    """Reads a child's output (the SuperNode's, or the worker's): passes fedlora's lines (and,
+    verbose, everything) through and remembers what explains an exit."""
 
     def __init__(self, stream, emit: Callable[[str], None], verbose: bool):
         self.emit = emit
         self.verbose = verbose
         self.node_id = ""
-        self.refused = False
+        self.refused = ""  # "no-key" or "unknown-key"
+        self.over = ""  # the server's word that the run has ended
+        self.lost = False  # connected, then the connection went away (reset by a new session)
         self.last_error = ""
+        self.flower_error = ""
         self.last_line = ""
         self.thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
         self.thread.start()
@@ -266,10 +299,22 @@ class _Watcher:
             if "SuperNode ID:" in line:
                 self.node_id = line.rsplit(":", 1)[-1].strip()
                 self.emit(f"{PREFIX}connected as node {self.node_id}; waiting for the server's rounds")
-            if "Failed to activate SuperNode" in line or "[code: 2004]" in line:
-                self.refused = True
+            if _NO_KEY in line:
+                self.refused = "no-key"
+            elif any(mark in line for mark in _UNKNOWN_KEY):
+                self.refused = self.refused or "unknown-key"
+            if line.startswith(PREFIX + P.RUN_OVER_LINE):
+                self.over = line[len(PREFIX) :]
+            if "[code: " in line:
+                self.flower_error = line  # Flower's reason, the most telling line of a failure
             if "ERROR" in line or "Exit Code" in line or "Traceback" in line:
                 self.last_error = line
+            if _RETRYING in line:
+                if self.node_id and not self.lost and not self.over:
+                    self.lost = True
+                    self.emit(f"{PREFIX}lost the connection to the server; reconnecting")
+                if not self.verbose:
+                    continue  # Flower retries on its own; one line above says so
             if (
                 self.verbose
                 or line.startswith(PREFIX)
@@ -346,14 +391,66 @@ class Worker:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
+def _supernode(
+    opts: ClientOptions, worker: Worker | None, emit: Callable[[str], None]
+) -> tuple[subprocess.Popen, _Watcher]:
+    """Start a SuperNode for ``opts`` (with ``worker``'s address and key) and watch its output."""
+    from fedlora.server.launcher import die_with_parent, tool_env
+
+    proc = subprocess.Popen(
+        supernode_command(opts, free_port(), worker.address if worker is not None else None),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=worker.env(tool_env()) if worker is not None else tool_env(),
+        start_new_session=True,
+        # A SIGKILLed fedlora-client takes its SuperNode along (its ClientApps watch it).
+        preexec_fn=die_with_parent(),
+    )
+    return proc, _Watcher(proc.stdout, emit, opts.verbose)
+
+
+def _over(watcher: _Watcher, worker: Worker | None) -> str:
+    """The server's end-of-run notice, as the device printed it (the ClientApp or the worker), or ""."""
+    if watcher.over:
+        return watcher.over
+    if worker is not None and worker.watcher is not None:
+        return worker.watcher.over
+    return ""
+
+
+def wait_for_server(host: str, port: int, opts: ClientOptions, deadline: float, stop_event: threading.Event) -> bool:
+    """Probe the server until it answers (True), ``stop_event`` is set (False), or ``deadline``
+    passes (ConnectError naming how long it has been away). A certificate problem is raised at once."""
+    delay = 1.0
+    while True:
+        try:
+            probe(host, port, None if opts.insecure else opts.ca, opts.connect_timeout)
+            return True
+        except ConnectError:
+            raise
+        except OSError:
+            pass
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ConnectError(
+                f"the server at {host}:{port} has been away for {opts.max_wait:g} s (--max-wait); giving up"
+            )
+        if stop_event.wait(min(delay, left)):
+            return False
+        delay = min(delay * 2, 10.0)
+
+
 def run_client(
     opts: ClientOptions, emit: Callable[[str], None] = print, stop_event: threading.Event | None = None
 ) -> int:
-    """Run the SuperNode until it is stopped (0) or gives up (ConnectError).
+    """Run SuperNodes until the run is over or the device is stopped (0), or until the server
+    refuses it or stays away longer than ``--max-wait`` (ConnectError).
 
     ``stop_event`` (tests) or SIGTERM / SIGINT stop it cleanly.
     """
-    from fedlora.server.launcher import die_with_parent, end_group, tool_env
+    from fedlora.server.launcher import end_group
 
     host, port = check_options(opts)
     if opts.insecure:
@@ -375,55 +472,58 @@ def run_client(
     try:
         if worker is not None:
             worker.start()
-        # A refusal is retried a few times: the server authorises its keys just after it starts
-        # listening, and an operator may be adding this node's key right now.
-        for attempt in range(REFUSAL_RETRIES + 1):
-            proc = subprocess.Popen(
-                supernode_command(opts, free_port(), worker.address if worker is not None else None),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                text=True,
-                env=worker.env(tool_env()) if worker is not None else tool_env(),
-                start_new_session=True,
-                # A SIGKILLed fedlora-client takes its SuperNode along (its ClientApps watch it).
-                preexec_fn=die_with_parent(),
-            )
-            watcher = _Watcher(proc.stdout, emit, opts.verbose)
+        refusals = 0
+        away_since: float | None = None  # when the server went away, while reconnecting
+        while True:
+            proc, watcher = _supernode(opts, worker, emit)
             try:
-                while proc.poll() is None and not stop_event.is_set():
+                while proc.poll() is None and not stop_event.is_set() and not _over(watcher, worker):
                     if worker is not None:
                         worker.check()
+                    if watcher.node_id and not watcher.lost:
+                        away_since = None
                     stop_event.wait(0.2)
+                if _over(watcher, worker) and proc.poll() is None:
+                    stop_event.wait(1.0)  # the SuperNode sends the reply to the server's notice
             finally:
                 end_group(proc, grace=20)
                 watcher.thread.join(timeout=5)
             if stop_event.is_set():
                 emit(f"{PREFIX}stopped")
                 return 0
-            if not watcher.refused or attempt == REFUSAL_RETRIES:
-                break
-            delay = 2.0**attempt
-            emit(f"{PREFIX}the server refused this node; retrying in {delay:g} s ({attempt + 1}/{REFUSAL_RETRIES})")
-            if stop_event.wait(delay):
+            if _over(watcher, worker):
+                return 0  # the device printed the server's word; nothing is left to do
+            if watcher.refused == "no-key":
+                raise ConnectError(
+                    f"the server at {host}:{port} refused this node: it requires node authentication; "
+                    "pass --key with a key whose .pub the server lists in --auth-keys"
+                )
+            if watcher.refused:
+                # An operator may be adding this node's key right now: a few retries, then one line.
+                if refusals == REFUSAL_RETRIES:
+                    raise ConnectError(
+                        f"the server at {host}:{port} refused this node: the public key of --key {opts.key} "
+                        "is not among the server's --auth-keys"
+                    )
+                delay = 2.0**refusals
+                refusals += 1
+                emit(f"{PREFIX}the server refused this node; retrying in {delay:g} s ({refusals}/{REFUSAL_RETRIES})")
+                if stop_event.wait(delay):
+                    emit(f"{PREFIX}stopped")
+                    return 0
+                continue
+            if not watcher.node_id:
+                reason = watcher.flower_error or watcher.last_error or f"exit {proc.returncode}"
+                raise ConnectError(f"the SuperNode could not join the server at {host}:{port}: {reason}")
+            # It had joined and the server went away (a restarted server forgets its nodes, and
+            # the SuperNode then ends): join again, as a new node, for up to --max-wait.
+            if not watcher.lost:
+                emit(f"{PREFIX}lost the connection to the server; reconnecting")
+            away_since = away_since or time.monotonic()
+            if not wait_for_server(host, port, opts, away_since + opts.max_wait, stop_event):
                 emit(f"{PREFIX}stopped")
                 return 0
-        if watcher.refused:
-            if opts.key is None:
-                raise ConnectError(
-                    f"the server at {host}:{port} refused this node: it requires node "
-                    "authentication; pass --key with a key whose .pub the server lists in --auth-keys"
-                )
-            raise ConnectError(
-                f"the server at {host}:{port} refused this node: the public key of --key {opts.key} "
-                "is not among the server's --auth-keys"
-            )
-        if proc.returncode == 0:
-            return 0
-        raise ConnectError(
-            f"the SuperNode stopped (exit {proc.returncode}): "
-            f"{watcher.last_error or 'lost the server and gave up reconnecting'}"
-        )
+            emit(f"{PREFIX}the server is back; joining again")
     finally:
         if worker is not None:
             worker.stop()

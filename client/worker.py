@@ -224,6 +224,17 @@ def call_worker(address: str, kind: str, message: Any, context: Any, authkey: by
 # -- the worker's side -----------------------------------------------------------------------------
 
 
+def say_failure(kind: str, err: BaseException) -> None:
+    """One line on the device saying why it could not handle a ``kind`` message (its data file is
+    unusable, say): the server names the node, the device names the problem. fedlora's own errors
+    are already one line; anything else gets its type."""
+    from fedlora.errors import FedLoraError
+
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    what = text if isinstance(err, FedLoraError) else f"{type(err).__name__}: {text}"
+    print(f"{PREFIX}could not handle the server's {kind} message: {what}", flush=True)
+
+
 def handle(conn: Connection, module: Any) -> None:
     """Serve one request on ``conn`` with the handlers of ``module`` (looked up now)."""
     from flwr.common.serde import context_from_proto, message_from_proto, message_to_proto, recorddict_to_proto
@@ -240,8 +251,9 @@ def handle(conn: Connection, module: Any) -> None:
         reply = getattr(module, HANDLERS[kind])(message, context)
         frames = [json.dumps({"ok": True}).encode(), message_to_proto(reply).SerializeToString()]
     except Exception as err:  # noqa: BLE001 - every handler error goes back to the ClientApp
-        traceback.print_exc()
+        traceback.print_exc()  # for --verbose; the device's own line follows
         sys.stderr.flush()
+        say_failure(kind, err)
         error = {"ok": False, "module": type(err).__module__, "qualname": type(err).__qualname__, "message": str(err)}
         frames = [json.dumps(error).encode()]
     frames.append(recorddict_to_proto(context.state).SerializeToString())

@@ -32,6 +32,10 @@ RUN = "run"  # the resolved RunConfig as JSON
 RUN_UID = "run-uid"  # a token made when the run starts, kept across --resume: names a node's saved state
 LABELS = "labels"  # JSON list of class names in id order
 RUN_TASKS = "run-tasks"  # JSON list of the run's task names (empty: single task)
+# The only key of the query a deployed server sends every node when its run has ended: one line
+# saying how it ended; the device prints it and fedlora-client exits 0.
+RUN_OVER = "run-over"
+RUN_OVER_LINE = "the federation is over"  # what the device prints for it; fedlora-client watches for it
 
 # -- ConfigRecord keys of a train / evaluate message (per round, per node) -------------------
 SERVER_ROUND = "server-round"

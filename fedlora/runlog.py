@@ -70,7 +70,8 @@ class RunDirectory:
         if run.path.exists() and not run.path.is_dir():
             raise FedLoraError(f"--out: {run.path} exists and is not a directory")
         if resume:
-            if run.latest_checkpoint_round() is None:
+            # A run stopped before its first checkpoint still has its config.toml: it starts over.
+            if run.latest_checkpoint_round() is None and not (run.path / "config.toml").is_file():
                 raise FedLoraError(f"--resume: no checkpoint under {run.path / 'checkpoints'}")
         elif run.path.exists() and any(run.path.iterdir()):
             raise FedLoraError(

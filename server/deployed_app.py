@@ -62,6 +62,35 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float, progress: Progress, p
         time.sleep(poll)
 
 
+#: How long the end-of-run notice waits for the devices' acknowledgements (a device that is
+#: away then waits out its own --max-wait, as before).
+END_NOTICE_TIMEOUT = 20.0
+
+
+def announce_end(grid: Grid, text: str, timeout: float = END_NOTICE_TIMEOUT) -> None:
+    """Tell every connected device that the run is over (one query carrying only
+    :data:`~fedlora.protocol.RUN_OVER`), so each ``fedlora-client`` prints ``text`` and exits 0
+    instead of waiting for a server that is not coming back. A server stopped by the operator
+    (Ctrl-C, continued later with ``--resume``) sends nothing: its devices wait for it."""
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+    from .rounds import collect
+
+    messages = [
+        Message(
+            content=RecordDict({P.CONFIG: ConfigRecord({P.RUN_OVER: text})}),
+            message_type=MessageType.QUERY,
+            dst_node_id=node,
+            group_id="end",
+        )
+        for node in sorted(grid.get_node_ids())
+    ]
+    try:
+        collect(grid, messages, timeout)
+    except Exception:  # noqa: BLE001 - a courtesy to the devices: it never changes how the run ended
+        pass
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     progress = Progress()
@@ -81,7 +110,9 @@ def main(grid: Grid, context: Context) -> None:
     except FedLoraError as err:
         # The launcher shows this line as the run's error; the exception marks the run failed.
         print(f"{ERROR_PREFIX}{err}", flush=True)
+        announce_end(grid, f"the run failed on the server: {str(err)[:200]}")
         raise
+    announce_end(grid, f"run {cfg.name!r} completed {cfg.rounds} rounds")
     try:
         from fedlora.report import write_report
 

@@ -357,7 +357,8 @@ class SuperLink:
         return cmd
 
     def launch(self) -> None:
-        """Start the process and the devices' gateway; :meth:`wait_ready` connects to it."""
+        """Start the process and bind the devices' gateway (served from :meth:`open_gateway`);
+        :meth:`wait_ready` connects to the process."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log_file:
             # Own session: stopping it takes the SuperExec and ServerApp processes along; it dies
@@ -377,6 +378,11 @@ class SuperLink:
             raise FedLoraError(
                 f"--host {self.opts.host} --port {self.opts.port}: cannot listen there ({err.strerror})"
             ) from None
+
+    def open_gateway(self) -> None:
+        """Serve the devices (the port is bound since :meth:`launch`, so nothing else takes it):
+        called once the node keys are in, so a device that arrives early waits on its handshake
+        instead of being refused for a key that was about to be registered."""
         self.gateway.start()
 
     def wait_ready(self) -> None:
@@ -427,22 +433,34 @@ class SuperLink:
         )
 
     def register_keys(self, keys: dict[str, bytes]) -> int:
-        """Authorise these node public keys (PEM); keys the state already knows are fine."""
+        """Authorise these node public keys (PEM); return how many were new.
+
+        Keys the SuperLink already holds (a persistent ``--database`` from an earlier start: a
+        restart with ``--resume``) are left as they are: registering one again is refused by
+        Flower with HTTP 412, so they are listed first and skipped.
+        """
         from cryptography.hazmat.primitives import serialization
-        from flwr.proto.control_pb2 import RegisterNodeRequest
+        from flwr.proto.control_pb2 import ListNodesRequest, RegisterNodeRequest
         from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
+        known = {
+            bytes(n.public_key)
+            for n in self.client.ListNodes(ListNodesRequest()).nodes_info
+            if not n.HasField("unregistered_at")
+        }
         added = 0
         for name, pem in keys.items():
-            key = serialization.load_pem_public_key(pem)
+            raw = public_key_to_bytes(serialization.load_pem_public_key(pem))
+            if raw in known:
+                continue
             try:
-                self.client.RegisterNode(RegisterNodeRequest(public_key=public_key_to_bytes(key), name=name))
-                added += 1
-            except Exception as err:  # noqa: BLE001 - a key a persistent --database already holds
-                if "already" not in str(err).lower():
-                    raise FedLoraError(
-                        f"--auth-keys: the SuperLink refused key {name!r}: {str(err).splitlines()[0]}"
-                    ) from None
+                self.client.RegisterNode(RegisterNodeRequest(public_key=raw, name=name))
+            except Exception as err:  # noqa: BLE001 - Flower's HTTP client raises httpx errors
+                raise FedLoraError(
+                    f"--auth-keys: the SuperLink refused key {name!r}: {str(err).splitlines()[0]}"
+                ) from None
+            known.add(raw)
+            added += 1
         return added
 
     def start_run(self, files: dict[str, bytes]) -> int:
@@ -596,6 +614,7 @@ def serve(cfg: RunConfig, opts: ServerOptions, emit: Callable[[str], None] = pri
         if keys:
             link.register_keys(keys)
             emit(f"fedlora-server: {len(keys)} node key(s) authorised from {opts.auth_keys}: {', '.join(keys)}")
+        link.open_gateway()
         run_id = link.start_run(fab_files(cfg, run_dir.path.resolve(), opts))
         emit(
             f"fedlora-server: run {run_id} ({cfg.name}, strategy {cfg.strategy.name}, {cfg.rounds} rounds) "

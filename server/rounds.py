@@ -36,7 +36,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from flwr.app import Array, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Array, ConfigRecord, Message, MessageType, Metadata, RecordDict
+from flwr.app.message import make_message
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 
 from fedlora import protocol as P
@@ -51,10 +53,12 @@ from fedlora.transport import Wire, arrays_of, decode_update, message_bytes
 from .evaluation import evaluate_state
 from .privacy import CentralDP, PrivacyBook
 from .validation import (
+    NODE_GONE,
     ReplyError,
     budget_stop_epsilons,
     check_eval_metrics,
     check_info,
+    error_text,
     example_cap,
     validate_reply,
 )
@@ -63,6 +67,8 @@ if TYPE_CHECKING:
     from .server_app import Prepared
 
 PULL_INTERVAL_S = 0.2
+#: How often a round checks that the nodes it waits for are still in the federation.
+ROLL_CALL_S = 2.0
 
 
 @dataclass
@@ -126,24 +132,68 @@ class RoundBook:
 
 
 def collect(
-    grid: Grid, messages: list[Message], timeout: float, on_reply: Callable[[Message, int, int], None] | None = None
+    grid: Grid,
+    messages: list[Message],
+    timeout: float,
+    on_reply: Callable[[Message, int, int], None] | None = None,
+    gone: set[int] | None = None,
 ) -> list[Message]:
-    """Push ``messages`` and pull replies as they arrive, until all are in or ``timeout``."""
-    ids = [i for i in grid.push_messages(messages) if i]
-    pending = dict.fromkeys(ids)  # ordered: the in-process grid delivers in sampling order
+    """Push ``messages`` and pull replies as they arrive, until all are in or ``timeout``.
+
+    A reply the SuperLink writes on a node's behalf (the node stopped sending heartbeats, its
+    message was withdrawn) comes from the SuperLink's own id; it is returned as coming from the
+    node it concerns, so the round names that node instead of "a node that was not sent a
+    message". A node that leaves the federation while its reply is awaited (Flower stops
+    listing it once its heartbeats stop) is not waited for until the timeout: it is added to
+    ``gone`` (when given) and the round goes on without it.
+    """
+    pushed = grid.push_messages(messages)
+    owner = {i: m.metadata.dst_node_id for i, m in zip(pushed, messages) if i}
+    pending = dict.fromkeys(owner)  # ordered: the in-process grid delivers in sampling order
     replies: list[Message] = []
     deadline = time.monotonic() + timeout
+    next_roll_call = time.monotonic() + ROLL_CALL_S
     while pending and time.monotonic() < deadline:
         got = list(grid.pull_messages(list(pending)))
         for reply in got:
-            if reply.metadata.reply_to_message_id in pending:
-                del pending[reply.metadata.reply_to_message_id]
+            asked = reply.metadata.reply_to_message_id
+            if asked in pending:
+                del pending[asked]
+                reply = on_behalf_of(reply, owner[asked])
                 replies.append(reply)
                 if on_reply is not None:
-                    on_reply(reply, len(replies), len(ids))
+                    on_reply(reply, len(replies), len(owner))
+        if gone is not None and pending and time.monotonic() >= next_roll_call:
+            next_roll_call = time.monotonic() + ROLL_CALL_S
+            online = set(grid.get_node_ids())
+            for asked in [a for a in pending if owner[a] not in online]:
+                del pending[asked]
+                gone.add(owner[asked])
         if not got:
             time.sleep(PULL_INTERVAL_S)
     return replies
+
+
+def on_behalf_of(reply: Message, node: int) -> Message:
+    """``reply`` as coming from ``node`` when the SuperLink wrote it for that node (an error reply
+    from :data:`SUPERLINK_NODE_ID`); any other reply unchanged."""
+    md = reply.metadata
+    if md.src_node_id != SUPERLINK_NODE_ID or not reply.has_error():
+        return reply
+    return make_message(
+        metadata=Metadata(
+            run_id=md.run_id,
+            message_id=md.message_id,
+            src_node_id=node,
+            dst_node_id=md.dst_node_id,
+            reply_to_message_id=md.reply_to_message_id,
+            group_id=md.group_id,
+            created_at=md.created_at,
+            ttl=md.ttl,
+            message_type=md.message_type,
+        ),
+        error=reply.error,
+    )
 
 
 NODES_FILE = "nodes.json"
@@ -282,6 +332,10 @@ class RoundLoop:
             initial_state = host.initial_state(name, cfg.seed)
         state = self.strategy.initialize(initial_state, host)
         result = RunResult(run_dir=str(self.run_dir.path))
+        if resume and self.run_dir.latest_checkpoint_round() is None:
+            self.progress.line(f"--resume: no round of {cfg.name} was completed before it stopped; starting at round 1")
+            self.run_dir.truncate_metrics(0)
+            resume = False
         if resume:
             ckpt = self.run_dir.load_round(report=self.progress.line)
             last, extra = ckpt.round, ckpt.extra
@@ -314,15 +368,21 @@ class RoundLoop:
             self.query_new_nodes()
         messages = self.configure(server_round, state)
         book = RoundBook.of(messages, dict(self.strategy.sent))
+        gone: set[int] = set()
         replies = collect(
             self.grid,
             messages,
             self.cfg.federation.round_timeout,
             lambda reply, count, total: self.check_reply(server_round, reply, count, total, book),
+            gone=gone,
         )
         replied = {r.metadata.src_node_id for r in replies}
         for node in book.sent:
-            if node not in replied:
+            if node in gone:
+                book.drop(node, NODE_GONE, short="gone")
+                self.strategy.chain.forget(node)
+                self.progress.line(f"round {server_round}/{self.cfg.rounds}  node {node}  DROPPED: {NODE_GONE}")
+            elif node not in replied:
                 book.drop(node, "no reply before the round timeout", short="timeout")
         state, train_loss = self.aggregate(server_round, state, book)
         eval_metrics = self.evaluate(server_round, state, book)
@@ -354,7 +414,7 @@ class RoundLoop:
         for reply in collect(self.grid, messages, self.cfg.federation.round_timeout):
             node = reply.metadata.src_node_id
             if reply.has_error() or P.INFO not in reply.content.config_records:
-                reason = reply.error.reason if reply.has_error() else "no capability record"
+                reason = error_text(reply) if reply.has_error() else "no capability record"
                 self.progress.line(f"node {node} could not report its capabilities: {reason}")
                 continue
             info = reply.content.config_records[P.INFO]

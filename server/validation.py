@@ -13,11 +13,13 @@ well-formed but implausible are capped, not dropped (:func:`example_cap`).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from flwr.app import Array, ArrayRecord, Message
+from flwr.common.constant import ErrorCode
 
 from fedlora import protocol as P
 from fedlora.adapters import exact_on_wire, is_lora_a
@@ -159,6 +161,40 @@ def _short(value: Any, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+#: What each Flower error code means for a fedlora round, in the operator's words.
+#: Why a node that left mid-round is dropped (Flower marks it offline after 2 missed 30 s heartbeats).
+NODE_GONE = (
+    "the node stopped answering mid-round (no heartbeat: its fedlora-client was stopped, crashed or lost "
+    "the network); it is sampled again once it reconnects"
+)
+_ERROR_MEANING = {
+    ErrorCode.NODE_UNAVAILABLE: NODE_GONE,
+    # The SuperLink withdrew the message: in practice its node left the federation mid-round.
+    ErrorCode.MESSAGE_UNAVAILABLE: NODE_GONE,
+    ErrorCode.REPLY_MESSAGE_UNAVAILABLE: "the node's reply expired before the server read it",
+    ErrorCode.CLIENT_APP_CRASHED: "the node's ClientApp process crashed (see the device's own output)",
+    ErrorCode.LOAD_CLIENT_APP_EXCEPTION: "the node could not load fedlora's ClientApp (is fedlora installed there?)",
+}
+#: How Flower writes an exception a ClientApp raised: ``<class 'module.Name'>:<'message'>``.
+_RAISED = re.compile(r"<class '(?:[\w.]*\.)?(\w+)'>:<['\"](.*)['\"]>", re.S)
+
+
+def error_text(reply: Message) -> str:
+    """One line saying why ``reply`` is an error: a node that went away is named as such (not as a
+    timeout), an exception the node raised as ``Name: message`` (not Flower's repr)."""
+    error = reply.error
+    if error.code in _ERROR_MEANING:
+        return _ERROR_MEANING[error.code]
+    reason = str(error.reason or "")
+    raised = _RAISED.fullmatch(reason.strip())
+    if raised:
+        name, message = raised.groups()
+        lines = message.strip().splitlines()
+        return f"the node failed: {name}: {lines[0] if lines else ''}"[:500]
+    first = reason.strip().splitlines()[0] if reason.strip() else f"error code {error.code}"
+    return f"client error: {first}"[:500]
+
+
 def validate_reply(
     reply: Message, sent: ArrayRecord | Mapping[str, Array], *, wire: Wire, max_bytes: int, epsilon: bool = False
 ) -> dict[str, torch.Tensor]:
@@ -181,7 +217,7 @@ def validate_reply(
         The run is under local DP: the reply must state the node's epsilon so far.
     """
     if reply.has_error():
-        raise ReplyError(f"client error: {reply.error.reason}")
+        raise ReplyError(error_text(reply))
     content = reply.content
     if P.ARRAYS not in content.array_records:
         raise ReplyError(f"reply has no {P.ARRAYS!r} record")

@@ -142,9 +142,12 @@ def deployment(tiny_bert, tmp_path_factory):
             time.sleep(0.5)
         server_rc = server.wait(timeout=max(deadline - time.monotonic(), 1))
         run_seconds = time.monotonic() - started
-        for proc in clients:  # the run is over: stop the devices as an operator would
-            children[proc.pid] |= _descendants(proc.pid)
-            proc.send_signal(signal.SIGTERM)
+        # The run is over: the server told every device so, and each ends by itself.
+        ended = _until(lambda: all(p.poll() is not None for p in clients), 60)
+        for proc in clients:
+            if proc.poll() is None:
+                children[proc.pid] |= _descendants(proc.pid)
+                proc.send_signal(signal.SIGTERM)  # an operator's stop, for a device that did not end
         client_rcs = [proc.wait(timeout=60) for proc in clients]
         time.sleep(1.0)
         leftovers = sorted(p for kids in children.values() for p in kids if process_alive(p))
@@ -162,6 +165,7 @@ def deployment(tiny_bert, tmp_path_factory):
         "server_rc": server_rc,
         "server_log": (root / "server.log").read_text(errors="replace"),
         "client_rcs": client_rcs,
+        "devices_ended": bool(ended),
         "client_logs": [(root / f"client{i}.log").read_text(errors="replace") for i in range(3)],
         "refused": refused,
         "wrong_ca": wrong_ca,
@@ -223,7 +227,11 @@ def test_adapter_loads_in_peft(deployment):
 
 def test_processes_exit_cleanly(deployment):
     assert deployment["server_rc"] == 0
-    assert deployment["client_rcs"] == [0, 0, 0], deployment["client_logs"]
+    assert deployment["devices_ended"] and deployment["client_rcs"] == [0, 0, 0], deployment["client_logs"]
+    for log in deployment["client_logs"]:
+        assert "fedlora-client: the federation is over: run 'deployed' completed 3 rounds" in log, log
+        # A normal join and a normal end: no retry noise.
+        assert "Connection attempt failed" not in log and "refused this node" not in log, log
     assert deployment["leftovers"] == [], "SuperNode/ClientApp processes outlived their fedlora-client"
 
 

@@ -121,6 +121,14 @@ def guarded(tiny_bert, tmp_path_factory):
         )
         assert outsider.returncode == 0, outsider.stderr
         answers = json.loads(outsider.stdout)
+        # Devices the server refuses are told why at once (default --max-wait: 600 s).
+        (root / "mine.csv").write_text("text,label\nthe match ended,sports\n")
+        device = [str(BIN / "fedlora-client"), "--server", f"127.0.0.1:{port}", "--data", "mine.csv", "--no-worker"]
+        refused = {}
+        for name, extra in (("no-key", ["--ca", str(files.ca_cert)]), ("insecure", ["--insecure"])):
+            began = time.monotonic()
+            res = subprocess.run(device + extra, cwd=root, env=env, capture_output=True, text=True, timeout=120)
+            refused[name] = (res, time.monotonic() - began)
         time.sleep(1.0)
         still_running = server.poll() is None
         # The run was submitted, so the SuperLink has started its SuperExec and the ServerApp.
@@ -138,6 +146,7 @@ def guarded(tiny_bert, tmp_path_factory):
         _kill_all(family)
     return {
         "answers": answers,
+        "refused": refused,
         "still_running": still_running,
         "names": names,
         "leftovers": [] if leftovers is True else leftovers,
@@ -227,3 +236,18 @@ def test_sigkill_of_the_client_leaves_no_children(tmp_path):
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
             _kill_all(family)
+
+
+@pytest.mark.parametrize(
+    ("device", "reason"),
+    [("no-key", "requires node authentication; pass --key"), ("insecure", "uses TLS; drop --insecure")],
+)
+def test_refused_device_is_told_why_at_once(guarded, device, reason):
+    """A device without --key on an authenticating server, or an --insecure one against TLS, gets
+    one line naming the fix within seconds, not "Exit Code: 305" after --max-wait."""
+    res, seconds = guarded["refused"][device]
+    assert res.returncode == 1, res.stdout + res.stderr
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and reason in err[0], res.stderr
+    assert "Exit Code" not in res.stdout + res.stderr
+    assert seconds < 45, seconds

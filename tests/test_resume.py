@@ -255,6 +255,26 @@ def test_no_good_checkpoint_is_one_line_error(tmp_path, three_rounds):
     assert all(f"round {r}:" in str(err.value) for r in (1, 2, 3))
 
 
+def test_a_run_stopped_before_its_first_checkpoint_resumes_from_round_1(tmp_path, three_rounds):
+    """A server killed during round 1 leaves config.toml (and maybe round 1's metrics line) but no
+    checkpoint: --resume starts the run over instead of refusing it (a fresh start would be
+    refused too: the directory exists)."""
+    cfg, out = three_rounds
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(out / "config.toml", run / "config.toml")
+    (run / "metrics.jsonl").write_text((out / "metrics.jsonl").read_text().splitlines()[0] + "\n")
+    lines = []
+
+    class Lines(Progress):
+        def line(self, text: str) -> None:
+            lines.append(text)
+
+    simulate(cfg, out=run, resume=True, progress=Lines(quiet=True), report=False)
+    assert any("no round of" in line and "starting at round 1" in line for line in lines), lines
+    assert_same_run(out, run)
+
+
 # -- the run's own configuration -----------------------------------------------------------------
 
 
