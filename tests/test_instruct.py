@@ -356,10 +356,10 @@ def _tiny_lm(directory, tok):
     return write_tiny_gpt2(directory, tok)
 
 
-def test_instruction_federation_through_the_cli(tmp_path, monkeypatch, plain_tok):
+def test_instruction_federation_through_the_cli(tmp_path, monkeypatch, plain_tok, capsys):
     """The instruct preset with a tiny local model and a local Alpaca file: two rounds of FedAvg on
     the default (Dirichlet quantity-skew) partitioner; the exported adapter reproduces the
-    federation's model under peft."""
+    federation's model under peft, and `fedlora evaluate` scores it."""
     from conftest import federation_logits, peft_logits
 
     from fedlora.cli import main
@@ -427,6 +427,14 @@ def test_instruction_federation_through_the_cli(tmp_path, monkeypatch, plain_tok
     ours = federation_logits(cfg, out, input_ids)
     theirs = peft_logits(model_dir, "causal_lm", out / "adapter", input_ids)
     assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+
+    # `fedlora evaluate` reads the run's layout from the export and scores the responses.
+    capsys.readouterr()
+    assert main(["evaluate", str(out / "adapter"), "--data", str(data)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["task"], report["format"], report["template"]) == ("causal_lm", "instruction", "alpaca")
+    assert report["examples"] == report["loss_examples"] == 40
+    assert math.isfinite(report["loss"]) and report["perplexity"] == pytest.approx(math.exp(report["loss"]))
     process_state().clear()
 
 
