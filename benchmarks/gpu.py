@@ -280,6 +280,7 @@ def train_steps(model, optimizer, enc, rows: list[int], batch_size: int, pad_id:
     import torch
 
     from fedlora.data import collate
+    from fedlora.devices import autocast
 
     model.train()
     start = meter.now()
@@ -287,11 +288,8 @@ def train_steps(model, optimizer, enc, rows: list[int], batch_size: int, pad_id:
     for first in range(0, len(rows), batch_size):
         batch = collate(enc, rows[first : first + batch_size], pad_id, True)
         batch = {k: v.to(where.device, non_blocking=True) for k, v in batch.items()}
-        if where.torch_dtype == torch.float32:
+        with autocast(torch.device(where.device), where.torch_dtype):  # fedlora's own: none at float32
             loss = model(**batch).loss
-        else:
-            with torch.autocast(device_type=torch.device(where.device).type, dtype=where.torch_dtype):
-                loss = model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

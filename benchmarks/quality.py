@@ -187,6 +187,9 @@ def plot(report: dict, out: Path) -> list[Path]:
 
 
 def main() -> int:
+    from fedlora.config import LR_SCHEDULES
+    from fedlora.strategies.server_opt import SERVER_OPTIMIZERS
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny budget on synthetic data: only checks it runs")
     parser.add_argument(
@@ -204,14 +207,14 @@ def main() -> int:
     parser.add_argument(
         "--lr-schedule",
         default=DEFAULTS["lr_schedule"],
-        choices=["constant", "cosine"],
+        choices=LR_SCHEDULES,
         help="federation.lr_schedule, for every run (the centralised one included)",
     )
     parser.add_argument("--lr-min", type=float, default=DEFAULTS["lr_min"], help="federation.lr_min (cosine)")
     parser.add_argument(
         "--server-optimizer",
         default=DEFAULTS["server_optimizer"],
-        choices=["none", "avgm", "adam", "yogi", "adagrad"],
+        choices=SERVER_OPTIMIZERS,
         help="strategy.server_optimizer of the federated runs (strategies that refuse one run without)",
     )
     parser.add_argument(

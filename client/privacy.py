@@ -101,18 +101,20 @@ class NodePrivacy:
         self.ledger.step(dp.noise_multiplier, dp.sample_rate, steps, part)
 
 
-def state_file(node_config: dict) -> Path | None:
-    """Where a device keeps what it trains for itself across restarts (FedSA's private factors),
-    beside its data like its privacy ledger; None in simulation (checkpoints hold node state)."""
+def _beside_data(node_config: dict, suffix: str) -> Path | None:
+    """``<data file><suffix>`` beside a device's ``--data`` file; None in simulation (no data path)."""
     if P.NODE_DATA_PATH not in node_config:
         return None
     data = Path(str(node_config[P.NODE_DATA_PATH]))
-    return data.with_name(data.name + ".fedlora-state.safetensors")
+    return data.with_name(data.name + suffix)
+
+
+def state_file(node_config: dict) -> Path | None:
+    """Where a device keeps what it trains for itself across restarts (FedSA's private factors),
+    beside its data like its privacy ledger; None in simulation (checkpoints hold node state)."""
+    return _beside_data(node_config, ".fedlora-state.safetensors")
 
 
 def ledger_file(node_config: dict) -> Path | None:
     """Where a device keeps its ledger across restarts (beside its data); None in simulation."""
-    if P.NODE_DATA_PATH not in node_config:
-        return None
-    data = Path(str(node_config[P.NODE_DATA_PATH]))
-    return data.with_name(data.name + ".fedlora-privacy.json")
+    return _beside_data(node_config, ".fedlora-privacy.json")

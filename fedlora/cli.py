@@ -14,6 +14,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from fedlora.config import DATA_FORMATS, DTYPES, QUANTIZATIONS, TEMPLATES
 from fedlora.errors import FedLoraError
 
 EXIT_USAGE = 2
@@ -266,12 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument(
         "--format",
-        choices=("text", "instruction", "chat"),
+        choices=DATA_FORMATS,
         help="how rows are laid out (default: the run's data.format from fedlora.json, else sniffed from the columns)",
     )
     ev.add_argument(
         "--template",
-        choices=("alpaca", "vicuna", "chat"),
+        choices=TEMPLATES,
         help="prompt template (default: the run's; else alpaca, or for chat the tokenizer's own or vicuna)",
     )
     ev.add_argument(
@@ -293,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="exact match covers references of at most this many tokens (default 32)",
     )
     ev.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps")
-    ev.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"), help="compute dtype")
+    ev.add_argument("--dtype", default="auto", choices=DTYPES, help="compute dtype")
     ev.set_defaults(func=cmd_evaluate)
     _add_debug(ev, subcommand=True)
     par = sub.add_parser("partition", help="write each simulated client's data to a CSV (for fedlora-client --data)")
@@ -508,7 +509,7 @@ def _client_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--quantization",
-        choices=("auto", "none", "8bit", "4bit"),
+        choices=("auto", *QUANTIZATIONS),
         help="base-model precision on this device, or auto: the least quantized that fits (default: the run's)",
     )
     p.add_argument(

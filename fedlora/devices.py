@@ -81,10 +81,15 @@ class Placement:
         return cls("cpu", "float32")
 
 
+def machine() -> tuple[int, bool]:
+    """This machine's accelerators: (visible CUDA devices, whether MPS is available)."""
+    cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return cuda_count, bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
 def placement(device: str = "auto", dtype: str = "auto", key: str = "model.device") -> Placement:
     """Resolve ``model.device`` / ``model.dtype`` on this machine (errors name ``key``)."""
-    cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    cuda_count, mps = machine()
     where = resolve_device(device, cuda_count=cuda_count, mps=mps, key=key)
     if where.startswith("cuda"):
         bf16 = bool(torch.cuda.is_bf16_supported())

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from fedlora.errors import DataError, FedLoraError, ModelError
+from fedlora.training import MAX_LOG_PERPLEXITY, perplexity  # noqa: F401 - part of this module's scoring API
 
 #: Columns of a multiple-choice row: the candidate answers and the correct one (index or text).
 CHOICES_COLUMN = "choices"
@@ -53,8 +54,6 @@ COLUMN_KEYS = (
 )
 #: peft task types ``fedlora evaluate`` knows how to evaluate.
 TASK_TYPES = {"CAUSAL_LM": "causal_lm", "SEQ_CLS": "classification"}
-#: Why losses are capped before ``exp`` (as in :func:`fedlora.training.evaluate`): no overflow.
-MAX_LOG_PERPLEXITY = 50.0
 
 # ---------------------------------------------------------------------------------------------
 # Pure scoring math
@@ -93,11 +92,6 @@ def mean_nll(sums: Sequence[float], counts: Sequence[int]) -> float:
     """Token-weighted mean negative log-likelihood: ``-sum(sums) / sum(counts)`` (0 for no tokens)."""
     total = sum(int(c) for c in counts)
     return -sum(float(s) for s in sums) / total if total else 0.0
-
-
-def perplexity(nll: float) -> float:
-    """``exp(nll)``, the log capped at :data:`MAX_LOG_PERPLEXITY` so a diverged model gives a number."""
-    return float(math.exp(min(nll, MAX_LOG_PERPLEXITY)))
 
 
 def _argmax(values: Sequence[float]) -> int:
@@ -625,8 +619,10 @@ def evaluate_causal(
         plain = plain.filter(lambda row: not _missing(row["text"]) and bool(str(row["text"]).strip()))
     elif data.format == "instruction":
         plain = plain.filter(lambda row: not _missing(row[data.response_column]))
+    # Instruction and chat rows rendered once: scored for loss here, reused for exact match below.
+    pairs = [render_prompt(row, data, tokenizer) for row in plain] if data.format != "text" else []
     if len(plain):
-        enc = encode_rows(plain, data, tokenizer, max_length)
+        enc = encode_pairs(pairs, tokenizer, max_length) if pairs else encode_rows(plain, data, tokenizer, max_length)
         metrics = evaluate(
             model, enc, batch_size=opts.batch_size, pad_id=pad_id, causal=True, compute_dtype=compute_dtype
         )
@@ -667,12 +663,9 @@ def evaluate_causal(
         hits = total = 0
         limit = model_max_length(model)
         gen_eos = eos if eos is not None else getattr(model.config, "eos_token_id", None)
-        for row in plain:
-            prompt, reference = render_prompt(row, data, tokenizer)
+        for (_, reference), ids, plen in zip(pairs, enc.input_ids, enc.prompt_lengths):
             if not reference.strip():
                 continue
-            enc = encode_pairs([(prompt, reference)], tokenizer, max_length)
-            ids, plen = enc.input_ids[0], enc.prompt_lengths[0]
             ref_tokens = len(ids) - plen
             if ref_tokens > opts.max_answer_tokens or plen == 0:
                 continue

@@ -245,22 +245,8 @@ class RunDirectory:
             if name in sums and hashlib.sha256(blobs[name]).hexdigest() != sums[name]:
                 size = len(blobs[name])
                 raise _Unusable(f"{name} does not match its checksum ({'empty' if not size else f'{size:,} bytes'})")
-        try:
-            state = load(blobs[f"{stem}.safetensors"])
-        except Exception as err:  # noqa: BLE001 - any decoding failure makes the round unusable
-            raise _Unusable(f"{stem}.safetensors does not load: {type(err).__name__}") from None
-        broken = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
-        if broken is not None:
-            raise _Unusable(f"{stem}.safetensors holds non-finite values in {broken}")
-        server = None
-        if f"{stem}.server.safetensors" in blobs:
-            try:
-                server = load(blobs[f"{stem}.server.safetensors"])
-            except Exception as err:  # noqa: BLE001 - as for the state
-                raise _Unusable(f"{stem}.server.safetensors does not load: {type(err).__name__}") from None
-            broken = next((k for k, v in server.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
-            if broken is not None:
-                raise _Unusable(f"{stem}.server.safetensors holds non-finite values in {broken}")
+        state = _finite_tensors(blobs, f"{stem}.safetensors")
+        server = _finite_tensors(blobs, f"{stem}.server.safetensors") if f"{stem}.server.safetensors" in blobs else None
         return Checkpoint(server_round, state, extra, blobs.get(f"{stem}.nodes.pb"), server)
 
     def _set_aside(self, rounds: list[int]) -> None:
@@ -322,6 +308,19 @@ class Checkpoint:
 
 class _Unusable(Exception):
     """A checkpoint round that fails verification (the message says why)."""
+
+
+def _finite_tensors(blobs: dict[str, bytes], name: str) -> dict[str, torch.Tensor]:
+    """The tensors of checkpoint file ``name``; :class:`_Unusable` when they do not load or one
+    holds a NaN or an infinity."""
+    try:
+        tensors = load(blobs[name])
+    except Exception as err:  # noqa: BLE001 - any decoding failure makes the round unusable
+        raise _Unusable(f"{name} does not load: {type(err).__name__}") from None
+    broken = next((k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if broken is not None:
+        raise _Unusable(f"{name} holds non-finite values in {broken}")
+    return tensors
 
 
 def _sidecar_digest(sidecar: dict[str, Any]) -> str:

@@ -43,6 +43,15 @@ def steps_for(num_examples: int, batch_size: int, local_steps: int, local_epochs
     return local_steps
 
 
+#: Losses are capped at this before ``exp``: a diverged model's perplexity is a number, not an overflow.
+MAX_LOG_PERPLEXITY = 50.0
+
+
+def perplexity(nll: float) -> float:
+    """``exp(nll)``, the log capped at :data:`MAX_LOG_PERPLEXITY` so a diverged model gives a number."""
+    return float(math.exp(min(nll, MAX_LOG_PERPLEXITY)))
+
+
 def round_lr(lr: float, server_round: int, rounds: int, schedule: str = "constant", lr_min: float = 0.0) -> float:
     """The client learning rate of round ``server_round`` (1-based) of ``rounds``.
 
@@ -242,7 +251,7 @@ def evaluate(
             task_correct[tid] = task_correct.get(tid, 0) + int(hit)
     loss = loss_sum / max(weight, 1)
     if causal:
-        return {"eval_loss": loss, "eval_perplexity": float(math.exp(min(loss, 50.0)))}
+        return {"eval_loss": loss, "eval_perplexity": perplexity(loss)}
     result = {"eval_loss": loss, "eval_accuracy": correct / max(len(data), 1)}
     for tid in sorted(task_count):
         name = task_names[tid] if task_names is not None and tid < len(task_names) else str(tid)

@@ -297,6 +297,7 @@ class RoundLoop:
         #: Names this run (not its config: a new run of the same preset is another run) for what
         #: devices save of it on disk; made at the start, restored on ``--resume``.
         self.run_uid = uuid.uuid4().hex
+        self._nodes_saved = 0  # nodes in nodes.json
         self.max_reply_bytes = int(self.cfg.federation.max_reply_mb * 1024 * 1024)
         self.wire = Wire(self.cfg.federation.transport_dtype, self.cfg.federation.transport_quantize)
         #: User-level DP around the strategy's aggregation (``privacy.mode = "central"``).
@@ -376,6 +377,7 @@ class RoundLoop:
             lambda reply, count, total: self.check_reply(server_round, reply, count, total, book),
             gone=gone,
         )
+        self.save_nodes()  # late joiners report with their first reply
         replied = {r.metadata.src_node_id for r in replies}
         for node in book.sent:
             if node in gone:
@@ -424,16 +426,21 @@ class RoundLoop:
                 self.progress.line(f"node {node} sent malformed capabilities (ignored): {err}")
                 continue
             self.record_node(node, info)
+        self.save_nodes()
 
     def record_node(self, node: int, info: ConfigRecord) -> None:
-        """Keep what ``node`` says it has (a malformed record is ignored) in the directory and in
-        the run directory's nodes.json; announce it if asked."""
+        """Keep what ``node`` says it has (a malformed record is ignored) in the directory;
+        announce it if asked. :meth:`save_nodes` writes the directory out."""
         got = self.nodes.record(node, info)
-        if got is None:
-            return
-        self.run_dir.write_json(NODES_FILE, [dataclasses.asdict(n) for n in self.nodes.all()])
-        if self.announce_nodes:
+        if got is not None and self.announce_nodes:
             self.progress.line(f"node {node} joined: {describe_node(got)}")
+
+    def save_nodes(self) -> None:
+        """Write every node's report to the run directory's nodes.json when nodes joined since the
+        last write (once per query or round, not once per node: a run starts with all its nodes)."""
+        if len(self.nodes) != self._nodes_saved:
+            self.run_dir.write_json(NODES_FILE, [dataclasses.asdict(n) for n in self.nodes.all()])
+            self._nodes_saved = len(self.nodes)
 
     def configure(self, server_round: int, state: dict[str, torch.Tensor]) -> list[Message]:
         """The strategy's train messages for this round."""

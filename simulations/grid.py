@@ -28,7 +28,6 @@ many (bit for bit on identical devices).
 
 from __future__ import annotations
 
-import builtins
 import os
 import shutil
 import subprocess
@@ -146,10 +145,9 @@ class _WorkerProcess:
 
 def _transport_failure(err: BaseException) -> bool:
     """Whether ``err`` from :func:`call_worker` is the socket failing (a worker that died, say)
-    rather than the handler's own exception. The latter arrive as :func:`remote_error`'s
-    classes, made on the spot, so never the very WorkerError / builtin OSError classes."""
-    cls = type(err)
-    return cls is WorkerError or (isinstance(err, (OSError, EOFError)) and getattr(builtins, cls.__name__, None) is cls)
+    rather than the handler's own exception: :func:`call_worker` raises every socket failure as
+    WorkerError itself, the handler's exceptions as :func:`remote_error`'s classes, made on the spot."""
+    return type(err) is WorkerError
 
 
 class _LaneLost(Exception):

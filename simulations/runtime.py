@@ -68,10 +68,9 @@ def simulation_devices(cfg: RunConfig, *, cuda_count: int, mps: bool = False) ->
 
 def machine_devices(cfg: RunConfig) -> list[str]:
     """:func:`simulation_devices` on this machine."""
-    import torch
+    from fedlora.devices import machine
 
-    cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    cuda_count, mps = machine()
     return simulation_devices(cfg, cuda_count=cuda_count, mps=mps)
 
 

@@ -31,12 +31,9 @@ import numpy as np
 import torch
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 
+from fedlora.config import AGGREGATORS
+from fedlora.config import UPDATE_CLIPS as CLIPS
 from fedlora.privacy import clip_update, global_norm
-
-#: ``[robustness] update_clip`` values.
-CLIPS = ("none", "median_multiple", "fixed")
-#: ``[robustness] aggregator`` values.
-AGGREGATORS = ("mean", "trimmed_mean", "median")
 
 States = Sequence[Mapping[str, torch.Tensor]]
 #: A strategy's average: (states, weights) -> one state.
