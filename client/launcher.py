@@ -477,7 +477,11 @@ def run_client(
         while True:
             proc, watcher = _supernode(opts, worker, emit)
             try:
-                while proc.poll() is None and not stop_event.is_set() and not _over(watcher, worker):
+                # A lost connection ends the session: Flower's SuperNode would retry with a node id
+                # that a restarted server may not know, for up to --max-wait; a new one joins at once.
+                while (
+                    proc.poll() is None and not stop_event.is_set() and not _over(watcher, worker) and not watcher.lost
+                ):
                     if worker is not None:
                         worker.check()
                     if watcher.node_id and not watcher.lost:
@@ -515,8 +519,8 @@ def run_client(
             if not watcher.node_id:
                 reason = watcher.flower_error or watcher.last_error or f"exit {proc.returncode}"
                 raise ConnectError(f"the SuperNode could not join the server at {host}:{port}: {reason}")
-            # It had joined and the server went away (a restarted server forgets its nodes, and
-            # the SuperNode then ends): join again, as a new node, for up to --max-wait.
+            # It had joined and the server went away (a restarted server forgets its nodes): join
+            # again with a new SuperNode once the server answers, for up to --max-wait.
             if not watcher.lost:
                 emit(f"{PREFIX}lost the connection to the server; reconnecting")
             away_since = away_since or time.monotonic()
