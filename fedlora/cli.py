@@ -440,8 +440,51 @@ def _server_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long the SuperLink may take to start (default 60)",
     )
+    _add_fleet_limits(p)
     _add_debug(p)
     return p
+
+
+def _add_fleet_limits(p: argparse.ArgumentParser) -> None:
+    """What the fleet port accepts (fedlora.server.gateway; docs/deployment.md: "The fleet port")."""
+    from fedlora.server.gateway import GatewayLimits as L
+
+    g = p.add_argument_group("fleet port limits")
+    g.add_argument(
+        "--max-request-mb",
+        type=float,
+        metavar="MB",
+        help="largest request body a device may send; larger ones get 413 unread (default: from the run's adapter "
+        "size, 2 x its values at the upload precision + 16 MB)",
+    )
+    g.add_argument(
+        "--max-inflight-mb",
+        type=float,
+        metavar="MB",
+        help="request bytes forwarded at once, all devices together; beyond it 503 (retried by devices) "
+        "(default: 8 x --max-request-mb, at least 1024)",
+    )
+    g.add_argument(
+        "--max-connections",
+        type=int,
+        default=L.max_connections,
+        metavar="N",
+        help=f"open connections in all; at the cap an idle one is dropped for a newcomer (default {L.max_connections})",
+    )
+    g.add_argument(
+        "--max-connections-per-peer",
+        type=int,
+        default=L.max_connections_per_peer,
+        metavar="N",
+        help=f"open connections from one address (default {L.max_connections_per_peer})",
+    )
+    g.add_argument(
+        "--header-timeout",
+        type=float,
+        default=L.header_timeout,
+        metavar="SECONDS",
+        help=f"TLS handshake, request line and headers must arrive within this (default {L.header_timeout:g})",
+    )
 
 
 def server_main(argv: list[str] | None = None) -> int:
@@ -471,6 +514,11 @@ def server_main(argv: list[str] | None = None) -> int:
             wait_clients=args.wait_clients,
             resume=args.resume,
             startup_timeout=args.startup_timeout,
+            max_request_mb=args.max_request_mb,
+            max_inflight_mb=args.max_inflight_mb,
+            max_connections=args.max_connections,
+            max_connections_per_peer=args.max_connections_per_peer,
+            header_timeout=args.header_timeout,
         )
         return serve(cfg, opts, emit=lambda line: print(line, flush=True))
 

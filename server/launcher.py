@@ -27,20 +27,18 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
-import http.server
 import io
+import math
 import os
 import re
 import shutil
 import signal
 import socket
-import ssl
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +52,8 @@ from fedlora.errors import FedLoraError, RunFailed
 from fedlora.runlog import RunDirectory
 
 from .deployed_app import DONE_PREFIX, ERROR_PREFIX
+from .fleet_auth import NodeKeys
+from .gateway import MIB, FleetGateway, GatewayLimits, request_limit
 
 DEFAULT_PORT = 9092
 SERVER_APP = "fedlora.server.deployed_app:app"
@@ -78,6 +78,25 @@ class ServerOptions:
     wait_clients: float = 300.0
     resume: bool = False
     startup_timeout: float = 60.0
+    #: The fleet port's limits (:mod:`fedlora.server.gateway`); None: derived from the run / defaults.
+    max_request_mb: float | None = None
+    max_inflight_mb: float | None = None
+    max_connections: int = GatewayLimits.max_connections
+    max_connections_per_peer: int = GatewayLimits.max_connections_per_peer
+    header_timeout: float = GatewayLimits.header_timeout
+
+    def limits(self) -> GatewayLimits:
+        """The fleet port's limits, before the run's own request bound is known."""
+        limits = GatewayLimits(
+            max_connections=self.max_connections,
+            max_connections_per_peer=self.max_connections_per_peer,
+            header_timeout=self.header_timeout,
+        )
+        if self.max_request_mb is not None:
+            limits = replace(limits, max_request_bytes=int(self.max_request_mb * MIB))
+        if self.max_inflight_mb is not None:
+            limits = replace(limits, max_inflight_bytes=int(self.max_inflight_mb * MIB))
+        return limits
 
 
 def tool(name: str) -> str:
@@ -189,136 +208,20 @@ def loopback_port() -> int:
         return int(sock.getsockname()[1])
 
 
-#: The only requests a device may make: Flower's Fleet API, one RPC per path.
-FLEET_PATH = re.compile(r"/v1/fleet/[a-z][a-z-]*")
-#: Largest request body forwarded (adapter uploads are a few MB; --max-reply-mb is checked later).
-GATEWAY_MAX_BODY = 1 << 30
-#: How long a device's connection may sit idle, and a forwarded call may take.
-GATEWAY_TIMEOUT = 300.0
-_HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "accept-encoding", "te"}
-_DRAIN_LIMIT = 1 << 20
-REFUSED = b"fedlora-server: only the Fleet API is served on this port\n"
-
-
-class _GatewayHandler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: _GatewayServer
-
-    def setup(self) -> None:
-        self.request.settimeout(GATEWAY_TIMEOUT)
-        if self.server.tls_context is not None:
-            # Handshake here, in this connection's thread: a peer that stalls it holds up no one.
-            self.request = self.server.tls_context.wrap_socket(self.request, server_side=True)
-        super().setup()
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
-        pass  # the SuperLink's log records every call
-
-    def _drain(self) -> None:
-        """Read a small refused request's body: closing with unread bytes resets the connection
-        before the client has read the answer."""
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            return
-        if 0 < length <= _DRAIN_LIMIT:
-            self.rfile.read(length)
-
-    def _refuse(self, status: int = 403, body: bytes = REFUSED, drain: bool = True) -> None:
-        if drain:
-            self._drain()
-        self.close_connection = True
-        self.send_response(status)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    do_GET = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _refuse
-
-    def do_POST(self) -> None:
-        # A full match, not a prefix: "/v1/fleet/../control/..." must not reach the Control API.
-        if not FLEET_PATH.fullmatch(self.path):
-            return self._refuse()
-        if "Transfer-Encoding" in self.headers:
-            return self._refuse(411, b"fedlora-server: Content-Length required\n")
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
-        if not 0 <= length <= GATEWAY_MAX_BODY:
-            return self._refuse(413, b"fedlora-server: bad request size\n")
-        body = self.rfile.read(length)
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_HEADERS}
-        try:
-            res = self.server.upstream.post(self.path, content=body, headers=headers)
-        except Exception:  # noqa: BLE001 - the SuperLink is starting or gone: the SuperNode retries
-            return self._refuse(503, b"fedlora-server: the SuperLink is not available\n", drain=False)
-        self.send_response(res.status_code)
-        for key, value in res.headers.items():
-            if key.lower() not in _HOP_HEADERS and key.lower() != "content-encoding":
-                self.send_header(key, value)
-        self.send_header("Content-Length", str(len(res.content)))
-        self.end_headers()
-        self.wfile.write(res.content)
-
-
-class _GatewayServer(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, address: tuple[str, int], tls_context: ssl.SSLContext | None, upstream: Any):
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        self.tls_context = tls_context
-        self.upstream = upstream
-        super().__init__(address, _GatewayHandler)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        pass  # a failed handshake or a peer that went away: nothing to report
-
-
-class FleetGateway:
-    """The one port the devices reach (``--host``/``--port``): Flower's Fleet API, nothing else.
-
-    It terminates TLS with the server's certificate and forwards ``POST /v1/fleet/<rpc>``
-    (headers, node-authentication signatures included, unchanged) to the SuperLink on loopback.
-    Every other request (Control API: register nodes, start, list, stop runs, stream logs;
-    ServerAppIo/runtime API; docs) is answered 403 without reaching the SuperLink.
-    """
-
-    def __init__(self, host: str, port: int, upstream_port: int, tls: dict[str, Path] | None):
-        import httpx
-
-        self.tls_context = None
-        verify: ssl.SSLContext | bool = False
-        if tls is not None:
-            self.tls_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            self.tls_context.load_cert_chain(str(tls["cert"]), str(tls["key"]))
-            verify = ssl.create_default_context(cafile=str(tls["ca"]))
-        scheme = "https" if tls is not None else "http"
-        self.upstream = httpx.Client(
-            base_url=f"{scheme}://127.0.0.1:{upstream_port}", verify=verify, timeout=GATEWAY_TIMEOUT
-        )
-        self.server = _GatewayServer((host, port), self.tls_context, self.upstream)
-        self.thread = threading.Thread(target=self.server.serve_forever, name="fleet-gateway", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self) -> None:
-        if self.thread.is_alive():
-            self.server.shutdown()
-        self.server.server_close()
-        self.upstream.close()
-
-
 class SuperLink:
     """A ``flower-superlink`` child process on loopback and a Control API client to it."""
 
-    def __init__(self, opts: ServerOptions, log_path: Path, tls: dict[str, Path] | None):
+    def __init__(
+        self,
+        opts: ServerOptions,
+        log_path: Path,
+        tls: dict[str, Path] | None,
+        keys: NodeKeys | None = None,
+        emit: Callable[[str], None] = print,
+    ):
         self.opts = opts
+        self.keys = keys
+        self.emit = emit
         self.log_path = log_path
         self.tls = tls
         self.process: subprocess.Popen | None = None
@@ -373,7 +276,15 @@ class SuperLink:
                 preexec_fn=die_with_parent(),
             )
         try:
-            self.gateway = FleetGateway(self.opts.host, self.opts.port, self.internal_port, self.tls)
+            self.gateway = FleetGateway(
+                self.opts.host,
+                self.opts.port,
+                self.internal_port,
+                self.tls,
+                limits=self.opts.limits(),
+                keys=self.keys,
+                emit=self.emit,
+            )
         except OSError as err:
             raise FedLoraError(
                 f"--host {self.opts.host} --port {self.opts.port}: cannot listen there ({err.strerror})"
@@ -556,13 +467,8 @@ def _show(text: str, emit: Callable[[str], None], errors: list[str]) -> None:
         emit(line)
 
 
-def serve(cfg: RunConfig, opts: ServerOptions, emit: Callable[[str], None] = print, poll: float = 0.5) -> int:
-    """Run ``cfg`` on a fresh SuperLink until it ends; return the process exit status.
-
-    Raises a FedLoraError for every problem found before the run starts.
-    """
-    from .server_app import prepare
-
+def _check_options(opts: ServerOptions, emit: Callable[[str], None]) -> tuple[dict[str, Path] | None, dict[str, bytes]]:
+    """The TLS files and node keys ``opts`` name; a FedLoraError for the first bad flag."""
     if opts.auth_keys is not None and opts.insecure:
         raise FedLoraError("--auth-keys needs TLS: node authentication is signed over TLS; drop --insecure")
     tls = None
@@ -585,26 +491,57 @@ def serve(cfg: RunConfig, opts: ServerOptions, emit: Callable[[str], None] = pri
         raise FedLoraError(f"--wait-clients must be > 0 seconds, got {opts.wait_clients:g}")
     if not 0 < opts.port < 65536:
         raise FedLoraError(f"--port must be 1-65535, got {opts.port}")
+    _check_limits(opts)
+    return tls, keys
+
+
+def _check_limits(opts: ServerOptions) -> None:
+    """The fleet port's flags: positive, finite numbers (one line naming the flag)."""
+    for flag, value in (
+        ("--max-request-mb", opts.max_request_mb),
+        ("--max-inflight-mb", opts.max_inflight_mb),
+        ("--max-connections", opts.max_connections),
+        ("--max-connections-per-peer", opts.max_connections_per_peer),
+        ("--header-timeout", opts.header_timeout),
+    ):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise FedLoraError(f"{flag} must be a number > 0, got {value:g}")
+
+
+def run_request_limit(prepared: Any) -> int:
+    """:func:`~fedlora.server.gateway.request_limit` of a prepared run: every trainable value of
+    the global adapter (heads included; one adapter per task for multi-task strategies) at the
+    upload's float width (quantized uploads are smaller)."""
+    host = prepared.host
+    values = sum(p.numel() for p in host.params(host.ensure(prepared.spec, seed=prepared.cfg.seed)).values())
+    tasks = max(len(getattr(prepared.data, "tasks", None) or ()), 1)
+    width = 4 if prepared.cfg.federation.transport_dtype == "float32" else 2
+    return request_limit(values * tasks, width)
+
+
+def serve(cfg: RunConfig, opts: ServerOptions, emit: Callable[[str], None] = print, poll: float = 0.5) -> int:
+    """Run ``cfg`` on a fresh SuperLink until it ends; return the process exit status.
+
+    Raises a FedLoraError for every problem found before the run starts.
+    """
+    tls, keys = _check_options(opts, emit)
+    # The folder's lock, held by this process until the run ends (the ServerApp process it starts
+    # writes there under it): one run writes a run directory at a time.
     run_dir = RunDirectory.open(opts.out, resume=opts.resume)
-    if opts.resume:
-        run_dir.check_resume_config(cfg)  # the run on disk keeps its meaning: strategy, clients, adapter
-    check_port_free(opts.host, opts.port)
-    created = not run_dir.path.exists()
-    run_dir.path.mkdir(parents=True, exist_ok=True)
-    link = SuperLink(opts, run_dir.path / "superlink.log", tls)
+    link = SuperLink(opts, run_dir.path / "superlink.log", tls, NodeKeys(keys.values()) if keys else None, emit)
     run_id = None
     try:
+        if opts.resume:
+            run_dir.check_resume_config(cfg)  # the run on disk keeps its meaning: strategy, clients, adapter
+        check_port_free(opts.host, opts.port)
         link.launch()  # boots while the preset is checked
         try:
-            prepare(cfg, check_partitions=False)  # a preset the run would reject is rejected before it starts
+            _prepare(cfg, opts, link, emit)
         except FedLoraError:
             link.stop()
-            if created:
+            if run_dir.lock is not None and run_dir.lock.created:
                 shutil.rmtree(run_dir.path, ignore_errors=True)  # a rejected preset leaves no trace
             raise
-        from fedlora.models import clear_cache
-
-        clear_cache()  # the ServerApp process loads its own copy
         link.wait_ready()
         scheme = "insecure" if tls is None else "TLS"
         emit(
@@ -620,23 +557,7 @@ def serve(cfg: RunConfig, opts: ServerOptions, emit: Callable[[str], None] = pri
             f"fedlora-server: run {run_id} ({cfg.name}, strategy {cfg.strategy.name}, {cfg.rounds} rounds) "
             f"submitted; clients connect with fedlora-client --server <this host>:{opts.port}"
         )
-        errors: list[str] = []
-        pending = [""]  # a chunk may end mid-line
-
-        def on_text(text: str) -> None:
-            *lines, pending[0] = (pending[0] + text).split("\n")
-            _show("\n".join(lines), emit, errors)
-
-        after = 0.0
-        while True:
-            after = link.follow_logs(run_id, after, on_text)
-            if link.process is not None and link.process.poll() is not None:
-                raise FedLoraError(f"the SuperLink stopped during the run: {link._log_error()}")
-            status, sub_status = link.status(run_id)
-            if status == "finished":
-                break
-            time.sleep(poll)
-        _show(pending[0], emit, errors)
+        sub_status, errors = _follow(link, run_id, emit, poll)
         run_id = None
         if sub_status != "completed":
             raise RunFailed(errors[-1] if errors else f"the run {sub_status} (see {link.log_path})")
@@ -649,6 +570,50 @@ def serve(cfg: RunConfig, opts: ServerOptions, emit: Callable[[str], None] = pri
         return 130
     finally:
         link.stop()
+        run_dir.close()
+
+
+def _prepare(cfg: RunConfig, opts: ServerOptions, link: SuperLink, emit: Callable[[str], None]) -> None:
+    """Check the preset as the run will (a preset it would reject is rejected before it starts)
+    and size the fleet port's largest request from the run's adapter."""
+    from fedlora.models import clear_cache
+
+    from .server_app import prepare
+
+    prepared = prepare(cfg, check_partitions=False)
+    if opts.max_request_mb is None:
+        link.gateway.set_limits(max_request_bytes=run_request_limit(prepared))
+    limits = link.gateway.limits
+    if opts.max_inflight_mb is None:  # room for a few largest requests at once, and at least 1 GiB
+        link.gateway.set_limits(max_inflight_bytes=max(8 * limits.max_request_bytes, 1 << 30))
+    del prepared
+    clear_cache()  # the ServerApp process loads its own copy
+    emit(
+        f"fedlora-server: fleet port accepts requests up to {link.gateway.limits.max_request_bytes / MIB:.1f} MB, "
+        f"{limits.max_connections} connections ({limits.max_connections_per_peer} per address)"
+    )
+
+
+def _follow(link: SuperLink, run_id: int, emit: Callable[[str], None], poll: float) -> tuple[str, list[str]]:
+    """Stream the run's log to ``emit`` until it ends: its sub-status and fedlora's error lines."""
+    errors: list[str] = []
+    pending = [""]  # a chunk may end mid-line
+
+    def on_text(text: str) -> None:
+        *lines, pending[0] = (pending[0] + text).split("\n")
+        _show("\n".join(lines), emit, errors)
+
+    after = 0.0
+    while True:
+        after = link.follow_logs(run_id, after, on_text)
+        if link.process is not None and link.process.poll() is not None:
+            raise FedLoraError(f"the SuperLink stopped during the run: {link._log_error()}")
+        status, sub_status = link.status(run_id)
+        if status == "finished":
+            break
+        time.sleep(poll)
+    _show(pending[0], emit, errors)
+    return sub_status, errors
 
 
 def _summary(cfg: RunConfig, run_dir: Path, emit: Callable[[str], None]) -> None:

@@ -164,3 +164,15 @@ def test_gpu_quick(tmp_path):
     }
     for target in report["targets"].values():
         assert target["met"] is None and "not applicable" in target["reason"]
+
+
+def test_gateway_abuse_quick(tmp_path):
+    """A real fedlora-server (TLS, node authentication) with 3 training devices, attacked by an
+    outsider: 3 x 64 MB declared uploads and 300 half-open TLS connections. The quick mode's
+    attacks are small, so the issue's targets must hold here too."""
+    report = run_quick("gateway_abuse.py", tmp_path, timeout=600)
+    assert report["benchmark"] == "gateway_abuse" and report["quick"] is True
+    assert [r["status"] for r in report["big_bodies"]["requests"]] == [401, 401, 401]
+    assert report["half_open"]["opened"] == 300
+    assert all(report["targets_met"].values()), report["targets_met"]
+    assert any("fleet port refused" in line for line in report["deployment"]["refusal_log_lines"])
