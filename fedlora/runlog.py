@@ -2,6 +2,7 @@
 
 Layout of ``runs/<name>/``::
 
+    .lock                held by the run writing the folder, while it runs (fedlora.runlock)
     config.toml          the resolved configuration (re-runnable as a preset)
     metrics.jsonl        one JSON object per round
     checkpoints/         round_0001.safetensors + round_0001.json (strategy state, sha256 of the round's
@@ -36,6 +37,7 @@ from safetensors.torch import load, save
 from fedlora.config import RunConfig
 from fedlora.errors import FedLoraError
 from fedlora.files import atomic_write_bytes
+from fedlora.runlock import LOCK_NAME, RunLock
 
 
 def finite_json(obj: Any) -> Any:
@@ -62,27 +64,68 @@ class RunDirectory:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        #: The folder's lock while this object's run holds it (:meth:`open` to :meth:`close`);
+        #: a RunDirectory made directly (readers, the deployed ServerApp whose launcher holds
+        #: the lock) has none.
+        self.lock: RunLock | None = None
 
     @classmethod
     def open(cls, path: str | Path, *, resume: bool) -> RunDirectory:
-        """Check the folder may be used; create nothing yet (errors must leave no trace)."""
+        """Take the folder's lock (one writer per run directory: :mod:`fedlora.runlock`), then
+        check the folder may be used; the run holds it until :meth:`close` (``with`` closes it).
+
+        The folder is created only to hold the lock; an error here, or any before the run
+        writes its first file, leaves no trace (:meth:`close` removes what the lock created).
+
+        Raises
+        ------
+        FedLoraError
+            One line: another process holds the folder (naming its pid), there is nothing to
+            resume, or a new run's folder is not empty.
+        """
         run = cls(path)
         if run.path.exists() and not run.path.is_dir():
             raise FedLoraError(f"--out: {run.path} exists and is not a directory")
+        # Locked before it is looked at: a live run's folder is refused as in use, not as "exists".
+        run.lock = RunLock.acquire(run.path)
+        try:
+            run._check_usable(resume)
+        except BaseException:
+            run.close()
+            raise
+        return run
+
+    def _check_usable(self, resume: bool) -> None:
         if resume:
             # A run stopped before its first checkpoint still has its config.toml: it starts over.
-            if run.latest_checkpoint_round() is None and not (run.path / "config.toml").is_file():
-                raise FedLoraError(f"--resume: no checkpoint under {run.path / 'checkpoints'}")
-        elif run.path.exists() and any(run.path.iterdir()):
+            if self.latest_checkpoint_round() is None and not (self.path / "config.toml").is_file():
+                raise FedLoraError(f"--resume: no checkpoint under {self.path / 'checkpoints'}")
+        elif any(p.name != LOCK_NAME for p in self.path.iterdir()):
             raise FedLoraError(
-                f"run directory {run.path} already exists; pick another with --out DIR or continue it with --resume"
+                f"run directory {self.path} already exists; pick another with --out DIR or continue it with --resume"
             )
-        return run
+
+    def close(self) -> None:
+        """Release the folder's lock (idempotent); a folder the lock created that the run left
+        empty is removed with it."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def __enter__(self) -> RunDirectory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def discard_unfinished(self) -> bool:
         """Remove the run directory when no round of it was checkpointed (a run that failed
-        before its first round leaves no trace); True when it was removed."""
-        if not self.path.is_dir() or self.latest_checkpoint_round() is not None:
+        before its first round leaves no trace); True when it was removed.
+
+        Only the run holding the folder's lock (:meth:`open`) removes anything: a folder another
+        process holds, or one this object never locked, is left as it is.
+        """
+        if self.lock is None or not self.path.is_dir() or self.latest_checkpoint_round() is not None:
             return False
         shutil.rmtree(self.path, ignore_errors=True)
         return True

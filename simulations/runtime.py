@@ -141,27 +141,28 @@ def simulate(
     if backend not in BACKENDS:
         raise FedLoraError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     devices = grid_devices(cfg, backend)  # a device that is not there: one line, before anything is written
-    run_dir = RunDirectory.open(out if out is not None else Path("runs") / cfg.name, resume=resume)
-    if resume:
-        run_dir.check_resume_config(cfg)  # the run on disk keeps its meaning: strategy, clients, adapter
-    prepared = prepare(cfg)  # every user mistake surfaces here, before anything is written
-    progress = progress or Progress()
-    results: list[RunResult] = []
-    try:
-        _run(cfg, prepared, run_dir, progress, results, backend, resume, ray_address, ray_cpus_per_client, devices)
-        if not results:
-            raise FedLoraError(f"the {backend} simulation ended without finishing the run (see the log above)")
-    except BaseException:
-        if not resume:  # a run that fails before its first round leaves no files behind
-            run_dir.discard_unfinished()
-        raise
-    if report:
+    # The folder's lock, held to the end (also on errors): one run writes a run directory at a time.
+    with RunDirectory.open(out if out is not None else Path("runs") / cfg.name, resume=resume) as run_dir:
+        if resume:
+            run_dir.check_resume_config(cfg)  # the run on disk keeps its meaning: strategy, clients, adapter
+        prepared = prepare(cfg)  # every user mistake surfaces here, before anything is written
+        progress = progress or Progress()
+        results: list[RunResult] = []
         try:
-            from fedlora.report import write_report
+            _run(cfg, prepared, run_dir, progress, results, backend, resume, ray_address, ray_cpus_per_client, devices)
+            if not results:
+                raise FedLoraError(f"the {backend} simulation ended without finishing the run (see the log above)")
+        except BaseException:
+            if not resume:  # a run that fails before its first round leaves no files behind
+                run_dir.discard_unfinished()
+            raise
+        if report:
+            try:
+                from fedlora.report import write_report
 
-            write_report([run_dir.path], run_dir.path)
-        except Exception as err:  # noqa: BLE001 - a plotting problem must not cost the finished run
-            progress.line(f"report not written: {type(err).__name__}: {err}")
+                write_report([run_dir.path], run_dir.path)
+            except Exception as err:  # noqa: BLE001 - a plotting problem must not cost the finished run
+                progress.line(f"report not written: {type(err).__name__}: {err}")
     return results[0]
 
 
