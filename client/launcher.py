@@ -239,7 +239,7 @@ def node_config(opts: ClientOptions, worker_address: str | None = None) -> str:
 
 
 def supernode_command(opts: ClientOptions, runtime_port: int, worker_address: str | None = None) -> list[str]:
-    from fedlora.server.launcher import tool
+    from fedlora.deploy.processes import tool
 
     cmd = [
         tool("flower-supernode"),
@@ -343,7 +343,7 @@ class Worker:
 
     def start(self) -> None:
         """Start the process and wait until it listens (or has exited: :meth:`dead` tells)."""
-        from fedlora.server.launcher import die_with_parent, tool_env
+        from fedlora.deploy.processes import die_with_parent, tool_env
 
         self.directory.mkdir(mode=0o700, exist_ok=True)  # a worker that stopped may have removed it
         try:
@@ -383,7 +383,7 @@ class Worker:
 
     def stop(self) -> None:
         if self.process is not None:
-            from fedlora.server.launcher import end_group
+            from fedlora.deploy.processes import end_group
 
             end_group(self.process, grace=10)
         if self.watcher is not None:
@@ -395,7 +395,7 @@ def _supernode(
     opts: ClientOptions, worker: Worker | None, emit: Callable[[str], None]
 ) -> tuple[subprocess.Popen, _Watcher]:
     """Start a SuperNode for ``opts`` (with ``worker``'s address and key) and watch its output."""
-    from fedlora.server.launcher import die_with_parent, tool_env
+    from fedlora.deploy.processes import die_with_parent, tool_env
 
     proc = subprocess.Popen(
         supernode_command(opts, free_port(), worker.address if worker is not None else None),
@@ -450,7 +450,7 @@ def run_client(
 
     ``stop_event`` (tests) or SIGTERM / SIGINT stop it cleanly.
     """
-    from fedlora.server.launcher import end_group
+    from fedlora.deploy.processes import end_group
 
     host, port = check_options(opts)
     if opts.insecure:

@@ -25,17 +25,13 @@ line naming the problem):
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import io
 import math
-import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -48,6 +44,7 @@ import fedlora
 from fedlora import protocol as P
 from fedlora.certs import CA_CERT, SERVER_CERT, SERVER_KEY, check_certificate, load_public_keys
 from fedlora.config import RunConfig
+from fedlora.deploy.processes import die_with_parent, end_group, loopback_port, tool, tool_env
 from fedlora.errors import FedLoraError, RunFailed
 from fedlora.runlog import RunDirectory
 
@@ -97,22 +94,6 @@ class ServerOptions:
         if self.max_inflight_mb is not None:
             limits = replace(limits, max_inflight_bytes=int(self.max_inflight_mb * MIB))
         return limits
-
-
-def tool(name: str) -> str:
-    """Path of a Flower command installed beside this Python (the venv's bin/)."""
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
-
-
-def tool_env() -> dict[str, str]:
-    """Environment for Flower's processes: they start further Flower commands by name."""
-    env = dict(os.environ)
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    # Each message starts a ClientApp/ServerApp process once the SuperExec sees the task: look often.
-    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")
-    return env
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -174,38 +155,6 @@ def fab_files(cfg: RunConfig, run_dir: Path, opts: ServerOptions) -> dict[str, b
         },
     }
     return {"pyproject.toml": tomli_w.dumps(project).encode()}
-
-
-_PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent() -> Callable[[], None]:
-    """A ``preexec_fn`` that has the kernel SIGKILL the child when the process starting it dies.
-
-    A SIGKILL of ``fedlora-server`` or ``fedlora-client`` runs no cleanup, and the SuperLink and
-    SuperNode are in their own sessions (so a Ctrl-C reaches only the launcher): without this they
-    would go on serving and training. Flower's own children (SuperExec, ServerApp, ClientApp)
-    watch their parent's pid and end with it. Linux only; elsewhere a no-op.
-    """
-    parent = os.getpid()
-
-    def hook() -> None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        except (OSError, AttributeError):
-            return
-        if os.getppid() != parent:  # the launcher died before prctl took effect
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return hook
-
-
-def loopback_port() -> int:
-    """A free port on 127.0.0.1 for the SuperLink itself (only this host reaches it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class SuperLink:
@@ -431,27 +380,6 @@ class SuperLink:
             self.client = None
         if self.process is not None:
             end_group(self.process, grace)
-
-
-def end_group(proc: subprocess.Popen, grace: float) -> None:
-    """SIGTERM ``proc``'s process group, SIGKILL it after ``grace`` seconds if it is still there."""
-    if proc.poll() is None:
-        _signal_group(proc, signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            _signal_group(proc, signal.SIGKILL)
-            proc.wait(timeout=5)
-
-
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        try:
-            proc.send_signal(sig)
-        except ProcessLookupError:
-            pass
 
 
 def _show(text: str, emit: Callable[[str], None], errors: list[str]) -> None:

@@ -136,7 +136,7 @@ class _WorkerProcess:
                 )
 
     def stop(self) -> None:
-        from fedlora.server.launcher import end_group
+        from fedlora.deploy.processes import end_group
 
         end_group(self.process, grace=WORKER_STOP_GRACE_S)
         self._reader.join(timeout=5)

@@ -1,0 +1,1 @@
+"""What both deployment launchers share: process helpers (:mod:`.processes`)."""
