@@ -156,7 +156,7 @@ def test_profile_keys_are_checked(tiny_bert, make_config, key, value, message):
 
 
 def test_the_capability_table():
-    from fedlora.server.rounds import TABLE_ROWS, capability_table
+    from fedlora.server.nodes import TABLE_ROWS, capability_table
     from fedlora.strategies import NodeInfo
 
     nodes = [
