@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -237,7 +236,7 @@ def node_model(run: RunConfig, context: Context, labels: list[str] | None = None
         quant = str(choose_for_node(run, context, labels or [])["quantization"])
     if quant not in PRECISIONS:
         raise ConfigError(f"--quantization must be auto, {', '.join(PRECISIONS)}, got {quant!r}")
-    return replace(run.model, quantization=quant, device=device)
+    return run.model.replace(quantization=quant, device=device)
 
 
 def memory_gb(device: str = "cpu") -> float:

@@ -300,7 +300,7 @@ class EvalLayout:
         """A :class:`fedlora.config.DataConfig` carrying this layout, for :mod:`fedlora.data.instruct`."""
         from fedlora.config import DataConfig
 
-        known = {k: v for k, v in self.columns.items() if k in DataConfig.__dataclass_fields__}
+        known = {k: v for k, v in self.columns.items() if k in DataConfig.model_fields}
         return DataConfig(format=self.format, template=self.template, **known)
 
     def column(self, key: str) -> str:

@@ -27,10 +27,11 @@ from typing import Any
 
 import torch
 
+from fedlora.config import ACCOUNTANTS, PRIVACY_MODES
 from fedlora.errors import ConfigError
 
-MODES = ("off", "local", "central")
-ACCOUNTANTS = ("rdp", "prv")
+#: The values of ``privacy.mode`` (declared with the key, in :mod:`fedlora.config`).
+MODES = PRIVACY_MODES
 #: Privacy units, as the run's guarantee names them.
 UNIT = {"local": "sample level for each client", "central": "user level"}
 #: PRV accountant's epsilon error (Opacus's default); the same everywhere, so numbers agree.

@@ -2,7 +2,7 @@
 
 Each module holds a server half (a :class:`LoRAStrategy`, with its aggregation math in pure
 functions), a client half (a :class:`ClientHooks` subclass the generic ClientApp calls around
-local training) and, when it has options, a :class:`StrategyOptions` dataclass; the module
+local training) and, when it has options, a :class:`StrategyOptions` model (pydantic); the module
 registers its class once with :func:`register`. ``create(cfg, spec)`` builds the strategy that
 ``strategy.name`` names.
 

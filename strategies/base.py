@@ -4,7 +4,7 @@ A strategy is one module holding both halves: a subclass of :class:`LoRAStrategy
 node is sent, how replies combine: pure functions over tensors, tested alone) and a subclass of
 :class:`~fedlora.strategies.hooks.ClientHooks` (what the node does around local training), tied
 together by :attr:`LoRAStrategy.client_hooks` and registered once by name
-(:func:`fedlora.strategies.register`). Options are a dataclass
+(:func:`fedlora.strategies.register`). Options are a pydantic model
 (:class:`~fedlora.strategies.options.StrategyOptions`) named by :attr:`LoRAStrategy.options_class`.
 
 What the round loop (:mod:`fedlora.server.server_app`) gives a strategy: the run, the global

@@ -34,7 +34,7 @@ import math
 import random
 import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ from fedlora.errors import ConfigError
 from .base import ClientUpdate, LoRAStrategy
 from .fedavg import weighted_mean
 from .hooks import ClientHooks
-from .options import StrategyOptions, option, require
+from .options import StrategyOptions, option
 from .ranks import truncate
 from .registry import register
 from .robust import Reducer
@@ -209,12 +209,8 @@ def rank_mask(model: torch.nn.Module) -> Iterator[list[int | None]]:
 # -- options, client half, server half -----------------------------------------------------------
 
 
-@dataclass
 class DPDyLoRAOptions(StrategyOptions):
-    min_rank: int = option(1, "smallest rank the server samples for a round (at most lora.rank)")
-
-    def __post_init__(self) -> None:
-        require(self.min_rank >= 1, "min_rank", f"must be >= 1, got {self.min_rank}")
+    min_rank: int = option(1, "smallest rank the server samples for a round (at most lora.rank)", ge=1)
 
 
 class DPDyLoRAClient(ClientHooks):

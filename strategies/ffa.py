@@ -10,7 +10,6 @@ carries half the LoRA bytes of FedIT at the same rank.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -54,7 +53,6 @@ def ffa_aggregate(
     return out
 
 
-@dataclass
 class FFAOptions(StrategyOptions):
     a_seed: int | None = option(None, "seed of the shared frozen A factors (default: the run's seed)")
 

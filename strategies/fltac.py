@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,7 +30,7 @@ from fedlora.protocol import NUM_EXAMPLES, split_task_key, task_key, task_metric
 from .base import ClientUpdate, GlobalView, LoRAStrategy
 from .fedavg import weighted_mean
 from .hooks import ClientHooks, TrainGroup
-from .options import StrategyOptions, option, require
+from .options import StrategyOptions, option
 from .registry import register
 from .robust import Reducer
 
@@ -160,14 +159,11 @@ def fltac_aggregate(
     return per_task, labels_list, cluster_purity(labels_list, tags)
 
 
-@dataclass
 class FLTACOptions(StrategyOptions):
-    clusters: int = option(0, "k of k-means; 0 = the number of tasks")
-    min_task_examples: int = option(1, "a client trains a task's adapter only with at least this many examples of it")
-
-    def __post_init__(self) -> None:
-        require(self.clusters >= 0, "clusters", f"must be >= 0, got {self.clusters}")
-        require(self.min_task_examples >= 1, "min_task_examples", f"must be >= 1, got {self.min_task_examples}")
+    clusters: int = option(0, "k of k-means; 0 = the number of tasks", ge=0)
+    min_task_examples: int = option(
+        1, "a client trains a task's adapter only with at least this many examples of it", ge=1
+    )
 
 
 class FLTACClient(ClientHooks):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -180,17 +179,13 @@ def self_prune(
     return out, keep
 
 
-@dataclass
 class HetLoRAOptions(StrategyOptions):
-    prune_gamma: float = option(0.75, "decay in (0, 1]: a pruned rank is floor(gamma * rank); 1 turns pruning off")
-    prune_threshold: float = option(0.05, "prune when the tail carries less than this share of the update's norm")
-    prune_lambda: float = option(0.01, "weight of the tail-norm regulariser in the local loss (0: none)")
+    prune_gamma: float = option(0.75, "decay: a pruned rank is floor(gamma * rank); 1 turns pruning off", gt=0, le=1)
+    prune_threshold: float = option(
+        0.05, "prune when the tail carries less than this share of the update's norm", ge=0, lt=1
+    )
+    prune_lambda: float = option(0.01, "weight of the tail-norm regulariser in the local loss (0: none)", ge=0)
     min_rank: int = option(1, "never prune below this rank (at most lora.rank)")
-
-    def __post_init__(self) -> None:
-        require(0 < self.prune_gamma <= 1, "prune_gamma", f"must be in (0, 1], got {self.prune_gamma}")
-        require(0 <= self.prune_threshold < 1, "prune_threshold", f"must be in [0, 1), got {self.prune_threshold}")
-        require(self.prune_lambda >= 0, "prune_lambda", f"must be >= 0, got {self.prune_lambda}")
 
 
 class HetLoRAClient(ClientHooks):

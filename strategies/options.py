@@ -1,37 +1,40 @@
-"""Typed strategy options: the ``[strategy]`` table of a preset, one dataclass per strategy.
+"""Typed strategy options: the ``[strategy]`` table of a preset, one pydantic model per strategy.
 
-A strategy declares its options as a dataclass deriving from :class:`StrategyOptions`, one field
-per option with its default and a help text, and checks ranges in ``__post_init__`` (the way
-peft's ``LoraConfig`` does). :meth:`StrategyOptions.from_dict` turns the raw table into it:
-an unknown name or a value of the wrong type fails with one line naming ``strategy.<option>``.
+A strategy declares its options as a model deriving from :class:`StrategyOptions`: one typed
+field per option, made by :func:`option` with its default, its help text and its bounds (or a
+``Literal`` for a choice). Validation is the run configuration's (:mod:`fedlora.config`): an
+unknown name, a value of the wrong type, a non-finite number or one out of bounds fails with one
+line naming ``strategy.<option>``. A rule between options is a ``model_validator`` that calls
+:func:`require`.
 
 Example::
 
-    @dataclass
     class MyOptions(StrategyOptions):
-        momentum: float = option(0.9, "server momentum in [0, 1)")
+        momentum: float = option(0.9, "server momentum", ge=0, lt=1)
+        warmup: int = option(0, "rounds before the momentum applies", ge=0)
 
-        def __post_init__(self) -> None:
-            require(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
+        @model_validator(mode="after")
+        def _rules(self) -> MyOptions:
+            require(self.warmup == 0 or self.momentum > 0, "warmup", "needs strategy.momentum > 0")
+            return self
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import types
-import typing
 from collections.abc import Mapping
-from typing import Any, get_type_hints
+from typing import Any
 
+from pydantic import Field, model_validator
+
+from fedlora.config import ConfigModel
 from fedlora.errors import ConfigError
 
-from .server_opt import SERVER_OPTIMIZERS
+from .server_opt import SERVER_OPTIMIZERS, ServerOptimizerName
 
 
-def option(default: Any, help: str) -> Any:  # noqa: A002 - "help" as argparse and dataclasses users expect
-    """A dataclass field with a default and the help text that docs and errors show."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def option(default: Any, help: str, **bounds: Any) -> Any:  # noqa: A002 - "help" as argparse users expect
+    """A field with its default, the help text that docs show, and its bounds (``ge``, ``gt``, ``le``, ``lt``)."""
+    return Field(default, description=help, **bounds)
 
 
 def require(ok: bool, name: str, message: str) -> None:
@@ -40,72 +43,36 @@ def require(ok: bool, name: str, message: str) -> None:
         raise ConfigError(f"config key 'strategy.{name}' {message}")
 
 
-def _type_name(typ: Any) -> str:
-    args = [a for a in typing.get_args(typ) if a is not type(None)]
-    if args:
-        return " or ".join(a.__name__ for a in args)
-    return getattr(typ, "__name__", str(typ))
-
-
-def _check_type(name: str, value: Any, typ: Any) -> Any:
-    """``value`` as ``typ`` (an int is accepted where a float is expected; bools are not numbers)."""
-    allowed = [typ]
-    if typing.get_origin(typ) in (typing.Union, types.UnionType):
-        allowed = list(typing.get_args(typ))
-    if value is None and type(None) in allowed:
-        return None
-    for t in allowed:
-        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if t is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if t in (str, bool) and isinstance(value, t):
-            return value
-    raise ConfigError(f"config key 'strategy.{name}' must be {_type_name(typ)}, got {value!r}")
-
-
-@dataclasses.dataclass
-class StrategyOptions:
+class StrategyOptions(ConfigModel):
     """Base of every strategy's options (a strategy without options uses it as is).
 
     Its fields are the ``[strategy]`` keys every strategy takes: the server optimizer applied to
     each round's aggregate (:mod:`fedlora.strategies.server_opt`; a strategy where it is not
-    defined refuses it in ``check_setup``). They are checked by :meth:`check_shared`, which
-    :meth:`from_dict` runs whatever ``__post_init__`` a subclass defines.
+    defined refuses it in ``check_setup``).
     """
 
-    server_optimizer: str = option("none", f"FedOpt on each round's aggregate: {', '.join(SERVER_OPTIMIZERS)}")
-    server_lr: float | None = option(
-        None, "server learning rate (default 1.0 for none/avgm, 1e-2 for adam/yogi/adagrad)"
+    KEY_PREFIX = "strategy."
+    server_optimizer: ServerOptimizerName = option(
+        "none", f"FedOpt on each round's aggregate: {', '.join(SERVER_OPTIMIZERS)}"
     )
-    server_momentum: float = option(0.9, "avgm's momentum in [0, 1)")
-    beta1: float = option(0.9, "adam/yogi/adagrad: first-moment decay in [0, 1)")
-    beta2: float = option(0.99, "adam/yogi: second-moment decay in [0, 1)")
-    tau: float = option(1e-3, "adam/yogi/adagrad: adaptivity (> 0), added to sqrt(v); v starts at tau^2")
+    server_lr: float | None = option(
+        None, "server learning rate (default 1.0 for none/avgm, 1e-2 for adam/yogi/adagrad)", gt=0
+    )
+    server_momentum: float = option(0.9, "avgm's momentum", ge=0, lt=1)
+    beta1: float = option(0.9, "adam/yogi/adagrad: first-moment decay", ge=0, lt=1)
+    beta2: float = option(0.99, "adam/yogi: second-moment decay", ge=0, lt=1)
+    tau: float = option(1e-3, "adam/yogi/adagrad: adaptivity, added to sqrt(v); v starts at tau^2", gt=0)
 
-    def __post_init__(self) -> None:
-        self.check_shared()
-
-    def check_shared(self) -> None:
-        """Range checks of the keys every strategy takes; ConfigError naming ``strategy.<key>``."""
-        kind = self.server_optimizer
-        require(
-            kind in SERVER_OPTIMIZERS,
-            "server_optimizer",
-            f"must be one of {', '.join(SERVER_OPTIMIZERS)}, got {kind!r}",
-        )
+    @model_validator(mode="after")
+    def _shared_rules(self) -> StrategyOptions:
         lr = self.server_lr
-        require(lr is None or (math.isfinite(lr) and lr > 0), "server_lr", f"must be a finite number > 0, got {lr}")
         require(
-            kind != "none" or lr is None or lr == 1.0,
+            self.server_optimizer != "none" or lr is None or lr == 1.0,
             "server_lr",
             "has no effect with server_optimizer = 'none'; for a server learning rate on plain averaging use "
             "server_optimizer = 'avgm' with server_momentum = 0",
         )
-        for name in ("server_momentum", "beta1", "beta2"):
-            value = getattr(self, name)
-            require(0 <= value < 1, name, f"must be in [0, 1), got {value}")
-        require(math.isfinite(self.tau) and self.tau > 0, "tau", f"must be a finite number > 0, got {self.tau}")
+        return self
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], strategy: str) -> StrategyOptions:
@@ -118,19 +85,9 @@ class StrategyOptions:
         strategy : str
             The strategy's registered name, for messages.
         """
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        hints = get_type_hints(cls)
-        kwargs = {}
-        for key, value in raw.items():
-            if key not in fields:
-                known = ", ".join(sorted(fields)) or "none"
-                raise ConfigError(f"unknown config key 'strategy.{key}' for strategy '{strategy}' (options: {known})")
-            kwargs[key] = _check_type(key, value, hints[key])
-        options = cls(**kwargs)
-        options.check_shared()  # a subclass's own __post_init__ need not call the base's
-        return options
+        return cls.parse(raw, strategy=strategy)
 
     def to_dict(self) -> dict[str, Any]:
         """The strategy's own options, plus the shared ones (server optimizer) set to other than their default."""
-        shared = {f.name: f.default for f in dataclasses.fields(StrategyOptions)}
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in shared or v != shared[k]}
+        shared = {name: info.default for name, info in StrategyOptions.model_fields.items()}
+        return {k: v for k, v in self.model_dump().items() if k not in shared or v != shared[k]}

@@ -9,7 +9,6 @@ runtime of that process.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING
 
 from fedlora.errors import ConfigError
@@ -46,8 +45,8 @@ def register(cls: type[LoRAStrategy]) -> type[LoRAStrategy]:
         raise ValueError(f"strategy name {cls.name!r} is already registered by {taken.__module__}.{taken.__qualname__}")
     if not (isinstance(cls.client_hooks, type) and issubclass(cls.client_hooks, ClientHooks)):
         raise ValueError(f"{cls.__name__}.client_hooks must be a ClientHooks subclass")
-    if not (issubclass(cls.options_class, StrategyOptions) and dataclasses.is_dataclass(cls.options_class)):
-        raise ValueError(f"{cls.__name__}.options_class must be a StrategyOptions dataclass")
+    if not (isinstance(cls.options_class, type) and issubclass(cls.options_class, StrategyOptions)):
+        raise ValueError(f"{cls.__name__}.options_class must be a StrategyOptions subclass")
     STRATEGIES[cls.name] = cls
     return cls
 

@@ -37,11 +37,13 @@ base-delta factors) is the caller's choice (:meth:`fedlora.strategies.LoRAStrate
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Literal, get_args
 
 import torch
 
 #: The values of ``strategy.server_optimizer``.
-SERVER_OPTIMIZERS = ("none", "avgm", "adam", "yogi", "adagrad")
+ServerOptimizerName = Literal["none", "avgm", "adam", "yogi", "adagrad"]
+SERVER_OPTIMIZERS = get_args(ServerOptimizerName)
 #: Default ``strategy.server_lr`` per optimizer (see the module docstring for why).
 DEFAULT_SERVER_LR = {"none": 1.0, "avgm": 1.0, "adam": 1e-2, "yogi": 1e-2, "adagrad": 1e-2}
 

@@ -8,13 +8,14 @@ or inline in a sentence)::
 
 and :func:`on_page_markdown` replaces it with the markdown that :data:`GENERATORS` gives for
 that name (an unknown name, or a generator that fails, stops the build). Nothing a generator
-writes is typed by hand: keys, types and defaults come from the configuration classes
-(``fedlora.config``, introspected), help texts from their docstrings or field metadata,
-allowed values from the classes' annotations or, failing that, from the configuration's own
-validation messages; strategies and their options from the registry (``fedlora.strategies``);
-command-line options from the argparse parsers of ``fedlora.cli``; figures from
-``benchmarks/results/*.json``. :func:`on_files` publishes the benchmark plots
-(``benchmarks/results/*.png``) under ``assets/benchmarks/``.
+writes is typed by hand: keys, types, defaults and help texts come from the pydantic models
+of the configuration (``fedlora.config``: each field's annotation, default and
+``Field(description=...)``), allowed values from their ``Literal`` choices and ``Field`` bounds
+or, for a rule written as a validator, from the configuration's own validation messages;
+strategies and their options from the registry (``fedlora.strategies``); command-line options
+from the argparse parsers of ``fedlora.cli``; figures from ``benchmarks/results/*.json``.
+:func:`on_files` publishes the benchmark plots (``benchmarks/results/*.png``) under
+``assets/benchmarks/``.
 
 The functions are plain (markdown in, markdown out) so that ``tests/test_docs.py`` calls them
 directly.
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import dataclasses
 import functools
 import inspect
 import json
@@ -85,8 +85,6 @@ def toml_value(value: Any) -> str:
         return "required"
     if value is None:
         return "unset"
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        value = dataclasses.asdict(value)
     if hasattr(value, "model_dump"):  # a pydantic model
         value = value.model_dump()
     return code(json.dumps(value))
@@ -141,7 +139,7 @@ def docstring_sections(obj: Any) -> tuple[str, dict[str, str]]:
     return summary, entries
 
 
-# -- schema introspection (dataclasses today, pydantic models tomorrow) -----------------------------
+# -- schema introspection (the pydantic models of fedlora.config) -----------------------------------
 
 
 class Key(typing.NamedTuple):
@@ -151,36 +149,27 @@ class Key(typing.NamedTuple):
     annotation: Any
     default: Any
     help: str
+    #: The pydantic ``FieldInfo`` (its bounds), when the key comes from a model.
+    info: Any = None
 
 
 def is_schema(typ: Any) -> bool:
-    return isinstance(typ, type) and (dataclasses.is_dataclass(typ) or hasattr(typ, "model_fields"))
+    return isinstance(typ, type) and hasattr(typ, "model_fields")
 
 
 def schema_keys(cls: type) -> list[Key]:
-    """Every field of a schema class with its annotation, default and help text."""
-    hints = typing.get_type_hints(cls)
-    _, documented = docstring_sections(cls)
+    """Every field of a model with its annotation, default and help text (``Field(description=...)``)."""
     keys = []
-    if dataclasses.is_dataclass(cls):
-        for f in dataclasses.fields(cls):
-            if f.default is not dataclasses.MISSING:
-                default = f.default
-            elif f.default_factory is not dataclasses.MISSING:
-                default = f.default_factory()
-            else:
-                default = REQUIRED
-            help_text = f.metadata.get("help") or documented.get(f.name, "")
-            keys.append(Key(f.name, hints[f.name], default, help_text))
-    else:  # pydantic
-        for name, info in cls.model_fields.items():
-            default = REQUIRED if info.is_required() else info.get_default(call_default_factory=True)
-            keys.append(Key(name, info.annotation, default, info.description or documented.get(name, "")))
+    for name, info in cls.model_fields.items():
+        default = REQUIRED if info.is_required() else info.get_default(call_default_factory=True)
+        keys.append(Key(name, info.annotation, default, info.description or "", info))
     return keys
 
 
 def _inner(typ: Any) -> tuple[Any, bool]:
-    """(the type without ``None``, whether ``None`` is allowed)."""
+    """(the type without ``None`` and ``Annotated`` validators, whether ``None`` is allowed)."""
+    if typing.get_origin(typ) is typing.Annotated:
+        return _inner(typing.get_args(typ)[0])
     if typing.get_origin(typ) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(typ) if a is not type(None)]
         joined = functools.reduce(operator.or_, args)
@@ -270,10 +259,16 @@ def allowed(key: Key, check: Callable[[Any], None], dotted: str) -> str:
     """The allowed values or range of ``key``: declared, else what validation says of bad values."""
     choices = declared_choices(key.annotation)
     if choices is not None:
-        return "one of " + ", ".join(code(c) for c in choices)
+        # As the validation messages say them (``must be one of none, 4bit, 8bit (or empty)``).
+        said = ", ".join(str(c) for c in choices if c != "")
+        return f"one of {said}" + (" (or empty)" if "" in choices else "")
     if _inner(key.annotation)[0] is bool:
         return "`true`, `false`"
+    from fedlora.config import bounds_text
     from fedlora.errors import ConfigError
+
+    if key.info is not None and bounds_text(key.info):
+        return bounds_text(key.info)
 
     said: list[str] = []
     for value in _probe_values(key.annotation, key.default):
