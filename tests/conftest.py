@@ -185,3 +185,36 @@ def kill_all(pids) -> None:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+#: The test tiers (pyproject.toml registers them): every test has exactly one, so `pytest -m unit`
+#: is the fast loop and `-m "unit or simulation"` everything without server processes.
+TIERS = ("unit", "simulation", "deployment", "slow")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Give every test exactly one tier, or stop: a tier marked on a test (or its class) overrides
+    its module's ``pytestmark``, so ``-m`` selects it by that tier only; a test with none is an
+    error naming it, so a new test cannot slip out of the tiers. Runs before ``-m`` deselects."""
+    untiered = []
+    for item in items:
+        tiers = [mark.name for mark in item.iter_markers() if mark.name in TIERS]  # closest first
+        if not tiers:
+            untiered.append(item.nodeid)
+        elif len(set(tiers)) > 1:
+            _keep_tier(item, tiers[0])
+    if untiered:
+        shown = "\n  ".join(untiered[:20]) + (f"\n  ... and {len(untiered) - 20} more" if len(untiered) > 20 else "")
+        tiers = ", ".join(TIERS)
+        raise pytest.UsageError(f"{len(untiered)} test(s) have no tier marker ({tiers}; tests/conftest.py):\n  {shown}")
+
+
+def _keep_tier(item, tier: str) -> None:
+    """Hide the outer tier markers of ``item`` (an override) from ``-m`` and every other reader."""
+    markers = item.iter_markers
+
+    def iter_markers(name=None):
+        return (mark for mark in markers(name) if mark.name == tier or mark.name not in TIERS)
+
+    item.iter_markers = iter_markers

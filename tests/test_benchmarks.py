@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.simulation
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -126,6 +128,7 @@ def test_privacy_quick(tmp_path):
     assert {"claim", "per_epsilon", "verdict", "ffa_degrades_less_at_every_epsilon"} <= set(report["ffa_vs_fedavg"])
 
 
+@pytest.mark.deployment
 def test_deploy_latency_quick(tmp_path):
     """Real fedlora-server + 3 fedlora-client processes, with and without the warm worker."""
     report = run_quick("deploy_latency.py", tmp_path, timeout=600)
@@ -166,6 +169,7 @@ def test_gpu_quick(tmp_path):
         assert target["met"] is None and "not applicable" in target["reason"]
 
 
+@pytest.mark.deployment
 def test_gateway_abuse_quick(tmp_path):
     """A real fedlora-server (TLS, node authentication) with 3 training devices, attacked by an
     outsider: 3 x 64 MB declared uploads and 300 half-open TLS connections. The quick mode's

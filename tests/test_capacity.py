@@ -6,6 +6,8 @@ import pytest
 
 from fedlora.capacity import PRECISIONS, RANKS, Choice, ModelFacts, choose, memory_needed
 
+pytestmark = pytest.mark.unit
+
 GB = 1024**3
 # A Llama-7B-like base: 6.5e9 linear parameters, 0.26e9 in embeddings/norms/head, 32 blocks of
 # hidden 4096; LoRA on q, k, v, o (in + out = 8192 each), batch 4 x 512 tokens, bfloat16.

@@ -10,6 +10,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fedlora.certs import check_private_key, create_certs, load_public_keys
 from fedlora.errors import FedLoraError
 
+pytestmark = pytest.mark.unit
+
 
 def test_server_certificate_is_signed_by_the_ca_for_every_host_name(tmp_path):
     files = create_certs(tmp_path, "edge.example.org", nodes=2)

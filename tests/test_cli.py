@@ -10,6 +10,8 @@ import pytest
 
 from fedlora.cli import main
 
+pytestmark = pytest.mark.unit
+
 
 def _write_preset(path, model_dir, **sections):
     lines = [
@@ -94,6 +96,7 @@ def test_unknown_flag_is_one_line(capsys):
     assert capsys.readouterr().err.strip().count("\n") == 0
 
 
+@pytest.mark.simulation
 def test_existing_run_dir_is_not_overwritten(in_tmp, capsys, tiny_bert):
     preset = _write_preset(in_tmp / "p.toml", tiny_bert)
     assert main(["simulate", str(preset), "--quiet", "--out", "out"]) == 0
@@ -103,6 +106,7 @@ def test_existing_run_dir_is_not_overwritten(in_tmp, capsys, tiny_bert):
     assert (in_tmp / "out" / "metrics.jsonl").read_text() == before
 
 
+@pytest.mark.simulation
 def test_console_script_runs_and_reports(in_tmp, tiny_bert):
     preset = _write_preset(in_tmp / "p.toml", tiny_bert)
     proc = subprocess.run(

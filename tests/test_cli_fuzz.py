@@ -8,6 +8,8 @@ import pytest
 
 from fedlora.cli import main
 
+pytestmark = pytest.mark.unit
+
 
 def _preset(path, model_dir, extra=""):
     path.write_text(
@@ -92,6 +94,7 @@ def test_malformed_data_files_are_one_line_errors(tmp_path, capsys, tiny_bert, n
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.simulation
 @pytest.mark.parametrize(
     ("sets", "needle"),
     [

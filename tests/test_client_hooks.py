@@ -18,6 +18,8 @@ from fedlora.strategies.ffa import A_SEED, FFAClient
 from fedlora.strategies.fltac import TASKS, FLTACClient
 from fedlora.strategies.hetlora import MIN_RANK, PRUNE_GAMMA, PRUNE_LAMBDA, PRUNE_THRESHOLD, HetLoRAClient, tail_penalty
 
+pytestmark = pytest.mark.unit
+
 MOD = "base_model.model.bert.encoder.layer.0.attention.self.query"
 A_KEY, B_KEY = lora_keys(MOD)
 HEAD = "base_model.model.classifier.modules_to_save.weight"

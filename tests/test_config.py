@@ -8,6 +8,8 @@ from fedlora.config import RunConfig, apply_overrides, load_config, parse_overri
 from fedlora.errors import ConfigError
 from fedlora.simulations import list_presets, preset_path
 
+pytestmark = pytest.mark.unit
+
 
 def test_every_packaged_preset_is_valid():
     assert {"quickstart", "sst2", "hetlora", "fltac", "sst2_agnews"} <= set(list_presets())
@@ -88,3 +90,57 @@ def test_missing_preset_and_bad_toml(tmp_path):
     bad.write_text("rounds = = 3\n")
     with pytest.raises(ConfigError, match="invalid TOML"):
         load_config(bad)
+
+
+def test_an_unknown_key_is_refused_naming_it():
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_dict({"federation": {"clientz": 3}})
+    assert str(err.value).startswith("unknown config key 'federation.clientz' (known: batch_size, clients,")
+    with pytest.raises(ConfigError, match=r"unknown config key 'federation\.profiles\[1\]\.rnk'"):
+        RunConfig.from_dict({"federation": {"profiles": [{"rank": 2}, {"rnk": 2}]}})
+
+
+def test_a_config_built_directly_is_validated():
+    from fedlora.config import DataConfig, LoRAConfig, ModelConfig
+
+    with pytest.raises(ConfigError, match=r"^config key 'data\.format' must be one of text, instruction, chat"):
+        DataConfig(format="yaml")
+    with pytest.raises(ConfigError, match=r"^config key 'lora\.rank' must be >= 1, got 0$"):
+        LoRAConfig(rank=0)
+    with pytest.raises(ConfigError, match=r"^config key 'lora\.alpha' must be a finite number, got inf$"):
+        LoRAConfig(alpha=float("inf"))
+    with pytest.raises(ConfigError, match=r"^unknown config key 'model\.nme'"):
+        ModelConfig(nme="x")
+    model = ModelConfig()
+    with pytest.raises(ConfigError, match=r"^config key 'model\.device' must be auto, cpu"):
+        model.replace(device="tpu")
+    with pytest.raises(ConfigError, match=r"^config key 'model\.max_length' must be >= 2, got 1$"):
+        model.max_length = 1
+    assert model.replace(quantization="4bit").quantization == "4bit" and model.quantization == "none"
+
+
+def _properties(schema: dict, node: dict, prefix: str) -> dict[str, dict]:
+    """Every leaf key of a JSON schema (nested objects and arrays of objects walked), by dotted name."""
+    out = {}
+    for name, prop in node.get("properties", {}).items():
+        ref = prop.get("$ref") or (prop.get("items") or {}).get("$ref")
+        if ref:
+            inner = schema["$defs"][ref.rsplit("/", 1)[-1]]
+            # pydantic leaves out a table's description where it repeats its model's docstring
+            out[prefix + name] = {"description": inner.get("description"), **prop}
+            out.update(_properties(schema, inner, f"{prefix}{name}{'[i]' if 'items' in prop else ''}."))
+        else:
+            out[prefix + name] = prop
+    return out
+
+
+def test_the_json_schema_lists_every_key_with_a_description():
+    schema = RunConfig.model_json_schema()
+    keys = _properties(schema, schema, "")
+    for dotted in ("lora.rank", "data.tasks[i].name", "federation.profiles[i].memory_gb", "privacy.delta", "seed"):
+        assert dotted in keys, dotted
+    assert len(keys) > 70
+    undescribed = [k for k, prop in keys.items() if not prop.get("description")]
+    assert not undescribed, f"keys without a description: {undescribed}"
+    assert keys["model.quantization"]["enum"] == ["none", "4bit", "8bit"]
+    assert keys["lora.dropout"]["minimum"] == 0 and keys["lora.dropout"]["exclusiveMaximum"] == 1

@@ -17,6 +17,8 @@ from fedlora.errors import ConfigError, DataError
 from fedlora.synthetic import generate_sentiment, generate_topics
 from fedlora.training import evaluate
 
+pytestmark = pytest.mark.unit
+
 
 def _cfg(path, **data):
     return RunConfig.from_dict({"data": {"path": str(path), **data}, "federation": {"clients": 4}})

@@ -6,6 +6,8 @@ import pytest
 
 from fedlora.cli import _client_parser, build_parser, client_main, main, server_main
 
+pytestmark = pytest.mark.unit
+
 MISSING = "/nonexistent/fedlora-preset.toml"
 
 

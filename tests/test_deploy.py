@@ -28,6 +28,8 @@ from conftest import kill_all as _kill_all
 from conftest import process_alive, tiny_config
 from conftest import until as _until
 
+pytestmark = pytest.mark.deployment
+
 BIN = Path(sys.executable).parent
 RUN_TIMEOUT = 240
 

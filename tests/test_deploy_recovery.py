@@ -33,6 +33,8 @@ from conftest import kill_all as _kill_all
 from conftest import process_alive, tiny_config
 from conftest import until as _until
 
+pytestmark = pytest.mark.deployment
+
 BIN = Path(sys.executable).parent
 #: Flower marks a SIGKILLed node offline after 2 missed 30 s heartbeats: the round waits that long.
 RUN_TIMEOUT = 300

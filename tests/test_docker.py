@@ -7,7 +7,10 @@ import re
 import shlex
 from pathlib import Path
 
+import pytest
 import yaml
+
+pytestmark = pytest.mark.unit
 
 try:
     import tomllib

@@ -3,7 +3,6 @@ the registry, README links alive and small, and the strict mkdocs build (when mk
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import os
 import re
@@ -12,10 +11,13 @@ import sys
 import typing
 from pathlib import Path
 
+import pydantic
 import pytest
 
 from fedlora.config import RunConfig
 from fedlora.strategies import STRATEGIES, StrategyOptions
+
+pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -53,19 +55,21 @@ def config_keys_by_hand() -> list[str]:
     """Every dotted key of RunConfig, walked here independently of the generator."""
     keys: list[str] = []
 
+    def is_model(typ: object) -> bool:
+        return isinstance(typ, type) and issubclass(typ, pydantic.BaseModel)
+
     def walk(cls: type, prefix: str) -> None:
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            typ = hints[f.name]
-            if cls is RunConfig and f.name == "strategy":
+        for name, info in cls.model_fields.items():
+            typ = info.annotation
+            if cls is RunConfig and name == "strategy":
                 keys.append("strategy.name")
-                keys.extend(f"strategy.{g.name}" for g in dataclasses.fields(StrategyOptions))
-            elif dataclasses.is_dataclass(typ):
-                walk(typ, f"{prefix}{f.name}.")
-            elif typing.get_origin(typ) is list and dataclasses.is_dataclass(typing.get_args(typ)[0]):
-                walk(typing.get_args(typ)[0], f"{prefix}{f.name}[i].")
+                keys.extend(f"strategy.{g}" for g in StrategyOptions.model_fields)
+            elif is_model(typ):
+                walk(typ, f"{prefix}{name}.")
+            elif typing.get_origin(typ) is list and is_model(typing.get_args(typ)[0]):
+                walk(typing.get_args(typ)[0], f"{prefix}{name}[i].")
             else:
-                keys.append(f"{prefix}{f.name}")
+                keys.append(f"{prefix}{name}")
 
     walk(RunConfig, "")
     return keys
@@ -83,12 +87,12 @@ def test_docs_side_by_side_table_lists_exactly_the_registry():
 
 def test_every_strategy_and_option_is_on_the_generated_strategies_page(gen):
     page = gen.render((DOCS / "strategies.md").read_text(encoding="utf-8"))
-    shared = {f.name for f in dataclasses.fields(StrategyOptions)}
+    shared = set(StrategyOptions.model_fields)
     for name, cls in STRATEGIES.items():
         assert f"\n### {name}\n" in page, name
         assert f"[`{name}`](#{name})" in page, f"{name} missing from the matrix"
-        for f in dataclasses.fields(cls.options_class):
-            assert f"`strategy.{f.name}`" in page, f"{name}: option {f.name}"
+        for option in cls.options_class.model_fields:
+            assert f"`strategy.{option}`" in page, f"{name}: option {option}"
     for name in shared:
         assert f"`strategy.{name}`" in page
 

@@ -24,6 +24,8 @@ from fedlora.strategies.dpdylora import (
     truncated_spec,
 )
 
+pytestmark = pytest.mark.unit
+
 MODS = [f"base_model.model.bert.encoder.layer.{i}.attention.self.{m}" for i in (0, 1) for m in ("query", "value")]
 HEAD = "base_model.model.classifier.modules_to_save.weight"
 
@@ -264,6 +266,7 @@ def run_rounds(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.simulation
 def test_run_exports_an_adapter_that_truncates_to_any_rank(tmp_path, tiny_bert, make_config):
     from fedlora.runlog import Progress, RunDirectory
     from fedlora.server import prepare
@@ -307,6 +310,7 @@ def test_run_exports_an_adapter_that_truncates_to_any_rank(tmp_path, tiny_bert, 
     assert not (tmp_path / "r9").exists()
 
 
+@pytest.mark.simulation
 def test_run_under_local_dp(tmp_path, tiny_bert, make_config):
     from fedlora.runlog import Progress
     from fedlora.simulations.runtime import simulate

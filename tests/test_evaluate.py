@@ -30,6 +30,8 @@ from fedlora.llm_eval import (
     trim_prediction,
 )
 
+pytestmark = pytest.mark.unit
+
 # ---------------------------------------------------------------------------------------------
 # Pure math on hand-built logits
 
@@ -406,6 +408,7 @@ def test_evaluate_errors_are_one_line(causal_adapter, tmp_path, capsys, monkeypa
     assert "fedlora-tests/no-such-model" in err and "hub is unreachable" in err and "--base" in err
 
 
+@pytest.mark.simulation
 def test_evaluate_a_fedlora_run_adapter_with_its_recorded_labels(tiny_bert, tmp_path, capsys):
     """An adapter a fedlora run exported: fedlora.json gives the class names (topic names here),
     and --column names the file's own columns."""

@@ -11,6 +11,8 @@ from fedlora import files
 from fedlora.certs import create_certs
 from fedlora.files import atomic_write_bytes, atomic_write_text, current_umask
 
+pytestmark = pytest.mark.unit
+
 
 def _mode(path) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)

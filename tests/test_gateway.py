@@ -29,6 +29,8 @@ from flwr.supercore.primitives.asymmetric import public_key_to_bytes, sign_messa
 from fedlora.server.fleet_auth import NodeKeys
 from fedlora.server.gateway import FleetGateway, GatewayLimits, RefusalLog, request_limit
 
+pytestmark = pytest.mark.unit
+
 PULL = "/v1/fleet/pull-messages"
 
 
@@ -122,12 +124,15 @@ def _url(gw: FleetGateway) -> str:
 
 def _raw(gw: FleetGateway, head: bytes, timeout: float = 5.0) -> tuple[bytes, float]:
     """Send only ``head`` (request line and headers, no body); the whole answer, and how long its
-    first byte (or the close, when nothing came) took."""
+    first byte (or the close, when nothing came) took. Once the whole answer is in, the client
+    shuts its sending side, as one that has its answer does: the gateway's lingering close then
+    ends at once instead of after its second, and the read still waits for the gateway's close."""
     began = time.monotonic()
     took = None
     with socket.create_connection(gw.sock.getsockname()[:2], timeout=timeout) as sock:
         sock.sendall(head)
         data = b""
+        shut = False
         while True:
             chunk = sock.recv(65536)
             if took is None:
@@ -135,7 +140,22 @@ def _raw(gw: FleetGateway, head: bytes, timeout: float = 5.0) -> tuple[bytes, fl
             if not chunk:
                 break
             data += chunk
+            if not shut and _answered(data):
+                sock.shutdown(socket.SHUT_WR)
+                shut = True
     return data, took
+
+
+def _answered(data: bytes) -> bool:
+    """Whether ``data`` holds a whole HTTP response (its headers and Content-Length bytes of body)."""
+    head, sep, body = data.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(body) >= int(value)
+    return False
 
 
 def _head(path: str = PULL, length: int | None = None, extra: dict[str, str] | None = None) -> bytes:

@@ -4,7 +4,6 @@ capability table the server prints and keeps."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import pytest
 import torch
@@ -16,6 +15,8 @@ from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
 from fedlora.runlog import Progress
 from fedlora.simulations.runtime import simulate
+
+pytestmark = pytest.mark.unit
 
 
 def with_profiles(cfg: RunConfig, profiles: list[dict], **sections) -> RunConfig:
@@ -31,6 +32,7 @@ def node_context(partition: int, **node_config) -> Context:
     return Context(run_id=1, node_id=7, node_config=config, state=RecordDict(), run_config={})
 
 
+@pytest.mark.simulation
 def test_one_federation_mixes_full_precision_8bit_and_4bit_clients(tmp_path, tiny_bert, make_config):
     """Each virtual client trains on its own base variant (loaded once each); the adapters
     aggregate together and the export loads on the full-precision base."""
@@ -56,7 +58,7 @@ def test_one_federation_mixes_full_precision_8bit_and_4bit_clients(tmp_path, tin
     # Three base variants in this process (each loaded once), really quantized as asked.
     assert process_state().count(MODEL) == 3
     for quantization, kind in (("8bit", "Linear8bitLt"), ("4bit", "Linear4bit")):
-        variant = load_model(replace(cfg.model, quantization=quantization), num_labels=4, seed=cfg.seed)
+        variant = load_model(cfg.model.replace(quantization=quantization), num_labels=4, seed=cfg.seed)
         assert kind in {type(m).__name__ for m in variant.model.modules()}
     assert process_state().count(MODEL) == 3
     tok_ids = torch.tensor([[2, 10, 11, 12, 13, 3], [2, 20, 21, 22, 3, 0]])

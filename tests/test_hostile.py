@@ -28,6 +28,8 @@ from fedlora.server.validation import ReplyError, check_eval_metrics, check_info
 from fedlora.strategies import NodeDirectory, NodeInfo
 from fedlora.transport import arrays_of
 
+pytestmark = pytest.mark.unit
+
 PROFILES = "federation.profiles=[{name='phone',rank=1},{name='tablet',rank=2},{name='laptop',rank=4}]"
 TWO_TASKS = (
     "data.max_train_examples=0",
@@ -197,6 +199,7 @@ def twin_loops(tmp_path, tiny_bert, strategy: str):
     return cfg, grid, attacked, lines, twin, states
 
 
+@pytest.mark.simulation
 @pytest.mark.parametrize("strategy", sorted(FUZZ_RUNS))
 def test_fuzzed_replies_are_dropped_and_honest_ones_aggregate_bit_exact(tmp_path, tiny_bert, strategy):
     cfg, grid, attacked, lines, twin, (state_a, state_b) = twin_loops(tmp_path, tiny_bert, strategy)
@@ -260,6 +263,7 @@ def test_example_cap():
     assert example_cap(10, 40) == 10
 
 
+@pytest.mark.simulation
 def test_claimed_counts_are_capped_at_what_the_node_reported(tmp_path, tiny_bert):
     cfg, grid, attacked, lines, twin, (state, _) = twin_loops(tmp_path, tiny_bert, "fedavg")
     messages = attacked.configure(1, state)
@@ -284,11 +288,17 @@ def test_claimed_counts_are_capped_at_what_the_node_reported(tmp_path, tiny_bert
     assert max(weights) <= max(attacked.nodes.get(n).num_examples for n in book.sent)
 
 
-def test_max_examples_caps_every_claim(tmp_path, tiny_bert):
+def test_max_examples_caps_every_claim(tmp_path, tiny_bert, monkeypatch):
     from conftest import tiny_config
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
 
     from fedlora.server import prepare
 
+    # Message() stamps its sender from TaskIdentity, which a runtime sets: set here, so the test
+    # does not depend on an earlier test having run one.
+    for attr, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", SUPERLINK_NODE_ID)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
     cfg = tiny_config(tiny_bert, sets=("robustness.max_examples=7",))
     loop = RoundLoop(None, prepare(cfg), RunDirectory(tmp_path / "run"), Lines())
     entry: dict[str, Any] = {}
@@ -460,6 +470,7 @@ def hostile_grid(evaluate=None):
     return grid
 
 
+@pytest.mark.simulation
 def test_malformed_capabilities_are_named_and_ignored(tmp_path, tiny_bert):
     from conftest import tiny_config
 
@@ -495,6 +506,7 @@ EVAL_REPLIES = [
 ]
 
 
+@pytest.mark.simulation
 def test_personalized_evaluate_replies_are_checked(tmp_path, tiny_bert):
     from conftest import tiny_config
 

@@ -22,6 +22,8 @@ from fedlora.data.instruct import (
 )
 from fedlora.errors import ConfigError, DataError
 
+pytestmark = pytest.mark.unit
+
 # A chat template in the ChatML layout (Qwen's): every turn ends with the EOS, <|im_end|>.
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -356,6 +358,7 @@ def _tiny_lm(directory, tok):
     return write_tiny_gpt2(directory, tok)
 
 
+@pytest.mark.simulation
 def test_instruction_federation_through_the_cli(tmp_path, monkeypatch, plain_tok, capsys):
     """The instruct preset with a tiny local model and a local Alpaca file: two rounds of FedAvg on
     the default (Dirichlet quantity-skew) partitioner; the exported adapter reproduces the

@@ -8,6 +8,8 @@ from datasets import Dataset
 from fedlora.data import LabelEncoder, labels_from_training, tasks_from_column
 from fedlora.errors import DataError
 
+pytestmark = pytest.mark.unit
+
 
 def test_a_device_holding_some_classes_gets_the_runs_ids():
     encoder = LabelEncoder(["cooking", "sports", "technology", "weather"], [])

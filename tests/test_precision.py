@@ -11,6 +11,8 @@ from fedlora.models import load_model, output_heads
 from fedlora.runlog import Progress
 from fedlora.simulations.runtime import simulate
 
+pytestmark = pytest.mark.unit
+
 
 def test_output_heads_name_the_lm_head_and_fresh_classifiers(tiny_gpt2, tiny_bert):
     assert "lm_head" in output_heads(tiny_gpt2, "causal_lm", 0)  # tied to the input embedding in GPT-2
@@ -18,6 +20,7 @@ def test_output_heads_name_the_lm_head_and_fresh_classifiers(tiny_gpt2, tiny_ber
     assert {"classifier", "score"} <= set(heads)
 
 
+@pytest.mark.simulation
 @pytest.mark.parametrize("quantization", ["4bit", "8bit"])
 def test_quantized_causal_lm_trains_and_exports(tmp_path, tiny_gpt2, make_config, quantization):
     """A tiny GPT-2 (tied lm_head) on a 4-bit or 8-bit base: it used to fail inside bitsandbytes
@@ -39,6 +42,7 @@ def test_quantized_causal_lm_trains_and_exports(tmp_path, tiny_gpt2, make_config
     assert torch.isfinite(logits).all()
 
 
+@pytest.mark.simulation
 def test_a_run_that_fails_before_its_first_round_leaves_no_files(tmp_path, tiny_bert, make_config, monkeypatch):
     import fedlora.server.rounds as rounds
 
@@ -52,6 +56,7 @@ def test_a_run_that_fails_before_its_first_round_leaves_no_files(tmp_path, tiny_
     assert not out.exists()
 
 
+@pytest.mark.simulation
 def test_a_run_that_fails_later_keeps_its_finished_rounds(tmp_path, tiny_bert, make_config, monkeypatch):
     import fedlora.server.rounds as rounds
 
@@ -139,6 +144,7 @@ def test_cuda_asked_for_and_absent_stops_before_any_file(tmp_path, tiny_bert, ma
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.simulation
 def test_bfloat16_base_trains_float32_masters(tmp_path, tiny_bert, make_config):
     """A bfloat16 base on the CPU (autocast): frozen weights bfloat16, what trains float32."""
     from fedlora.adapters import get_host
@@ -158,6 +164,7 @@ def test_bfloat16_base_trains_float32_masters(tmp_path, tiny_bert, make_config):
         assert all(p.dtype == torch.float32 for p in host.params(name).values())
 
 
+@pytest.mark.simulation
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("quantization", ["none", "4bit", "8bit"])
 def test_cuda_training(tmp_path, tiny_gpt2, make_config, quantization):
@@ -171,6 +178,7 @@ def test_cuda_training(tmp_path, tiny_gpt2, make_config, quantization):
     assert load_model(cfg.model, seed=cfg.seed).placement.device == "cuda:0"
 
 
+@pytest.mark.simulation
 def test_4bit_code_is_nf4_or_fp4_with_double_quantization(tmp_path, tiny_bert, make_config):
     """``model.quant_type`` picks the 4-bit code; both keep QLoRA's double quantization, and a
     tiny model trains on each."""

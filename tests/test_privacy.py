@@ -27,6 +27,8 @@ from fedlora.privacy import (
 )
 from fedlora.training import train_local
 
+pytestmark = pytest.mark.unit
+
 HISTORY = [(1.1, 0.02, 150), (0.9, 0.05, 40)]
 
 
@@ -227,6 +229,7 @@ def _rounds(run) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.simulation
 @pytest.mark.parametrize("strategy", ["fedavg", "ffa", "hetlora", "fltac"])
 def test_local_dp_ledger_matches_opacus(tiny_bert, make_config, tmp_path, strategy):
     """Strategies train under local DP; each client's epsilon in metrics.jsonl is what Opacus
@@ -257,6 +260,7 @@ def test_local_dp_ledger_matches_opacus(tiny_bert, make_config, tmp_path, strate
     assert "at sample level for each client" in report and (run / "epsilon.png").exists()
 
 
+@pytest.mark.simulation
 def test_central_dp_run_accounts_over_rounds(tiny_bert, make_config, tmp_path):
     """User-level DP: every update clipped (a tiny clip norm binds), noise z * C / m recorded,
     the federation's epsilon is Opacus's RDP over rounds at the node sampling rate; resume
@@ -284,6 +288,7 @@ def test_central_dp_run_accounts_over_rounds(tiny_bert, make_config, tmp_path):
     assert json.loads((run / "summary.json").read_text())["privacy"].startswith("(epsilon, delta) = (")
 
 
+@pytest.mark.simulation
 def test_client_over_budget_stops_and_round_goes_on(tiny_bert, make_config, tmp_path):
     from fedlora.simulations.runtime import simulate
 
@@ -327,6 +332,7 @@ def test_local_dp_still_learns_and_noise_is_real(tmp_path):
     assert accuracy["noise"] < 0.40, accuracy
 
 
+@pytest.mark.simulation
 @pytest.mark.parametrize(
     "task, sets",
     [

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
 from fedlora.process import HOST, MODEL, NODE_DATA, TASK_DATA, ProcessState, process_state
 from fedlora.runlog import Progress
 from fedlora.simulations.runtime import simulate
+
+pytestmark = pytest.mark.unit
 
 
 def test_store_builds_once_and_clears_by_kind():
@@ -20,6 +24,7 @@ def test_store_builds_once_and_clears_by_kind():
     assert store.count() == 0
 
 
+@pytest.mark.simulation
 def test_virtual_clients_share_one_base_model(tmp_path, tiny_bert, make_config):
     process_state().clear()
     cfg = make_config(tiny_bert, sets=("rounds=1", "federation.clients=4"))

@@ -9,7 +9,7 @@ import pytest
 from fedlora.runlog import Progress, RunDirectory
 from fedlora.simulations.runtime import simulate
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.simulation]
 
 
 PROFILES = "federation.profiles=[{name='phone',rank=1},{name='tablet',rank=2},{name='laptop',rank=4}]"

@@ -11,6 +11,8 @@ from fedlora.cli import main
 from fedlora.runlog import Progress
 from fedlora.simulations.runtime import simulate
 
+pytestmark = pytest.mark.simulation
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -78,12 +80,14 @@ def test_report_command_compares_runs(two_runs, tmp_path, capsys):
     assert not (out / "epsilon.png").exists()  # no run used DP
 
 
+@pytest.mark.unit
 def test_report_of_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "metrics.jsonl" in err
 
 
+@pytest.mark.unit
 def test_progress_status_line_only_on_a_terminal():
     class Tty(io.StringIO):
         def isatty(self):

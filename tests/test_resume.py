@@ -29,6 +29,8 @@ from fedlora.runlog import Progress, RunDirectory
 from fedlora.server.rounds import RoundLoop
 from fedlora.simulations.runtime import simulate
 
+pytestmark = pytest.mark.simulation
+
 #: Per-round metrics that must match exactly between a resumed and an uninterrupted run.
 TIMING_KEYS = {"seconds", "train_seconds"}
 
@@ -344,6 +346,7 @@ def test_cli_resume_continues_the_run_on_disk_not_the_preset(tmp_path, tiny_bert
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["strategy"] == "ffa"
 
 
+@pytest.mark.unit
 def test_cli_resume_without_a_run_directory_is_one_line(tmp_path, capsys):
     code = main(["simulate", "--out", str(tmp_path / "nothing"), "--resume", "--quiet"])
     err = capsys.readouterr().err.strip()
@@ -358,6 +361,7 @@ def test_resume_cannot_shorten_a_run_below_its_rounds_done(three_rounds, tiny_be
         simulate(tiny_config(tiny_bert, strategy="fedsa", sets=("rounds=2",)), out=out, resume=True, progress=quiet())
 
 
+@pytest.mark.unit
 def test_a_device_keeps_its_private_factors_in_its_own_file(tmp_path):
     """FedSA-LoRA on a device: a restarted server starts a new Flower run (an empty Context), so
     the private B comes back from the device's state file, and only for the same fedlora run."""

@@ -25,6 +25,8 @@ from fedlora.strategies.robust import (
     reducer,
 )
 
+pytestmark = pytest.mark.simulation
+
 SCALE = 1e4
 FLTAC_DATA = (
     "data.max_train_examples=0",
@@ -51,6 +53,7 @@ STRATEGIES = {
 # -- the pure math -------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_median_and_trimmed_mean_match_hand_computed_values():
     states = [{"x": torch.tensor([1.0, 10.0])}, {"x": torch.tensor([2.0, -5.0])}, {"x": torch.tensor([100.0, 0.0])}]
     assert torch.equal(coordinate_median(states)["x"], torch.tensor([2.0, 0.0]))
@@ -65,6 +68,7 @@ def test_median_and_trimmed_mean_match_hand_computed_values():
     assert reducer("mean", 0.1, mean) is mean
 
 
+@pytest.mark.unit
 def test_clip_scales_only_updates_above_the_bound():
     ref = {"a": torch.ones(2), "b": torch.zeros(1)}
     states = [
@@ -89,6 +93,7 @@ def test_clip_scales_only_updates_above_the_bound():
     assert first_non_finite({"a": torch.ones(1)}) is None
 
 
+@pytest.mark.unit
 def test_median_is_refused_where_the_math_does_not_allow_it(tiny_bert, make_config):
     for name in ("flora", "hetlora", "fedex"):
         cfg = make_config(tiny_bert, strategy=name, sets=("robustness.aggregator=median",))

@@ -25,6 +25,8 @@ from fedlora.errors import FedLoraError
 from fedlora.runlock import LOCK_NAME
 from fedlora.runlog import RunDirectory
 
+pytestmark = pytest.mark.unit
+
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -125,6 +127,7 @@ def test_the_lock_leaves_no_trace_and_changes_no_other_check(tmp_path, monkeypat
         assert run.lock is not None and not run.lock.held and not (tmp_path / "bare" / LOCK_NAME).exists()
 
 
+@pytest.mark.simulation
 def test_a_second_simulate_resume_beside_a_live_run_exits_2_naming_it(tmp_path, tiny_bert, make_config):
     """The issue's case: ``--resume`` started while the first run is still writing the folder."""
     preset = tmp_path / "p.toml"
@@ -155,6 +158,7 @@ def test_a_second_simulate_resume_beside_a_live_run_exits_2_naming_it(tmp_path, 
     RunDirectory.open(out, resume=True).close()  # the SIGKILLed run's lock went with it
 
 
+@pytest.mark.deployment
 def test_fedlora_server_refuses_a_held_folder_before_starting_a_superlink(tmp_path, tiny_bert, make_config, capsys):
     preset = tmp_path / "p.toml"
     preset.write_text(tomli_w.dumps(make_config(tiny_bert).to_dict()))

@@ -25,6 +25,8 @@ from fedlora.strategies import get_strategy_class
 from fedlora.strategies.server_opt import DEFAULT_SERVER_LR, ServerOptimizer
 from fedlora.training import round_lr
 
+pytestmark = pytest.mark.unit
+
 KEY = "m.lora_A.weight"
 
 
@@ -265,6 +267,7 @@ def global_drift(out, initial: dict[str, torch.Tensor]) -> float:
     return sum(float(((state[k] - initial[k]) ** 2).sum()) for k in initial)
 
 
+@pytest.mark.simulation
 def test_clients_apply_the_proximal_term(tmp_path, tiny_bert, make_config, monkeypatch):
     """A round with a strong proximal term moves the global adapter less from where it started."""
     starts: list[dict[str, torch.Tensor]] = []
@@ -291,6 +294,7 @@ class Killed(Exception):
     """Stands for the process dying right after a round's checkpoint was written."""
 
 
+@pytest.mark.simulation
 @pytest.mark.parametrize("optimizer", ["adam", "avgm"])
 def test_resume_keeps_the_moments_bit_exact(tmp_path, tiny_bert, make_config, monkeypatch, optimizer):
     cfg = make_config(tiny_bert, sets=("rounds=4", f"strategy.server_optimizer={optimizer}"))

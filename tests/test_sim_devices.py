@@ -26,6 +26,8 @@ from fedlora.simulations import grid as G
 from fedlora.simulations import runtime
 from fedlora.simulations.runtime import simulate, simulation_devices
 
+pytestmark = pytest.mark.unit
+
 PROFILES = "federation.profiles=[{name='phone',rank=1},{name='tablet',rank=2},{name='laptop',rank=4}]"
 TWO_CPUS = "simulation.devices=['cpu','cpu']"
 
@@ -124,6 +126,7 @@ def _per_client(out):
     ]
 
 
+@pytest.mark.simulation
 @pytest.mark.parametrize(
     ("strategy", "sets", "alternate"),
     [
@@ -166,6 +169,7 @@ def test_two_cpu_devices_give_the_adapter_of_one(tmp_path, tiny_bert, make_confi
 # -- the lanes themselves --------------------------------------------------------------------------
 
 
+@pytest.mark.simulation
 def test_lane_errors_and_a_dead_worker(monkeypatch):
     """On a worker lane a client's exception is the error reply lane 0 would send; a worker that
     dies stops the run in one line; close() leaves nothing behind."""
@@ -224,6 +228,7 @@ def test_lane_errors_and_a_dead_worker(monkeypatch):
 # -- GPUs --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.simulation
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_two_lanes_on_one_gpu_give_the_adapter_of_one(tmp_path, tiny_bert, make_config, grids):
     base = ("federation.clients=4", "model.device='cuda:0'")
@@ -236,6 +241,7 @@ def test_two_lanes_on_one_gpu_give_the_adapter_of_one(tmp_path, tiny_bert, make_
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.simulation
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_every_gpu_by_default_gives_the_adapter_of_one(tmp_path, tiny_bert, make_config, grids):
     """``model.device = auto`` on a machine with several GPUs uses all of them by default. The

@@ -15,6 +15,8 @@ from fedlora.runlog import Progress, RunDirectory
 from fedlora.server import prepare
 from fedlora.simulations.runtime import simulate
 
+pytestmark = pytest.mark.simulation
+
 ROUND_KEYS = {"round", "train_loss", "eval_loss", "bytes_down", "bytes_up", "seconds", "clients", "dropped"}
 
 
@@ -213,6 +215,7 @@ def test_every_strategy_runs_and_exports_a_faithful_adapter(tmp_path, tiny_bert,
         assert set(config["rank_pattern"].values()) == {2 * cfg.lora.rank}  # the residual folded in
 
 
+@pytest.mark.unit
 def test_federa_round_zero_computes_what_the_pretrained_model_computes(tiny_bert, make_config):
     from fedlora.server.server_app import _dense_deltas
     from fedlora.strategies import create

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import typing
+
 import pytest
 import torch
 
 from fedlora.errors import ConfigError
 from fedlora.strategies import STRATEGIES, ffa_aggregate, get_strategy_class, weighted_mean
+
+pytestmark = pytest.mark.unit
 
 A_KEY = "m.q.lora_A.weight"
 B_KEY = "m.q.lora_B.weight"
@@ -73,3 +77,17 @@ def test_unknown_strategy_option_is_named():
     with pytest.raises(ConfigError, match="strategy.a_seed"):
         cls.parse_options({"a_seed": "x"})
     assert cls.parse_options({"a_seed": 3}).to_dict() == {"a_seed": 3}
+
+
+def test_non_finite_strategy_options_are_refused():
+    from fedlora.strategies.hetlora import HetLoRAOptions
+
+    with pytest.raises(ConfigError, match=r"^config key 'strategy\.prune_lambda' must be a finite number, got inf$"):
+        HetLoRAOptions.from_dict({"prune_lambda": float("inf")}, "hetlora")
+    for cls in STRATEGIES.values():
+        for option, info in cls.options_class.model_fields.items():
+            if float not in (info.annotation, *typing.get_args(info.annotation)):
+                continue
+            for bad in (float("inf"), float("-inf"), float("nan")):
+                with pytest.raises(ConfigError, match=rf"config key 'strategy\.{option}' must be a finite number"):
+                    cls.parse_options({option: bad})

@@ -14,6 +14,8 @@ from fedlora.strategies.fltac import cluster_purity, fltac_aggregate, kmeans, ta
 from fedlora.strategies.hetlora import hetlora_aggregate, self_prune, sparsity_weights, update_norm
 from fedlora.strategies.ranks import pad, truncate
 
+pytestmark = pytest.mark.unit
+
 MOD = "base_model.model.enc.layer.0.query"
 MOD2 = "base_model.model.enc.layer.0.value"
 

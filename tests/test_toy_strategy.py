@@ -3,7 +3,6 @@ options; registered once and run for 2 rounds by the unchanged runtime."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -19,21 +18,18 @@ from fedlora.strategies import (
     get_strategy_class,
     option,
     register,
-    require,
     unregister,
 )
+
+pytestmark = pytest.mark.unit
 
 SHRINK = "toy-shrink"  # this strategy's own round-config key: only its two halves know it
 CALLS = {"regularizer": 0, "after_train": 0}
 SEEN: list[list[dict[str, torch.Tensor]]] = []
 
 
-@dataclasses.dataclass
 class ToyOptions(StrategyOptions):
-    shrink: float = option(0.5, "factor every client applies to its trained tensors before replying")
-
-    def __post_init__(self) -> None:
-        require(0 <= self.shrink <= 1, "shrink", f"must be in [0, 1], got {self.shrink}")
+    shrink: float = option(0.5, "factor every client applies to its trained tensors before replying", ge=0, le=1)
 
 
 class ToyClient(ClientHooks):
@@ -93,6 +89,7 @@ def test_toy_options_are_checked_with_one_line(toy):
         ToyMedian.parse_options({"bogus": 1})
 
 
+@pytest.mark.simulation
 def test_toy_strategy_runs_two_rounds(tmp_path: Path, tiny_bert, make_config, toy):
     cfg = make_config(tiny_bert, strategy="toy-median", sets=("strategy.shrink=0.5",))
     out = tmp_path / "run"
@@ -110,6 +107,7 @@ def test_toy_strategy_runs_two_rounds(tmp_path: Path, tiny_bert, make_config, to
     assert 'name = "toy-median"' in config and "shrink = 0.5" in config  # re-runnable as a preset
 
 
+@pytest.mark.simulation
 def test_toy_client_half_shapes_every_reply(tmp_path: Path, tiny_bert, make_config, toy):
     """shrink = 0: every reply is zero, so the median global adapter is zero wherever clients trained."""
     cfg = make_config(tiny_bert, strategy="toy-median", sets=("strategy.shrink=0.0", "rounds=1"))

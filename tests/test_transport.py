@@ -29,6 +29,8 @@ from fedlora.transport import (
     unpack,
 )
 
+pytestmark = pytest.mark.unit
+
 SHAPES = [(8, 384), (384, 8), (2,), (3, 5), (1000,), (7, 300)]
 
 
@@ -241,6 +243,7 @@ def test_links_are_dropped_once_they_outweigh_the_base():
     assert P.BASE_FROM not in config
 
 
+@pytest.mark.simulation
 @pytest.mark.parametrize("strategy", ["flora", "fedex"])
 def test_downlink_stays_flat_and_skipping_nodes_stay_in_step(tmp_path, tiny_bert, make_config, strategy):
     """fraction 1: round 5's downlink <= 1.1 x round 2's. fraction < 1: a node that skipped rounds
@@ -257,6 +260,7 @@ def test_downlink_stays_flat_and_skipping_nodes_stay_in_step(tmp_path, tiny_bert
     assert all(r["clients_ok"] == 2 and not r["dropped"] for r in rounds)
 
 
+@pytest.mark.simulation
 def test_a_quantized_reply_that_lies_about_its_bytes_is_dropped(tmp_path, tiny_bert, make_config, monkeypatch):
     """A node whose int8 payload is cut short is dropped by name; the others still aggregate."""
     import fedlora.client.client_app as client_app

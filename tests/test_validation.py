@@ -11,6 +11,8 @@ from fedlora.adapters import to_record
 from fedlora.server import ReplyError, validate_reply
 from fedlora.transport import Wire
 
+pytestmark = pytest.mark.unit
+
 SENT = to_record({"m.q.lora_A.weight": torch.ones(2, 4), "m.q.lora_B.weight": torch.zeros(4, 2)})
 
 

@@ -26,6 +26,8 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 
 from fedlora.client import worker as W
 
+pytestmark = pytest.mark.unit
+
 FAKE_HANDLERS = """
 import os
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
@@ -227,6 +229,7 @@ def test_client_package_stays_light():
     assert callable(handle_train) and app is not None
 
 
+@pytest.mark.simulation
 def test_simulation_through_a_worker_matches_direct(tiny_bert, make_config, tmp_path, socket_dir, monkeypatch):
     """Every message of a fedsa run (train and evaluate, node state kept in context.state between
     rounds) handled by a worker running fedlora's real handlers: the same adapters as in-process."""
