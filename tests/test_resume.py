@@ -108,7 +108,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_bert, m
     preset = tmp_path / "fedsa.toml"
     preset.write_text(tomli_w.dumps(cfg.to_dict()))
     cut = tmp_path / "cut"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # The killed process computes the first rounds, this one the rest and the uninterrupted run:
+    # both with this process's torch thread count, since float sums depend on it.
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.Popen(
         [sys.executable, "-m", "fedlora.cli", "simulate", str(preset), "--out", str(cut), "--quiet"],
         env=env,
