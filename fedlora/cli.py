@@ -223,6 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedlora", description="Federated LoRA fine-tuning on Flower.")
     _add_debug(parser)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in (_add_simulate, _add_runs_tools, _add_evaluate, _add_deploy_tools):
+        add(sub)
+    return parser
+
+
+def _add_simulate(sub) -> None:
+    """``fedlora simulate``."""
     sim = sub.add_parser("simulate", help="run a federation on this machine")
     sim.add_argument("preset", nargs="?", help="preset TOML path or packaged name (default: quickstart)")
     sim.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
@@ -242,6 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--ray-address", help="existing Ray cluster address (with --backend ray)")
     sim.add_argument("--quiet", action="store_true", help="no progress lines")
     sim.set_defaults(func=cmd_simulate)
+    _add_debug(sim, subcommand=True)
+
+
+def _add_runs_tools(sub) -> None:
+    """``fedlora presets``, ``report`` and ``truncate``: tools over packaged presets and run directories."""
     pre = sub.add_parser("presets", help="list the packaged presets")
     pre.set_defaults(func=cmd_presets)
     rep = sub.add_parser("report", help="report.md and plots comparing run directories")
@@ -255,6 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     trunc.add_argument("--rank", type=int, required=True, help="the rank to keep (1..the adapter's rank)")
     trunc.add_argument("--out", help="output folder (default: <ADAPTER_DIR>-rank<K> beside it)")
     trunc.set_defaults(func=cmd_truncate)
+    for subparser in (pre, rep):
+        _add_debug(subparser, subcommand=True)
+
+
+def _add_evaluate(sub) -> None:
+    """``fedlora evaluate``."""
     ev = sub.add_parser(
         "evaluate", help="loss/perplexity, choice accuracy, exact match (or accuracy) of a peft adapter on a file"
     )
@@ -297,6 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dtype", default="auto", choices=DTYPES, help="compute dtype")
     ev.set_defaults(func=cmd_evaluate)
     _add_debug(ev, subcommand=True)
+
+
+def _add_deploy_tools(sub) -> None:
+    """``fedlora partition`` and ``certs``: what a deployment is set up with."""
     par = sub.add_parser("partition", help="write each simulated client's data to a CSV (for fedlora-client --data)")
     par.add_argument("preset", nargs="?", help="preset TOML path or packaged name (default: quickstart)")
     par.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
@@ -316,9 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     cer.add_argument("--days", type=int, default=365, help="certificate validity in days (default 365)")
     cer.add_argument("--force", action="store_true", help="replace an existing CA in --out")
     cer.set_defaults(func=cmd_certs)
-    for subparser in (sim, pre, rep, par, cer):
+    for subparser in (par, cer):
         _add_debug(subparser, subcommand=True)
-    return parser
 
 
 def _run(func, args, prog: str = "fedlora") -> int:
@@ -414,6 +435,14 @@ def _server_parser() -> argparse.ArgumentParser:
         help="continue the run directory from its last good checkpoint, with its own config.toml "
         "(--set may change rounds and operational keys only)",
     )
+    _add_server_waits(p)
+    _add_fleet_limits(p)
+    _add_debug(p)
+    return p
+
+
+def _add_server_waits(p: argparse.ArgumentParser) -> None:
+    """How long ``fedlora-server`` waits for clients, replies and its SuperLink."""
     p.add_argument(
         "--min-clients",
         type=int,
@@ -440,9 +469,6 @@ def _server_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long the SuperLink may take to start (default 60)",
     )
-    _add_fleet_limits(p)
-    _add_debug(p)
-    return p
 
 
 def _add_fleet_limits(p: argparse.ArgumentParser) -> None:

@@ -597,6 +597,31 @@ def evaluate_causal(
 
     data = layout.data_config()
     check_template(data, tokenizer)
+    choice_rows = _check_causal_columns(ds, data, where)
+    max_length = min(layout.max_length or model_max_length(model), model_max_length(model))
+    pad_id = tokenizer.pad_token_id
+    result: dict[str, Any] = {}
+    plain = _plain_rows(ds, data, set(choice_rows))
+    # Instruction and chat rows rendered once: scored for loss here, reused for exact match below.
+    pairs = [render_prompt(row, data, tokenizer) for row in plain] if data.format != "text" else []
+    enc = None
+    if len(plain):
+        enc = encode_pairs(pairs, tokenizer, max_length) if pairs else encode_rows(plain, data, tokenizer, max_length)
+        metrics = evaluate(
+            model, enc, batch_size=opts.batch_size, pad_id=pad_id, causal=True, compute_dtype=compute_dtype
+        )
+        result["loss"] = metrics["eval_loss"]
+        result["perplexity"] = metrics["eval_perplexity"]
+        result["loss_examples"] = len(enc)
+    if choice_rows:
+        result.update(_choice_scores(model, tokenizer, ds, choice_rows, data, opts, where, max_length, compute_dtype))
+    if data.format != "text" and enc is not None:
+        result.update(_exact_matches(model, tokenizer, pairs, enc, opts, compute_dtype))
+    return result
+
+
+def _check_causal_columns(ds: Any, data: Any, where: str) -> list[int]:
+    """The multiple-choice rows of ``ds``; DataError naming a column the format needs and lacks."""
     needed = {
         "text": [("text_column", data.text_column)],
         "instruction": [("prompt_column", data.prompt_column)],
@@ -608,79 +633,92 @@ def evaluate_causal(
     if len(choice_rows) < len(ds) and data.format == "instruction":
         needed.append(("response_column", data.response_column))
     _require(ds, needed, f"{where} read as {data.format} data (--format)")
+    return choice_rows
 
-    max_length = min(layout.max_length or model_max_length(model), model_max_length(model))
-    pad_id = tokenizer.pad_token_id
-    result: dict[str, Any] = {}
-    chosen = set(choice_rows)
+
+def _plain_rows(ds: Any, data: Any, chosen: set[int]) -> Any:
+    """The rows scored for loss: all but the choice rows, without empty texts or missing responses."""
     plain = ds.select([i for i in range(len(ds)) if i not in chosen]) if chosen else ds
     if data.format == "text":
         plain = plain.rename_column(data.text_column, "text") if data.text_column != "text" else plain
         plain = plain.filter(lambda row: not _missing(row["text"]) and bool(str(row["text"]).strip()))
     elif data.format == "instruction":
         plain = plain.filter(lambda row: not _missing(row[data.response_column]))
-    # Instruction and chat rows rendered once: scored for loss here, reused for exact match below.
-    pairs = [render_prompt(row, data, tokenizer) for row in plain] if data.format != "text" else []
-    if len(plain):
-        enc = encode_pairs(pairs, tokenizer, max_length) if pairs else encode_rows(plain, data, tokenizer, max_length)
-        metrics = evaluate(
-            model, enc, batch_size=opts.batch_size, pad_id=pad_id, causal=True, compute_dtype=compute_dtype
-        )
-        result["loss"] = metrics["eval_loss"]
-        result["perplexity"] = metrics["eval_perplexity"]
-        result["loss_examples"] = len(enc)
+    return plain
+
+
+def _choice_scores(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    ds: Any,
+    choice_rows: list[int],
+    data: Any,
+    opts: EvalOptions,
+    where: str,
+    max_length: int,
+    compute_dtype: torch.dtype | None,
+) -> dict[str, Any]:
+    """Choice accuracy (``acc`` and length-normalised ``acc_norm``) over the choice rows."""
+    from fedlora.data.instruct import encode_pairs
 
     eos = getattr(tokenizer, "eos_token_id", None)
-    if choice_rows:
-        input_ids: list[list[int]] = []
-        prompt_lengths: list[int] = []
-        spans: list[tuple[int, int]] = []
-        texts: list[list[str]] = []
-        answers: list[int] = []
-        for i in choice_rows:
-            row = ds[i]
-            choices = [str(c) for c in row[CHOICES_COLUMN]]
-            if len(choices) < 2:
-                raise DataError(
-                    f"{where}: row {i + 1}: {CHOICES_COLUMN!r} needs at least 2 choices, has {len(choices)}"
-                )
-            answers.append(answer_index(row[ANSWER_COLUMN], choices, f"{where}: row {i + 1}"))
-            enc = encode_pairs(_choice_pairs(row, data, tokenizer, choices), tokenizer, max_length)
-            spans.append((len(input_ids), len(input_ids) + len(choices)))
-            for ids, plen in zip(enc.input_ids, enc.prompt_lengths):
-                input_ids.append(_without_eos(ids, plen, eos))
-                prompt_lengths.append(plen)
-            texts.append(choices)
-        sums, _ = score_continuations(
-            model, input_ids, prompt_lengths, batch_size=opts.batch_size, pad_id=pad_id, compute_dtype=compute_dtype
-        )
-        acc, acc_norm = choice_accuracy([sums[a:b] for a, b in spans], texts, answers)
-        result["choice_accuracy"] = acc
-        result["choice_accuracy_norm"] = acc_norm
-        result["choice_examples"] = len(choice_rows)
+    input_ids: list[list[int]] = []
+    prompt_lengths: list[int] = []
+    spans: list[tuple[int, int]] = []
+    texts: list[list[str]] = []
+    answers: list[int] = []
+    for i in choice_rows:
+        row = ds[i]
+        choices = [str(c) for c in row[CHOICES_COLUMN]]
+        if len(choices) < 2:
+            raise DataError(f"{where}: row {i + 1}: {CHOICES_COLUMN!r} needs at least 2 choices, has {len(choices)}")
+        answers.append(answer_index(row[ANSWER_COLUMN], choices, f"{where}: row {i + 1}"))
+        enc = encode_pairs(_choice_pairs(row, data, tokenizer, choices), tokenizer, max_length)
+        spans.append((len(input_ids), len(input_ids) + len(choices)))
+        for ids, plen in zip(enc.input_ids, enc.prompt_lengths):
+            input_ids.append(_without_eos(ids, plen, eos))
+            prompt_lengths.append(plen)
+        texts.append(choices)
+    sums, _ = score_continuations(
+        model,
+        input_ids,
+        prompt_lengths,
+        batch_size=opts.batch_size,
+        pad_id=tokenizer.pad_token_id,
+        compute_dtype=compute_dtype,
+    )
+    acc, acc_norm = choice_accuracy([sums[a:b] for a, b in spans], texts, answers)
+    return {"choice_accuracy": acc, "choice_accuracy_norm": acc_norm, "choice_examples": len(choice_rows)}
 
-    if data.format != "text" and len(plain):
-        hits = total = 0
-        limit = model_max_length(model)
-        gen_eos = eos if eos is not None else getattr(model.config, "eos_token_id", None)
-        for (_, reference), ids, plen in zip(pairs, enc.input_ids, enc.prompt_lengths):
-            if not reference.strip():
-                continue
-            ref_tokens = len(ids) - plen
-            if ref_tokens > opts.max_answer_tokens or plen == 0:
-                continue
-            new_tokens = ref_tokens + EXTRA_NEW_TOKENS
-            prompt_ids = ids[:plen][-max(limit - new_tokens, 1) :]
-            out = greedy_answer(
-                model, prompt_ids, new_tokens, eos_id=gen_eos, pad_id=pad_id, compute_dtype=compute_dtype
-            )
-            prediction = tokenizer.decode(out, skip_special_tokens=True)
-            hits += int(exact_match(prediction, reference))
-            total += 1
-        if total:
-            result["exact_match"] = hits / total
-            result["exact_match_examples"] = total
-    return result
+
+def _exact_matches(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    pairs: list[tuple[str, str]],
+    enc: Any,
+    opts: EvalOptions,
+    compute_dtype: torch.dtype | None,
+) -> dict[str, Any]:
+    """Exact match of greedy answers against references of at most ``opts.max_answer_tokens``."""
+    hits = total = 0
+    limit = model_max_length(model)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    gen_eos = eos if eos is not None else getattr(model.config, "eos_token_id", None)
+    for (_, reference), ids, plen in zip(pairs, enc.input_ids, enc.prompt_lengths):
+        if not reference.strip():
+            continue
+        ref_tokens = len(ids) - plen
+        if ref_tokens > opts.max_answer_tokens or plen == 0:
+            continue
+        new_tokens = ref_tokens + EXTRA_NEW_TOKENS
+        prompt_ids = ids[:plen][-max(limit - new_tokens, 1) :]
+        out = greedy_answer(
+            model, prompt_ids, new_tokens, eos_id=gen_eos, pad_id=tokenizer.pad_token_id, compute_dtype=compute_dtype
+        )
+        prediction = tokenizer.decode(out, skip_special_tokens=True)
+        hits += int(exact_match(prediction, reference))
+        total += 1
+    return {"exact_match": hits / total, "exact_match_examples": total} if total else {}
 
 
 def evaluate_classifier(
@@ -792,12 +830,7 @@ def evaluate_adapter(
     layout.columns.update(dict(columns or {}))
     if max_length:
         layout.max_length = max_length
-    if base:
-        base_name, origin = base, "--base"
-    elif info.base:
-        base_name, origin = info.base, f"base_model_name_or_path in {info.path / 'adapter_config.json'}"
-    else:
-        raise FedLoraError(f"fedlora evaluate: {info.path}/adapter_config.json names no base model; pass --base")
+    base_name, origin = _base_of(info, base)
     if info.task == "causal_lm":
         layout.format = data_format or layout.format or sniff_format(ds.column_names, layout)
     if opts.max_examples and len(ds) > opts.max_examples:
@@ -817,6 +850,23 @@ def evaluate_adapter(
         out["format"] = layout.format
         if layout.format != "text":
             out["template"] = layout.template
+    metrics = _evaluate_quietly(loaded, info, tokenizer, ds, layout, opts, num_labels, where)
+    return {**out, "examples": len(ds), **metrics}
+
+
+def _base_of(info: Any, base: str | None) -> tuple[str, str]:
+    """(base model name, where it came from): ``--base``, else the adapter's own record."""
+    if base:
+        return base, "--base"
+    if info.base:
+        return info.base, f"base_model_name_or_path in {info.path / 'adapter_config.json'}"
+    raise FedLoraError(f"fedlora evaluate: {info.path}/adapter_config.json names no base model; pass --base")
+
+
+def _evaluate_quietly(
+    loaded: Any, info: Any, tokenizer: Any, ds: Any, layout: EvalLayout, opts: EvalOptions, num_labels: int, where: str
+) -> dict[str, Any]:
+    """The adapter on ``loaded``'s base, evaluated with transformers' notices silenced."""
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
@@ -825,9 +875,7 @@ def evaluate_adapter(
         model = attach_adapter(loaded.model, info)
         kwargs = {"where": where, "compute_dtype": loaded.compute_dtype}
         if info.task == "classification":
-            metrics = evaluate_classifier(model, tokenizer, ds, layout, opts, num_labels, **kwargs)
-        else:
-            metrics = evaluate_causal(model, tokenizer, ds, layout, opts, **kwargs)
+            return evaluate_classifier(model, tokenizer, ds, layout, opts, num_labels, **kwargs)
+        return evaluate_causal(model, tokenizer, ds, layout, opts, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
-    return {**out, "examples": len(ds), **metrics}

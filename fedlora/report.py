@@ -144,7 +144,23 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     causal = all(r.config.get("model", {}).get("task") == "causal_lm" for r in runs if r.config)
     quality = "eval_perplexity" if causal else "eval_accuracy"
+    plots = _write_plots(runs, out)
+    md = ["# fedlora report", "", *_summary_table(runs, quality), ""]
+    for run in runs:
+        if run.rounds and run.rounds[-1].get("privacy"):
+            md += [f"Privacy of {_label(run, runs)}: {run.rounds[-1]['privacy']}.", ""]
+    for name, caption in plots.items():
+        md += [f"![{caption}]({name})", "", f"*{caption}*", ""]
+    for run in runs:
+        md += _round_table(run, runs)
+    md.append("Metrics: " + ", ".join(_metric_keys(runs)) + ".")
+    report = out / "report.md"
+    report.write_text("\n".join(md) + "\n", encoding="utf-8")
+    return report
 
+
+def _write_plots(runs: list, out: Path) -> dict[str, str]:
+    """The report's PNGs in ``out``: {file name: caption} of those that had data."""
     plots: dict[str, str] = {}
     # Accuracy and perplexity get a plot each: they share no scale (a fraction vs. a number of
     # the vocabulary's order), and a run reports the one its task has.
@@ -160,27 +176,26 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
         if _plot(out / png, title, metric, lines, logy=logy):
             plots[png] = f"{metric} per round (round 0: before training)"
     loss_lines = []
+    byte_lines = []
     for run in runs:
         label = _label(run, runs)
         loss_lines.append((f"{label}: train", *run.series("train_loss"), "--"))
         loss_lines.append((f"{label}: eval", *run.series("eval_loss", with_initial=True), "-"))
-    if _plot(out / "loss.png", "loss per round", "loss", loss_lines):
-        plots["loss.png"] = "train loss (mean over clients) and eval loss per round"
-    byte_lines = []
-    for run in runs:
-        label = _label(run, runs)
         byte_lines.append((f"{label}: down", *run.series("bytes_down"), "-"))
         byte_lines.append((f"{label}: up", *run.series("bytes_up"), "--"))
+    if _plot(out / "loss.png", "loss per round", "loss", loss_lines):
+        plots["loss.png"] = "train loss (mean over clients) and eval loss per round"
     if _plot(out / "bytes.png", "bytes per round (all clients)", "bytes", byte_lines):
         plots["bytes.png"] = "bytes sent to and received from all clients per round"
     eps_lines = [(_label(run, runs), *run.series("epsilon"), "-") for run in runs]
     if _plot(out / "epsilon.png", "privacy budget per round", "epsilon", eps_lines):
         plots["epsilon.png"] = "cumulative (epsilon, delta)-DP budget per round"
+    return plots
 
-    md = ["# fedlora report", ""]
-    md.append(
-        "| run | strategy | clients | rounds | " + quality + " before → after | total bytes down / up | seconds |"
-    )
+
+def _summary_table(runs: list, quality: str) -> list[str]:
+    """One row per run: strategy, clients, rounds, quality before and after, bytes, seconds."""
+    md = ["| run | strategy | clients | rounds | " + quality + " before → after | total bytes down / up | seconds |"]
     md.append("| --- | --- | --- | --- | --- | --- | --- |")
     for run in runs:
         cfg = run.config
@@ -195,26 +210,21 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
             f"| {cfg.get('federation', {}).get('clients', '?')} | {len(run.rounds)} | {_fmt(before)} → {_fmt(after)} "
             f"| {down:,} / {up:,} | {secs:.1f} |"
         )
+    return md
+
+
+def _round_table(run, runs: list) -> list[str]:
+    """A run's section: every metric per round (round 0: before training)."""
+    keys = [k for k in _metric_keys([run]) if k not in ("clients_ok", "clients_sampled", "privacy")]
+    md = [f"## {_label(run, runs)}", "", f"Run directory: `{run.path}`", ""]
+    md.append("| round | " + " | ".join(keys) + " |")
+    md.append("| --- |" + " --- |" * len(keys))
+    if run.initial:
+        md.append("| 0 | " + " | ".join(_fmt(run.initial.get(k)) for k in keys) + " |")
+    for record in run.rounds:
+        md.append(f"| {record['round']} | " + " | ".join(_fmt(record.get(k)) for k in keys) + " |")
     md.append("")
-    for run in runs:
-        if run.rounds and run.rounds[-1].get("privacy"):
-            md += [f"Privacy of {_label(run, runs)}: {run.rounds[-1]['privacy']}.", ""]
-    for name, caption in plots.items():
-        md += [f"![{caption}]({name})", "", f"*{caption}*", ""]
-    for run in runs:
-        keys = [k for k in _metric_keys([run]) if k not in ("clients_ok", "clients_sampled", "privacy")]
-        md += [f"## {_label(run, runs)}", "", f"Run directory: `{run.path}`", ""]
-        md.append("| round | " + " | ".join(keys) + " |")
-        md.append("| --- |" + " --- |" * len(keys))
-        if run.initial:
-            md.append("| 0 | " + " | ".join(_fmt(run.initial.get(k)) for k in keys) + " |")
-        for record in run.rounds:
-            md.append(f"| {record['round']} | " + " | ".join(_fmt(record.get(k)) for k in keys) + " |")
-        md.append("")
-    md.append("Metrics: " + ", ".join(_metric_keys(runs)) + ".")
-    report = out / "report.md"
-    report.write_text("\n".join(md) + "\n", encoding="utf-8")
-    return report
+    return md
 
 
 def _fmt(value: Any) -> str:

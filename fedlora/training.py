@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -121,65 +121,101 @@ def train_local(
         optimizer state stay float32. Batches go to the model's device.
     """
     params = list(params)
-    device = model_device(model)
     for p in params:
         p.requires_grad_(True)
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     model.train()
-    total, seen = 0.0, 0
+    device = model_device(model)
+    loop = _Steps(model, params, data, device, pad_id, causal, compute_dtype, on_step, before_step, regularizer)
     try:
         if dp is None:
-            batches = batch_indices(len(data), batch_size, seed)
-            for step in range(steps):
-                idx = next(batches)
-                if before_step is not None:
-                    before_step(step)
-                batch = to_device(collate(data, idx, pad_id, causal), device)
-                with autocast(device, compute_dtype):
-                    loss = model(**batch).loss
-                optimizer.zero_grad(set_to_none=True)
-                (loss + regularizer() if regularizer is not None else loss).backward()
-                optimizer.step()
-                value = float(loss.detach())
-                total += value * len(idx)
-                seen += len(idx)
-                if on_step is not None:
-                    on_step(step + 1, value)
+            seen = loop.plain(optimizer, steps, batch_size, seed)
         else:
-            with DPSGD(model, params, optimizer, dp, seed) as engine:
-                for step, idx in enumerate(poisson_batches(len(data), dp.sample_rate, steps, seed)):
-                    if before_step is not None:
-                        before_step(step)
-                    before = [p.detach().clone() for p in params]
-                    engine.optimizer.zero_grad(set_to_none=True)
-                    value = 0.0
-                    if idx:
-                        batch = to_device(collate(data, idx, pad_id, causal), device)
-                        with autocast(device, compute_dtype):
-                            if causal:
-                                labels = batch.pop("labels")
-                                loss = per_example_causal_loss(engine.module(**batch).logits.float(), labels)
-                            else:
-                                loss = engine.module(**batch).loss
-                        loss.backward()
-                        value = float(loss.detach())
-                    else:
-                        engine.empty_batch()
-                    extra = None
-                    if regularizer is not None:
-                        extra = torch.autograd.grad(regularizer(), params, allow_unused=True)
-                    engine.step(extra)
-                    check_moved(before, params, step + 1)
-                    total += value * len(idx)
-                    seen += len(idx)
-                    if on_step is not None:
-                        on_step(step + 1, value)
+            seen = loop.private(optimizer, steps, dp, seed)
     finally:
         for p in params:
             p.requires_grad_(False)
             p.grad = None
-    return TrainResult(loss=total / max(seen, 1), steps=steps, examples=seen)
+    return TrainResult(loss=loop.total / max(seen, 1), steps=steps, examples=seen)
+
+
+@dataclass
+class _Steps:
+    """The optimizer steps of one :func:`train_local` call, without DP or under DP-SGD; the
+    example-weighted loss sum accumulates in :attr:`total`."""
+
+    model: torch.nn.Module
+    params: list[torch.nn.Parameter]
+    data: Encoded
+    device: torch.device
+    pad_id: int
+    causal: bool
+    compute_dtype: torch.dtype | None
+    on_step: Callable[[int, float], None] | None
+    before_step: Callable[[int], None] | None
+    regularizer: Callable[[], torch.Tensor] | None
+    total: float = 0.0
+
+    def _batch(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        return to_device(collate(self.data, idx, self.pad_id, self.causal), self.device)
+
+    def _done(self, step: int, value: float, size: int) -> int:
+        self.total += value * size
+        if self.on_step is not None:
+            self.on_step(step + 1, value)
+        return size
+
+    def plain(self, optimizer: torch.optim.Optimizer, steps: int, batch_size: int, seed: int) -> int:
+        """``steps`` AdamW steps on seeded shuffled batches; the examples seen."""
+        batches = batch_indices(len(self.data), batch_size, seed)
+        seen = 0
+        for step in range(steps):
+            idx = next(batches)
+            if self.before_step is not None:
+                self.before_step(step)
+            batch = self._batch(idx)
+            with autocast(self.device, self.compute_dtype):
+                loss = self.model(**batch).loss
+            optimizer.zero_grad(set_to_none=True)
+            (loss + self.regularizer() if self.regularizer is not None else loss).backward()
+            optimizer.step()
+            seen += self._done(step, float(loss.detach()), len(idx))
+        return seen
+
+    def private(self, optimizer: torch.optim.Optimizer, steps: int, dp: DPSettings, seed: int) -> int:
+        """``steps`` DP-SGD steps on Poisson batches (an empty batch still adds noise); the
+        examples seen. Every step must move the trained tensors."""
+        seen = 0
+        with DPSGD(self.model, self.params, optimizer, dp, seed) as engine:
+            for step, idx in enumerate(poisson_batches(len(self.data), dp.sample_rate, steps, seed)):
+                if self.before_step is not None:
+                    self.before_step(step)
+                before = [p.detach().clone() for p in self.params]
+                engine.optimizer.zero_grad(set_to_none=True)
+                value = self._private_backward(engine, idx)
+                extra = None
+                if self.regularizer is not None:
+                    extra = torch.autograd.grad(self.regularizer(), self.params, allow_unused=True)
+                engine.step(extra)
+                check_moved(before, self.params, step + 1)
+                seen += self._done(step, value, len(idx))
+        return seen
+
+    def _private_backward(self, engine: DPSGD, idx: list[int]) -> float:
+        """Per-example gradients of one Poisson batch (none for an empty one); its mean loss."""
+        if not idx:
+            engine.empty_batch()
+            return 0.0
+        batch = self._batch(idx)
+        with autocast(self.device, self.compute_dtype):
+            if self.causal:
+                labels = batch.pop("labels")
+                loss = per_example_causal_loss(engine.module(**batch).logits.float(), labels)
+            else:
+                loss = engine.module(**batch).loss
+        loss.backward()
+        return float(loss.detach())
 
 
 @torch.no_grad()
@@ -220,10 +256,8 @@ def evaluate(
     model.eval()
     device = model_device(model)
     masked = not causal and task_labels is not None and data.task_ids is not None
-    loss_sum, weight, correct = 0.0, 0, 0
-    task_correct: dict[int, int] = {}
-    task_count: dict[int, int] = {}
-    allowed: torch.Tensor | None = None  # (task id, label id) -> may be predicted; built on first batch
+    loss_sum, weight = 0.0, 0
+    tally = _Tally(num_tasks=max(data.task_ids) + 1 if masked else 0)
     for start in range(0, len(data), batch_size):
         idx = list(range(start, min(start + batch_size, len(data))))
         batch = to_device(collate(data, idx, pad_id, causal), device)
@@ -236,27 +270,47 @@ def evaluate(
             continue
         loss_sum += float(out.loss) * len(idx)
         weight += len(idx)
-        logits = out.logits
-        labels = batch["labels"].to(logits.device)
-        if not masked:
-            correct += int((logits.argmax(-1) == labels).sum())
-            continue
-        if allowed is None:
-            allowed = _allowed_labels(task_labels, max(data.task_ids) + 1, logits.shape[-1]).to(logits.device)
-        tids = torch.tensor([data.task_ids[i] for i in idx], dtype=torch.long, device=logits.device)
-        hits = logits.masked_fill(~allowed[tids], float("-inf")).argmax(-1) == labels
-        correct += int(hits.sum())
-        for tid, hit in zip(tids.tolist(), hits.tolist()):
-            task_count[tid] = task_count.get(tid, 0) + 1
-            task_correct[tid] = task_correct.get(tid, 0) + int(hit)
+        tally.add(out.logits, batch["labels"], [data.task_ids[i] for i in idx] if masked else None, task_labels)
     loss = loss_sum / max(weight, 1)
     if causal:
         return {"eval_loss": loss, "eval_perplexity": perplexity(loss)}
-    result = {"eval_loss": loss, "eval_accuracy": correct / max(len(data), 1)}
-    for tid in sorted(task_count):
+    result = {"eval_loss": loss, "eval_accuracy": tally.correct / max(len(data), 1)}
+    for tid in sorted(tally.count):
         name = task_names[tid] if task_names is not None and tid < len(task_names) else str(tid)
-        result[f"eval_accuracy/{name}"] = task_correct[tid] / task_count[tid]
+        result[f"eval_accuracy/{name}"] = tally.task_correct[tid] / tally.count[tid]
     return result
+
+
+@dataclass
+class _Tally:
+    """Correct predictions of a classification evaluation, overall and per task."""
+
+    num_tasks: int = 0
+    correct: int = 0
+    task_correct: dict[int, int] = field(default_factory=dict)
+    count: dict[int, int] = field(default_factory=dict)
+    allowed: torch.Tensor | None = None  # (task id, label id) -> may be predicted; built on first batch
+
+    def add(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        task_ids: list[int] | None,
+        task_labels: Mapping[int, Sequence[int]] | None,
+    ) -> None:
+        """Count one batch; with ``task_ids``, each row predicts among its own task's labels only."""
+        labels = labels.to(logits.device)
+        if task_ids is None:
+            self.correct += int((logits.argmax(-1) == labels).sum())
+            return
+        if self.allowed is None:
+            self.allowed = _allowed_labels(task_labels, self.num_tasks, logits.shape[-1]).to(logits.device)
+        tids = torch.tensor(task_ids, dtype=torch.long, device=logits.device)
+        hits = logits.masked_fill(~self.allowed[tids], float("-inf")).argmax(-1) == labels
+        self.correct += int(hits.sum())
+        for tid, hit in zip(tids.tolist(), hits.tolist()):
+            self.count[tid] = self.count.get(tid, 0) + 1
+            self.task_correct[tid] = self.task_correct.get(tid, 0) + int(hit)
 
 
 def _allowed_labels(task_labels: Mapping[int, Sequence[int]], num_tasks: int, num_labels: int) -> torch.Tensor:

@@ -115,6 +115,20 @@ def _layout(quantize: str, dtype: str, numel: int) -> tuple[int, int]:
     return blocks * _SCALE_BYTES[dtype], codes
 
 
+def _decode_numpy(array: Array, shape: tuple[int, ...]) -> torch.Tensor:
+    """float32 tensor of a plain numpy Array, which must hold a float transport dtype of ``shape``."""
+    try:
+        values = array.numpy()
+    except Exception as err:  # noqa: BLE001 - undecodable bytes from a faulty peer
+        raise WireError(f"undecodable array ({type(err).__name__})") from None
+    if tuple(values.shape) != shape:
+        raise WireError(f"bytes decode to shape {tuple(values.shape)}, declared {shape}")
+    dtype = array.dtype
+    if values.dtype.kind != "f" or str(values.dtype) != dtype or dtype not in TRANSPORT_DTYPES:
+        raise WireError(f"bytes decode to {values.dtype}, declared {dtype}")
+    return torch.from_numpy(np.array(values, dtype=np.float32, copy=True))
+
+
 def decode(array: Array) -> torch.Tensor:
     """float32 tensor of an encoded Array; :class:`WireError` when its bytes do not fit its header."""
     try:
@@ -130,15 +144,7 @@ def decode(array: Array) -> torch.Tensor:
         return torch.zeros(shape)
     stype, dtype, data = array.stype, array.dtype, array.data
     if stype == "numpy.ndarray":
-        try:
-            values = array.numpy()
-        except Exception as err:  # noqa: BLE001 - undecodable bytes from a faulty peer
-            raise WireError(f"undecodable array ({type(err).__name__})") from None
-        if tuple(values.shape) != shape:
-            raise WireError(f"bytes decode to shape {tuple(values.shape)}, declared {shape}")
-        if values.dtype.kind != "f" or str(values.dtype) != dtype or dtype not in TRANSPORT_DTYPES:
-            raise WireError(f"bytes decode to {values.dtype}, declared {dtype}")
-        return torch.from_numpy(np.array(values, dtype=np.float32, copy=True))
+        return _decode_numpy(array, shape)
     if dtype not in TRANSPORT_DTYPES:
         raise WireError(f"unknown dtype {dtype!r}")
     if stype == STYPES["bfloat16"]:
