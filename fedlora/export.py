@@ -121,3 +121,26 @@ def export_adapter(
     }
     (out / "fedlora.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out
+
+
+def export_views(
+    host: AdapterHost,
+    views: list[Any],
+    out_dir: str | Path,
+    cfg: RunConfig,
+    labels: list[str],
+    task_labels: Mapping[str, list[int]],
+) -> list[Path]:
+    """Write each of a strategy's global ``views`` (:class:`~fedlora.strategies.GlobalView`) as a
+    peft adapter, base deltas folded in: one folder, or one sub-folder per named (task) view."""
+    written = []
+    for view in views:
+        spec, tensors = fold_base_delta(view.spec, view.state, view.base_delta)
+        extra: dict[str, Any] = {}
+        if view.name:
+            extra = {"task": view.name, "task_label_ids": task_labels.get(view.name, [])}
+        target = Path(out_dir) / view.name if view.name else Path(out_dir)
+        with host.lock:
+            host.set_base_delta({}, "")
+            written.append(export_adapter(host, host.ensure(spec, seed=cfg.seed), tensors, target, cfg, labels, extra))
+    return written

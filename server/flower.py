@@ -42,7 +42,7 @@ from fedlora import protocol as P
 from fedlora.adapters import from_record, to_record
 from fedlora.config import RunConfig, apply_overrides
 from fedlora.errors import ConfigError, RunFailed
-from fedlora.export import export_adapter, fold_base_delta
+from fedlora.export import export_views
 from fedlora.strategies import LoRAStrategy, NodeDirectory, create
 from fedlora.strategies.robust import first_non_finite
 from fedlora.transport import Wire, arrays_of, decode_update
@@ -192,19 +192,9 @@ class FlowerStrategy(Strategy):
     def export(self, arrays: ArrayRecord, out_dir: str | Path) -> list[Path]:
         """Write the global adapter(s) of ``arrays`` in peft's format (base deltas folded in; one
         sub-folder per task for per-task strategies); ``PeftModel.from_pretrained`` loads each."""
-        cfg, prepared, host = self.cfg, self.prepared, self.prepared.host
-        written = []
-        for view in self.strategy.views(from_record(arrays)):
-            spec, tensors = fold_base_delta(view.spec, view.state, view.base_delta)
-            extra: dict[str, Any] = {}
-            if view.name:
-                extra = {"task": view.name, "task_label_ids": prepared.data.task_labels.get(view.name, [])}
-            target = Path(out_dir) / view.name if view.name else Path(out_dir)
-            with host.lock:
-                host.set_base_delta({}, "")
-                adapter = host.ensure(spec, seed=cfg.seed)
-                written.append(export_adapter(host, adapter, tensors, target, cfg, prepared.data.labels, extra))
-        return written
+        prepared = self.prepared
+        views = self.strategy.views(from_record(arrays))
+        return export_views(prepared.host, views, out_dir, self.cfg, prepared.data.labels, prepared.data.task_labels)
 
     def start(
         self,

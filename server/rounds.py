@@ -44,7 +44,7 @@ from flwr.serverapp import Grid
 from fedlora import protocol as P
 from fedlora.adapters import from_record, to_record
 from fedlora.errors import RunFailed
-from fedlora.export import export_adapter, fold_base_delta
+from fedlora.export import export_views
 from fedlora.runlog import Progress, RunDirectory, ScalarLog
 from fedlora.strategies import LoRAStrategy, NodeDirectory, create
 from fedlora.strategies.robust import clip_states, first_non_finite
@@ -383,24 +383,10 @@ class RoundLoop:
 
     def export(self, state: dict[str, torch.Tensor], result: RunResult) -> None:
         """The final adapter(s) in peft's format (base deltas folded in) and summary.json."""
-        cfg, prepared, host = self.cfg, self.prepared, self.prepared.host
+        cfg, prepared = self.cfg, self.prepared
         adapter_dir = self.run_dir.adapter_dir
-        for view in self.strategy.views(state):
-            spec, tensors = fold_base_delta(view.spec, view.state, view.base_delta)
-            extra: dict[str, Any] = {}
-            if view.name:
-                extra = {"task": view.name, "task_label_ids": prepared.data.task_labels.get(view.name, [])}
-            with host.lock:
-                host.set_base_delta({}, "")
-                export_adapter(
-                    host,
-                    host.ensure(spec, seed=cfg.seed),
-                    tensors,
-                    adapter_dir / view.name if view.name else adapter_dir,
-                    cfg,
-                    prepared.data.labels,
-                    extra,
-                )
+        views = self.strategy.views(state)
+        export_views(prepared.host, views, adapter_dir, cfg, prepared.data.labels, prepared.data.task_labels)
         result.adapter_dir = str(adapter_dir)
         self.run_dir.write_json(
             "summary.json",
