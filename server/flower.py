@@ -45,19 +45,12 @@ from fedlora.errors import ConfigError, RunFailed
 from fedlora.export import export_views
 from fedlora.strategies import LoRAStrategy, NodeDirectory, create
 from fedlora.strategies.robust import first_non_finite
-from fedlora.transport import Wire, arrays_of, decode_update
+from fedlora.transport import Wire, decode_update
 
 from .evaluation import evaluate_state
+from .intake import cap_claims, screen_reply, unpack_sent
 from .server_app import Prepared, prepare
-from .validation import (
-    ReplyError,
-    budget_stop_epsilons,
-    check_eval_metrics,
-    check_info,
-    error_text,
-    example_cap,
-    validate_reply,
-)
+from .validation import ReplyError, budget_stop_epsilons, check_eval_metrics, error_text
 
 __all__ = ["RUN_CONFIG_PREFIX", "FlowerStrategy", "config_from_run_config", "create_flower_strategy"]
 
@@ -222,13 +215,7 @@ class FlowerStrategy(Strategy):
             self.query_new_nodes(grid)
         config = ConfigRecord({**self.shared(), **dict(config)})
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
-        unpacked: dict[int, dict[str, Array]] = {}  # nodes sent the very same record share its arrays
-        self._sent = {}
-        for message in messages:
-            record = message.content[P.ARRAYS]
-            if id(record) not in unpacked:
-                unpacked[id(record)] = arrays_of(record)
-            self._sent[message.metadata.dst_node_id] = unpacked[id(record)]
+        self._sent = unpack_sent(messages)
         return messages
 
     def aggregate_train(
@@ -316,26 +303,17 @@ class FlowerStrategy(Strategy):
         node = reply.metadata.src_node_id
         if reply.has_error():
             raise ReplyError(error_text(reply))
-        if node not in self._sent:
-            raise ReplyError("reply from a node that was not sent a message this round")
         local_dp = self.cfg.privacy.mode == "local"
         metrics_record = reply.content.metric_records.get(P.METRICS)
-        if local_dp and metrics_record is not None and metrics_record.get(P.BUDGET_STOP):
+        if node in self._sent and local_dp and metrics_record is not None and metrics_record.get(P.BUDGET_STOP):
             if budget_stop_epsilons(dict(metrics_record)) is not None:
                 return False
         max_bytes = int(self.cfg.federation.max_reply_mb * 1024 * 1024)
-        decoded = validate_reply(reply, self._sent[node], wire=self.wire, max_bytes=max_bytes, epsilon=local_dp)
-        info = reply.content.config_records.get(P.INFO)
-        reported = check_info(node, info) if info is not None else None
-        metrics = dict(reply.content[P.METRICS])
-        try:
-            self.strategy.check_reply(node, metrics, decoded)
-        except ValueError as err:
-            raise ReplyError(str(err)) from None
+        decoded, metrics, info, reported = screen_reply(
+            reply, self._sent, self.strategy, self.wire, max_bytes, local_dp
+        )
         known = self.nodes.get(node)
-        cap = example_cap(self.cfg.robustness.max_examples, known.num_examples if known is not None else None)
-        if int(metrics[P.NUM_EXAMPLES]) > cap:
-            reply.content[P.METRICS][P.NUM_EXAMPLES] = cap
+        cap_claims(self.cfg.robustness.max_examples, known, reply, metrics, {})
         if known is None and reported is not None:
             self.nodes.record(node, info)
         self.strategy.chain.ack(node, info.get(P.INFO_BASE_DIGEST) if info is not None else None)

@@ -68,14 +68,7 @@ class RoundBook:
     def of(cls, messages: list[Message], reference: dict[int, dict[str, torch.Tensor]]) -> RoundBook:
         """The book of a round whose train ``messages`` were built from ``reference``; each node's
         ``bytes_down`` is what Flower moves for its message."""
-        unpacked: dict[int, dict[str, Array]] = {}  # nodes sent the very same record share its arrays
-        sent = {}
-        for m in messages:
-            record = m.content[P.ARRAYS]
-            if id(record) not in unpacked:
-                unpacked[id(record)] = arrays_of(record)
-            sent[m.metadata.dst_node_id] = unpacked[id(record)]
-        book = cls(sent=sent, reference=reference)
+        book = cls(sent=unpack_sent(messages), reference=reference)
         for m in messages:
             book.clients[m.metadata.dst_node_id] = {"node_id": m.metadata.dst_node_id, "bytes_down": message_bytes(m)}
         return book
@@ -192,22 +185,10 @@ class ReplyIntake:
         if node in book.sent and self.budget_stopped(reply, entry, where):
             return
         try:
-            if node not in book.sent:
-                raise ReplyError("reply from a node that was not sent a message this round")
-            decoded = validate_reply(
-                reply,
-                book.sent[node],
-                wire=self.wire,
-                max_bytes=self.max_bytes,
-                epsilon=self.cfg.privacy.mode == "local",
+            local_dp = self.cfg.privacy.mode == "local"
+            decoded, metrics, info, reported = screen_reply(
+                reply, book.sent, self.strategy, self.wire, self.max_bytes, local_dp
             )
-            info = reply.content.config_records.get(P.INFO)
-            reported = check_info(node, info) if info is not None else None
-            metrics = dict(reply.content[P.METRICS])
-            try:
-                self.strategy.check_reply(node, metrics, decoded)  # what only this strategy reads
-            except ValueError as err:  # a strategy's one-line reason, dropped like the server's own
-                raise ReplyError(str(err)) from None
         except ReplyError as err:
             book.drop(node, str(err))
             self.strategy.chain.forget(node)  # what it holds is unknown: the whole base next time
@@ -247,22 +228,8 @@ class ReplyIntake:
         the strategy reads) at :func:`example_cap`, so no node owns the aggregate by claiming
         more than it has; the entry records what was claimed. Returns the claimed total when it
         was capped, else None."""
-        limit = self.cfg.robustness.max_examples
         known = self.nodes.directory.get(node)  # what the node reported before this reply, if it did
-        record = reply.content[P.METRICS]
-        claimed = int(metrics[P.NUM_EXAMPLES])
-        cap = example_cap(limit, known.num_examples if known is not None else None)
-        over = None
-        if claimed > cap:
-            metrics[P.NUM_EXAMPLES] = record[P.NUM_EXAMPLES] = cap
-            entry["examples_capped_from"] = over = claimed
-        for task, value in P.task_metrics(dict(metrics), P.NUM_EXAMPLES).items():
-            task_cap = example_cap(limit, known.tasks.get(task) if known is not None else None)
-            if int(value) > task_cap:
-                key = P.task_metric(P.NUM_EXAMPLES, task)
-                metrics[key] = record[key] = task_cap
-                entry.setdefault("task_examples_capped_from", {})[task] = int(value)
-        return over
+        return cap_claims(self.cfg.robustness.max_examples, known, reply, metrics, entry)
 
     def budget_stopped(self, reply: Message, entry: dict[str, Any], where: str) -> bool:
         """Whether ``reply`` says its node's privacy budget would be exceeded (it trained nothing);
@@ -283,3 +250,62 @@ class ReplyIntake:
         entry["epsilon"] = self.privacy.node_epsilon[reply.metadata.src_node_id] = spent
         self.progress.line(f"{where}  STOPPED: {entry['stopped']}")
         return True
+
+
+def unpack_sent(messages: list[Message]) -> dict[int, dict[str, Array]]:
+    """Each node's sent arrays, unpacked once per distinct record (nodes sent the very same record
+    share its arrays): what its reply is validated against."""
+    unpacked: dict[int, dict[str, Array]] = {}
+    sent = {}
+    for m in messages:
+        record = m.content[P.ARRAYS]
+        if id(record) not in unpacked:
+            unpacked[id(record)] = arrays_of(record)
+        sent[m.metadata.dst_node_id] = unpacked[id(record)]
+    return sent
+
+
+def screen_reply(
+    reply: Message,
+    sent: dict[int, dict[str, Array]],
+    strategy: LoRAStrategy,
+    wire: Wire,
+    max_bytes: int,
+    local_dp: bool,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], Any, Any]:
+    """(decoded tensors, metrics, info record, the node's report in it) of a train reply that
+    passes every check: its payload against what its node was sent, its metrics and info values,
+    the strategy's own ``check_reply``. :class:`ReplyError` names the first that fails."""
+    node = reply.metadata.src_node_id
+    if node not in sent:
+        raise ReplyError("reply from a node that was not sent a message this round")
+    decoded = validate_reply(reply, sent[node], wire=wire, max_bytes=max_bytes, epsilon=local_dp)
+    info = reply.content.config_records.get(P.INFO)
+    reported = check_info(node, info) if info is not None else None
+    metrics = dict(reply.content[P.METRICS])
+    try:
+        strategy.check_reply(node, metrics, decoded)  # what only this strategy reads
+    except ValueError as err:  # a strategy's one-line reason, dropped like the server's own
+        raise ReplyError(str(err)) from None
+    return decoded, metrics, info, reported
+
+
+def cap_claims(limit: int, known: Any, reply: Message, metrics: dict[str, Any], entry: dict[str, Any]) -> int | None:
+    """Cap the example counts ``reply`` claims (``metrics`` and the reply's own record, which the
+    strategy reads) at :func:`example_cap` of ``limit`` and what the node reported (``known``),
+    so no node owns the aggregate by claiming more than it has; ``entry`` records what was
+    claimed. Returns the claimed total when it was capped, else None."""
+    record = reply.content[P.METRICS]
+    claimed = int(metrics[P.NUM_EXAMPLES])
+    cap = example_cap(limit, known.num_examples if known is not None else None)
+    over = None
+    if claimed > cap:
+        metrics[P.NUM_EXAMPLES] = record[P.NUM_EXAMPLES] = cap
+        entry["examples_capped_from"] = over = claimed
+    for task, value in P.task_metrics(dict(metrics), P.NUM_EXAMPLES).items():
+        task_cap = example_cap(limit, known.tasks.get(task) if known is not None else None)
+        if int(value) > task_cap:
+            key = P.task_metric(P.NUM_EXAMPLES, task)
+            metrics[key] = record[key] = task_cap
+            entry.setdefault("task_examples_capped_from", {})[task] = int(value)
+    return over
