@@ -22,6 +22,8 @@ Run config keys (all written by ``fedlora-server``):
 from __future__ import annotations
 
 import json
+import os
+import threading
 import time
 
 from flwr.app import Context
@@ -91,8 +93,32 @@ def announce_end(grid: Grid, text: str, timeout: float = END_NOTICE_TIMEOUT) -> 
         pass
 
 
+#: Seconds this process may outlive the SuperExec that started it before it ends itself.
+ORPHAN_GRACE_S = 10.0
+
+
+def end_when_orphaned(grace: float = ORPHAN_GRACE_S) -> None:
+    """End this process once its parent (Flower's SuperExec) is gone for ``grace`` seconds.
+
+    Flower's own monitor only raises SIGINT when the parent dies; with the SuperLink killed too
+    (a server host going down), the ServerApp's shutdown then retries calls to a SuperLink that
+    is not there, and the process can outlive its server for minutes. Its checkpoints are
+    atomic, so ending it hard loses nothing that ``--resume`` needs.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        time.sleep(grace)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    end_when_orphaned()
     progress = Progress()
     try:
         rc = context.run_config
