@@ -130,7 +130,7 @@ def explain(
     """
     import torch
 
-    from fedlora.adapters import lora_keys, lora_modules
+    from fedlora.model.adapters import lora_keys, lora_modules
     from fedlora.strategies.basechain import accumulate_delta
     from fedlora.strategies.fedavg import weighted_mean
     from fedlora.strategies.flora import stacked_update

@@ -79,10 +79,10 @@ def main() -> int:
 
     from _common import emit
 
-    from fedlora.adapters import AdapterSpec, get_host, tensor_bytes
-    from fedlora.cli import _quiet_libraries, load_run_config
-    from fedlora.models import load_model
-    from fedlora.runlog import Progress
+    from fedlora.cli.common import _quiet_libraries, load_run_config
+    from fedlora.model.adapters import AdapterSpec, get_host, tensor_bytes
+    from fedlora.model.loading import load_model
+    from fedlora.run.progress import Progress
     from fedlora.simulations.runtime import simulate
     from fedlora.strategies import STRATEGIES
 

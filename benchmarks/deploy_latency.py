@@ -319,9 +319,9 @@ def main() -> int:
         parser.error(f"--order: modes are {', '.join(MODES)}")
     import tomli_w
 
-    from fedlora.certs import create_certs
     from fedlora.data import write_partitions
-    from fedlora.synthetic import write_tiny_bert
+    from fedlora.data.synthetic import write_tiny_bert
+    from fedlora.deploy.certs import create_certs
 
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="fedlora-deploy-latency-") as tmp:

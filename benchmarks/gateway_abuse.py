@@ -292,9 +292,9 @@ def start(root: Path, preset: Path, certs: Any) -> tuple[Timestamped, list[Times
 def run(root: Path, quick: bool) -> dict[str, Any]:
     import tomli_w
 
-    from fedlora.certs import create_certs
     from fedlora.data import write_partitions
-    from fedlora.synthetic import write_tiny_bert
+    from fedlora.data.synthetic import write_tiny_bert
+    from fedlora.deploy.certs import create_certs
 
     cfg = run_config(write_tiny_bert(root / "tiny-bert"), 8 if quick else 30, CLIENTS)
     preset = root / "preset.toml"

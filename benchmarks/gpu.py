@@ -9,7 +9,7 @@ r=16 (alpha 32, no dropout) on q_proj, k_proj, v_proj and o_proj; AdamW at lr 1e
 512, batch 4; 8 clients x 4 local steps = 32 optimizer steps per way.
 
 Each way runs in bfloat16, 8-bit and 4-bit (bitsandbytes LLM.int8 and QLoRA's NF4 with double
-quantization, through ``fedlora.models.quantization_config``: the output head stays unquantized
+quantization, through ``fedlora.model.loading.quantization_config``: the output head stays unquantized
 and ``prepare_model_for_kbit_training`` runs, as in fedlora). All three share one recipe, so
 the ratios compare runtimes, not recipes: the frozen base in bfloat16 (4-bit: NF4 computing in
 bfloat16; 8-bit: LLM.int8, which casts its inputs to float16), float32 LoRA factors and AdamW
@@ -20,7 +20,7 @@ read back every step.
     (after 2 untimed warm-up steps). No Flower, no messages, no evaluation.
 (b) ``fedlora``: ``fedlora.simulations.runtime.simulate`` in-process, 1 round of FedAvg, 8
     clients x 4 local steps on IID partitions of the same rows. The base model is loaded once
-    before (``fedlora.models.load_model``, timed apart as ``model_load_s``: every virtual client
+    before (``fedlora.model.loading.load_model``, timed apart as ``model_load_s``: every virtual client
     then shares it), and one identical untimed run warms the process (tokenized partitions, CUDA
     kernels), as the plain loop's warm-up steps do. ``tokens_per_s`` is over the round's wall time
     as metrics.jsonl records it: delivering the 8 train messages, the clients' adapter swaps and
@@ -209,7 +209,7 @@ class Meter:
 
 def release(meter: Meter) -> None:
     """Drop every model this process caches and hand freed blocks back to the device."""
-    from fedlora.models import clear_cache
+    from fedlora.model.loading import clear_cache
 
     clear_cache()
     gc.collect()
@@ -229,7 +229,7 @@ def build_peft(model_dir: str, quantization: str, where) -> Any:
     from transformers import AutoModelForCausalLM
 
     from fedlora.config import ModelConfig
-    from fedlora.models import output_heads, quantization_config
+    from fedlora.model.loading import output_heads, quantization_config
 
     kwargs: dict[str, Any] = {}
     if quantization == "none":
@@ -280,7 +280,7 @@ def train_steps(model, optimizer, enc, rows: list[int], batch_size: int, pad_id:
     import torch
 
     from fedlora.data import collate
-    from fedlora.devices import autocast
+    from fedlora.model.devices import autocast
 
     model.train()
     start = meter.now()
@@ -376,8 +376,8 @@ def fedlora_config(model_dir: str, quantization: str, where, train: Path, held_o
 
 def fedlora_sim(model_dir: str, quantization: str, where, train: Path, held_out: Path, s: dict, meter: Meter) -> dict:
     """(b): the base loaded once (timed apart), one warm-up run, one timed run."""
-    from fedlora.models import load_model
-    from fedlora.runlog import Progress
+    from fedlora.model.loading import load_model
+    from fedlora.run.progress import Progress
     from fedlora.simulations.runtime import simulate
 
     cfg = fedlora_config(model_dir, quantization, where, train, held_out, s)
@@ -658,8 +658,8 @@ def main() -> int:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     import torch
 
-    from fedlora.devices import placement
     from fedlora.errors import ConfigError
+    from fedlora.model.devices import placement
 
     try:
         where = placement("cpu" if args.quick and args.device == "auto" else args.device, "auto", key="--device")

@@ -58,8 +58,8 @@ def overrides(clients: int, quick: bool) -> list[str]:
 
 def child(clients: int, quick: bool) -> dict:
     """Run one simulation in this process and report its peak memory."""
-    from fedlora.cli import load_run_config
-    from fedlora.runlog import Progress
+    from fedlora.cli.common import load_run_config
+    from fedlora.run.progress import Progress
     from fedlora.simulations.runtime import simulate
 
     sets = overrides(clients, quick)

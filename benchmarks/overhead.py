@@ -6,7 +6,7 @@ FedAvg, 4 local AdamW steps of batch 8 per client per round.
 
 (a) ``plain_s``, the floor: one peft model (transformers ``from_pretrained`` + peft
     ``get_peft_model``, built once), every client's local steps back to back with
-    ``fedlora.training.train_local``, adapters averaged with ``fedlora.strategies.weighted_mean``.
+    ``fedlora.train.local.train_local``, adapters averaged with ``fedlora.strategies.weighted_mean``.
     No Flower, no messages, no evaluation, nothing written.
 (b) ``fedlora_s``: ``fedlora.simulations.runtime.simulate(cfg, backend="inprocess")`` on the same
     configuration: the fedlora ServerApp and ClientApp over the in-process Grid. Beyond (a) it
@@ -70,7 +70,7 @@ QUICK = {"clients": 2, "rounds": 1, "local_steps": 1, "batch_size": 8, "max_eval
 
 def run_config(settings: dict[str, int]):
     """The quickstart preset with the benchmark's federation (the one config all three run)."""
-    from fedlora.cli import load_run_config
+    from fedlora.cli.common import load_run_config
 
     return load_run_config(
         "quickstart",
@@ -118,7 +118,7 @@ def build_peft_model(cfg, num_labels: int):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from fedlora.models import resolve_model_source
+    from fedlora.model.loading import resolve_model_source
 
     source = resolve_model_source(cfg.model.name)
     hf_logging.set_verbosity_error()
@@ -176,7 +176,7 @@ class PlainLoop:
         import torch
 
         from fedlora.strategies import weighted_mean
-        from fedlora.training import train_local
+        from fedlora.train.local import train_local
 
         fed = self.cfg.federation
         state = {k: v.clone() for k, v in self.initial.items()}
@@ -217,7 +217,7 @@ def training_clock(spent: list[float]) -> Iterator[None]:
     fedlora's ClientApp holds its own reference to the function, so that name is wrapped too.
     """
     import fedlora.client.client_app as client_module
-    import fedlora.training as training_module
+    import fedlora.train.local as training_module
 
     real = training_module.train_local
 
@@ -240,7 +240,7 @@ def training_clock(spent: list[float]) -> Iterator[None]:
 
 def run_fedlora(cfg, out: Path) -> float:
     """One in-process fedlora simulation into ``out``; returns its wall seconds."""
-    from fedlora.runlog import Progress
+    from fedlora.run.progress import Progress
     from fedlora.simulations.runtime import simulate
 
     start = time.perf_counter()
@@ -252,7 +252,7 @@ def run_fedlora(cfg, out: Path) -> float:
 
 def final_state(out: Path) -> dict:
     """The global adapter of a finished run, from its last checkpoint."""
-    from fedlora.runlog import RunDirectory
+    from fedlora.run.directory import RunDirectory
 
     _, state, _ = RunDirectory(out).load_checkpoint()
     return {canonical(k): v for k, v in state.items()}
@@ -331,7 +331,7 @@ def stock_train(msg: Message, context: Context) -> Message:
 
     from fedlora.config import RunConfig
     from fedlora.data import encode, load_partition
-    from fedlora.training import train_local
+    from fedlora.train.local import train_local
 
     config = msg.content["config"]
     cfg = RunConfig.from_dict(json.loads(str(config["run"])))
@@ -452,9 +452,9 @@ def run(settings: dict[str, int], repeats: int, ray: bool) -> dict:
     """Set up, warm up, time (a) and (b) alternately, then (c) once; return the report."""
     import torch
 
-    from fedlora.adapters import AdapterSpec, get_host
     from fedlora.data import load_task_data
-    from fedlora.models import load_model
+    from fedlora.model.adapters import AdapterSpec, get_host
+    from fedlora.model.loading import load_model
 
     cfg = run_config(settings)
     setup: dict[str, float] = {}

@@ -1,9 +1,9 @@
 """What differential privacy costs: DP-SGD's client step time, and SST-2 accuracy under local DP.
 
-(1) Step time. One client's local training (``fedlora.training.train_local``) on
+(1) Step time. One client's local training (``fedlora.train.local.train_local``) on
     all-MiniLM-L6-v2 sequence classification with a LoRA adapter (rank 8, alpha 16, no
     dropout, on query and value, plus the fresh head) built by
-    ``fedlora.adapters.get_host(load_model(...)).ensure(spec)``: batch 16, max_length 64,
+    ``fedlora.model.adapters.get_host(load_model(...)).ensure(spec)``: batch 16, max_length 64,
     SST-2 training sentences (``DIR/sst2``; the offline ``synthetic:sentiment`` task when that
     folder is missing; ``step_time.data`` says which). Plain AdamW steps against DP-SGD steps
     (Opacus per-example gradients, clipping to 1.0, noise multiplier 1.0, Poisson sampling at
@@ -153,12 +153,12 @@ def step_times(model: str, data: dict[str, Any], block: int, repeats: int, train
     """Time ``repeats`` pairs of plain and DP-SGD blocks of ``block`` steps (see the module doc)."""
     import gc
 
-    from fedlora.adapters import AdapterSpec, get_host
     from fedlora.config import LoRAConfig, RunConfig
     from fedlora.data import encode, load_task_data
-    from fedlora.models import load_model
-    from fedlora.privacy import DPSettings
-    from fedlora.training import train_local
+    from fedlora.model.adapters import AdapterSpec, get_host
+    from fedlora.model.loading import load_model
+    from fedlora.train.dpsgd import DPSettings
+    from fedlora.train.local import train_local
 
     cfg = RunConfig.from_dict(
         {
@@ -306,7 +306,7 @@ def accuracy_run(
 
 def planned_noise(settings: dict[str, Any], eps: float) -> dict[str, float]:
     """The noise multiplier a client with an equal IID share plans for ``eps`` (as it does)."""
-    from fedlora.privacy import planned_local_noise, sample_rate_for
+    from fedlora.privacy.accounting import planned_local_noise, sample_rate_for
 
     examples = settings["max_train_examples"] // settings["clients"]
     q = sample_rate_for(settings["batch_size"], examples)
@@ -491,10 +491,10 @@ def main() -> int:
 
     from fedlora.config import RunConfig
     from fedlora.data import load_task_data
-    from fedlora.process import process_state
-    from fedlora.runlog import Progress
+    from fedlora.data.synthetic import write_tiny_bert
+    from fedlora.run.process import process_state
+    from fedlora.run.progress import Progress
     from fedlora.strategies import STRATEGIES
-    from fedlora.synthetic import write_tiny_bert
 
     quick = args.quick
     settings = QUICK if quick else FULL

@@ -87,8 +87,8 @@ DEFAULTS: dict = {
 
 def _run(name: str, sets: list[str], root: Path) -> dict:
     """One simulation; per round its evaluation and the cumulative bytes down and up (all clients)."""
-    from fedlora.cli import load_run_config
-    from fedlora.runlog import Progress
+    from fedlora.cli.common import load_run_config
+    from fedlora.run.progress import Progress
     from fedlora.simulations.runtime import simulate
 
     cfg = load_run_config("quickstart", sets + [f"name={name}"])
@@ -256,7 +256,7 @@ def main() -> int:
 
     from _common import emit
 
-    from fedlora.cli import _quiet_libraries
+    from fedlora.cli.common import _quiet_libraries
     from fedlora.strategies import STRATEGIES
 
     _quiet_libraries()

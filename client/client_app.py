@@ -1,6 +1,6 @@
 """Flower ClientApp of fedlora (message API), generic over strategies.
 
-A client keeps one base model per process (:func:`fedlora.models.load_model`) and one peft
+A client keeps one base model per process (:func:`fedlora.model.loading.load_model`) and one peft
 adapter per (rank, alpha) on it; a message only swaps the adapter's tensors. Everything a
 strategy does differently on the client lives in that strategy's module, as its
 :class:`~fedlora.strategies.hooks.ClientHooks`; this module runs the same steps for all:
@@ -10,7 +10,7 @@ per group: install (frozen, received, kept) -> ``train_local`` -> ``after_train`
 -> reply with the trained tensors, metrics and this node's capabilities.
 
 What a node has (its data, its rank) is in :mod:`fedlora.client.node`; message keys are the
-constants of :mod:`fedlora.protocol`.
+constants of :mod:`fedlora.wire.protocol`.
 """
 
 from __future__ import annotations
@@ -26,20 +26,20 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedlora import protocol as P
-from fedlora.adapters import AdapterHost, AdapterSpec, from_record, get_host, lora_modules, to_record
 from fedlora.config import RunConfig
 from fedlora.data import task_label_ids
 from fedlora.errors import ConfigError
-from fedlora.models import LoadedModel, load_model
-from fedlora.privacy import DPSettings
-from fedlora.runlog import status
+from fedlora.model.adapters import AdapterHost, AdapterSpec, from_record, get_host, lora_modules, to_record
+from fedlora.model.loading import LoadedModel, load_model
+from fedlora.run.progress import status
 from fedlora.strategies import ClientHooks, NodeStore, TrainGroup, get_strategy_class
 from fedlora.strategies.basechain import held_digest
 from fedlora.strategies.basechain import resolve as resolve_base
 from fedlora.strategies.hooks import split_received
-from fedlora.training import TrainResult, steps_for, train_local
-from fedlora.transport import Wire, encode_update
+from fedlora.train.dpsgd import DPSettings
+from fedlora.train.local import TrainResult, steps_for, train_local
+from fedlora.wire import protocol as P
+from fedlora.wire.transport import Wire, encode_update
 
 from .node import (
     capabilities,
@@ -296,8 +296,8 @@ def handle_train(msg: Message, context: Context) -> Message:
 
 def handle_evaluate(msg: Message, context: Context) -> Message:
     """Evaluate this node's own model (received shared tensors + what it keeps); export it if asked."""
-    from fedlora.export import export_adapter
-    from fedlora.training import evaluate
+    from fedlora.run.export import export_adapter
+    from fedlora.train.local import evaluate
 
     s = setup(msg, context)
     received = from_record(msg.content[P.ARRAYS])
@@ -339,7 +339,7 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
 
 def handle_query(msg: Message, context: Context) -> Message:
     """Tell the server what this node has (see :func:`fedlora.client.node.capabilities`), or, for
-    the server's end-of-run notice (:data:`~fedlora.protocol.RUN_OVER`), print it."""
+    the server's end-of-run notice (:data:`~fedlora.wire.protocol.RUN_OVER`), print it."""
     config = msg.content[P.CONFIG]
     if P.RUN_OVER in config:  # a deployed server's last word: fedlora-client ends on this line
         print(f"fedlora-client: {P.RUN_OVER_LINE}: {str(config[P.RUN_OVER])[:300]}", flush=True)

@@ -43,10 +43,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedlora import protocol as P
-from fedlora.certs import check_certificate, check_private_key
 from fedlora.config import DEVICE_PATTERN, QUANTIZATIONS
+from fedlora.deploy.certs import check_certificate, check_private_key
 from fedlora.errors import ConnectError, FedLoraError, RunFailed
+from fedlora.wire import protocol as P
 
 from .worker import AUTHKEY_ENV, NODE_WORKER_ADDRESS, WORKER_SWITCH_ENV, private_socket, spawn
 
@@ -126,7 +126,7 @@ def check_options(opts: ClientOptions) -> tuple[str, int]:
     if opts.device is not None:
         if not DEVICE_PATTERN.fullmatch(opts.device):
             raise FedLoraError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {opts.device!r}")
-        from fedlora.devices import placement
+        from fedlora.model.devices import placement
 
         placement(opts.device, key="--device")  # asked for a GPU this machine does not have: say so now
     if opts.quantization is not None and opts.quantization not in ("auto", *QUANTIZATIONS):

@@ -9,10 +9,10 @@ What it trains, each from the first of: its node config (``fedlora-client --rank
 --quantization / --device``, or the simulation's device for one delivery), its device profile
 (``[[federation.profiles]]``, assigned round-robin by partition id), the run's ``lora.rank`` /
 ``model.quantization`` / ``model.device``. ``auto`` for the rank or the quantization measures
-the memory this device has free and applies :func:`fedlora.capacity.choose` (once: the choice
+the memory this device has free and applies :func:`fedlora.model.capacity.choose` (once: the choice
 is kept in the node's state, so the model it then loads does not change the next answer).
 
-Everything read or tokenized here is kept in the process store (:mod:`fedlora.process`), keyed
+Everything read or tokenized here is kept in the process store (:mod:`fedlora.run.process`), keyed
 by what determines it, so the virtual clients of one process share the work.
 """
 
@@ -27,14 +27,14 @@ from typing import Any
 import torch
 from flwr.app import ConfigRecord, Context
 
-from fedlora import protocol as P
-from fedlora.capacity import MARGIN, PRECISIONS, RANKS, choose, memory_needed
 from fedlora.config import ClientProfile, ModelConfig, RunConfig
 from fedlora.data import Encoded, load_device_data, load_partition, task_rows
 from fedlora.data.instruct import encode_rows
-from fedlora.devices import placement
 from fedlora.errors import ConfigError
-from fedlora.process import DERIVED, ENCODED, NODE_DATA, process_state
+from fedlora.model.capacity import MARGIN, PRECISIONS, RANKS, choose, memory_needed
+from fedlora.model.devices import placement
+from fedlora.run.process import DERIVED, ENCODED, NODE_DATA, process_state
+from fedlora.wire import protocol as P
 
 
 def run_classes(config: Mapping[str, Any]) -> tuple[list[str], list[str]]:
@@ -181,7 +181,7 @@ def choose_for_node(run: RunConfig, context: Context, labels: list[str]) -> dict
     rank, quant, device = _asked(run, context)
     if AUTO not in (rank, quant):
         return None
-    from fedlora.models import model_facts
+    from fedlora.model.loading import model_facts
 
     where = placement(device, run.model.dtype)
     facts = model_facts(

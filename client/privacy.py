@@ -1,6 +1,6 @@
 """The client side of ``[privacy] mode = "local"``: this node's privacy ledger and DP-SGD plan.
 
-The ledger (:class:`fedlora.privacy.PrivacyLedger`) lives in Flower's ``Context.state``, which
+The ledger (:class:`fedlora.privacy.accounting.PrivacyLedger`) lives in Flower's ``Context.state``, which
 persists across rounds in every runtime and is never sent. A device (``fedlora-client``) also
 keeps it in a file beside its data, ``<data>.fedlora-privacy.json`` (one entry per run name),
 so a restarted client resumes its spending instead of starting from zero. Each round, before any training,
@@ -18,10 +18,11 @@ from pathlib import Path
 
 from flwr.app import ConfigRecord, RecordDict
 
-from fedlora import protocol as P
 from fedlora.config import RunConfig
 from fedlora.files import atomic_write_bytes
-from fedlora.privacy import DPSettings, PrivacyLedger, planned_local_noise, sample_rate_for
+from fedlora.privacy.accounting import PrivacyLedger, planned_local_noise, sample_rate_for
+from fedlora.train.dpsgd import DPSettings
+from fedlora.wire import protocol as P
 
 _LEDGER = "ledger"
 _NOISE = "noise"

@@ -29,10 +29,11 @@ import time
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedlora import protocol as P
 from fedlora.config import RunConfig
 from fedlora.errors import FedLoraError
-from fedlora.runlog import Progress, RunDirectory
+from fedlora.run.directory import RunDirectory
+from fedlora.run.progress import Progress
+from fedlora.wire import protocol as P
 
 from .server_app import prepare, run_server
 
@@ -71,7 +72,7 @@ END_NOTICE_TIMEOUT = 20.0
 
 def announce_end(grid: Grid, text: str, timeout: float = END_NOTICE_TIMEOUT) -> None:
     """Tell every connected device that the run is over (one query carrying only
-    :data:`~fedlora.protocol.RUN_OVER`), so each ``fedlora-client`` prints ``text`` and exits 0
+    :data:`~fedlora.wire.protocol.RUN_OVER`), so each ``fedlora-client`` prints ``text`` and exits 0
     instead of waiting for a server that is not coming back. A server stopped by the operator
     (Ctrl-C, continued later with ``--resume``) sends nothing: its devices wait for it."""
     from flwr.app import ConfigRecord, Message, MessageType, RecordDict
@@ -140,7 +141,7 @@ def main(grid: Grid, context: Context) -> None:
         raise
     announce_end(grid, f"run {cfg.name!r} completed {cfg.rounds} rounds")
     try:
-        from fedlora.report import write_report
+        from fedlora.run.report import write_report
 
         write_report([run_dir.path], run_dir.path)
     except Exception as err:  # noqa: BLE001 - a plotting problem must not cost the finished run

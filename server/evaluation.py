@@ -15,7 +15,7 @@ import torch
 
 from fedlora.data import subset, task_rows
 from fedlora.strategies import GlobalView, LoRAStrategy, create
-from fedlora.training import evaluate
+from fedlora.train.local import evaluate
 
 if TYPE_CHECKING:
     from .server_app import Prepared

@@ -38,14 +38,14 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from fedlora import protocol as P
-from fedlora.adapters import from_record, to_record
 from fedlora.config import RunConfig, apply_overrides
 from fedlora.errors import ConfigError, RunFailed
-from fedlora.export import export_views
+from fedlora.model.adapters import from_record, to_record
+from fedlora.run.export import export_views
 from fedlora.strategies import LoRAStrategy, NodeDirectory, create
 from fedlora.strategies.robust import first_non_finite
-from fedlora.transport import Wire, decode_update
+from fedlora.wire import protocol as P
+from fedlora.wire.transport import Wire, decode_update
 
 from .evaluation import evaluate_state
 from .intake import cap_claims, screen_reply, unpack_sent

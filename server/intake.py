@@ -20,12 +20,12 @@ from flwr.app.message import make_message
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 
-from fedlora import protocol as P
-from fedlora.adapters import to_record
 from fedlora.config import RunConfig
-from fedlora.runlog import Progress
+from fedlora.model.adapters import to_record
+from fedlora.run.progress import Progress
 from fedlora.strategies import LoRAStrategy
-from fedlora.transport import Wire, arrays_of, decode_update, message_bytes
+from fedlora.wire import protocol as P
+from fedlora.wire.transport import Wire, arrays_of, decode_update, message_bytes
 
 from .privacy import PrivacyBook
 from .validation import ReplyError, budget_stop_epsilons, check_info, example_cap, validate_reply

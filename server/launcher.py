@@ -41,12 +41,12 @@ from typing import Any
 import tomli_w
 
 import fedlora
-from fedlora import protocol as P
-from fedlora.certs import CA_CERT, SERVER_CERT, SERVER_KEY, check_certificate, load_public_keys
 from fedlora.config import RunConfig
+from fedlora.deploy.certs import CA_CERT, SERVER_CERT, SERVER_KEY, check_certificate, load_public_keys
 from fedlora.deploy.processes import die_with_parent, end_group, loopback_port, tool, tool_env
 from fedlora.errors import FedLoraError, RunFailed
-from fedlora.runlog import RunDirectory
+from fedlora.run.directory import RunDirectory
+from fedlora.wire import protocol as P
 
 from .deployed_app import DONE_PREFIX, ERROR_PREFIX
 from .fleet_auth import NodeKeys
@@ -504,7 +504,7 @@ def serve(cfg: RunConfig, opts: ServerOptions, emit: Callable[[str], None] = pri
 def _prepare(cfg: RunConfig, opts: ServerOptions, link: SuperLink, emit: Callable[[str], None]) -> None:
     """Check the preset as the run will (a preset it would reject is rejected before it starts)
     and size the fleet port's largest request from the run's adapter."""
-    from fedlora.models import clear_cache
+    from fedlora.model.loading import clear_cache
 
     from .server_app import prepare
 

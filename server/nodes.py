@@ -9,9 +9,10 @@ import dataclasses
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedlora import protocol as P
-from fedlora.runlog import Progress, RunDirectory
+from fedlora.run.directory import RunDirectory
+from fedlora.run.progress import Progress
 from fedlora.strategies import NodeDirectory, NodeInfo
+from fedlora.wire import protocol as P
 
 from .intake import collect
 from .validation import ReplyError, check_info, error_text

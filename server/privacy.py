@@ -24,12 +24,13 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
 
-from fedlora import protocol as P
-from fedlora.adapters import is_base_delta
 from fedlora.config import RunConfig
-from fedlora.privacy import PrivacyLedger, guarantee, noise_for_target, noisy_mean
+from fedlora.model.adapters import is_base_delta
+from fedlora.privacy.accounting import PrivacyLedger, guarantee, noise_for_target
+from fedlora.privacy.central import noisy_mean
 from fedlora.strategies import ClientUpdate, LoRAStrategy
 from fedlora.strategies.base import decode_reply
+from fedlora.wire import protocol as P
 
 #: Central DP's accountant: RDP over rounds (the sampled-Gaussian mechanism at the node rate).
 CENTRAL_ACCOUNTANT = "rdp"

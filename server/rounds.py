@@ -41,14 +41,15 @@ import torch
 from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 
-from fedlora import protocol as P
-from fedlora.adapters import from_record, to_record
 from fedlora.errors import RunFailed
-from fedlora.export import export_views
-from fedlora.runlog import Progress, RunDirectory, ScalarLog
+from fedlora.model.adapters import from_record, to_record
+from fedlora.run.directory import RunDirectory
+from fedlora.run.export import export_views
+from fedlora.run.progress import Progress, ScalarLog
 from fedlora.strategies import LoRAStrategy, NodeDirectory, create
 from fedlora.strategies.robust import clip_states, first_non_finite
-from fedlora.transport import Wire
+from fedlora.wire import protocol as P
+from fedlora.wire.transport import Wire
 
 from .evaluation import evaluate_state
 from .intake import ReplyIntake, RoundBook, collect

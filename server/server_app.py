@@ -17,17 +17,18 @@ from dataclasses import dataclass
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedlora.adapters import AdapterHost, AdapterSpec, get_host, lora_modules
-from fedlora.capacity import MARGIN, memory_needed
 from fedlora.config import RunConfig
 from fedlora.data import Encoded, TaskData, load_partition, load_task_data, partition_sizes_ok
 from fedlora.data.instruct import encode_rows
-from fedlora.devices import placement
 from fedlora.errors import ConfigError, DataError
-from fedlora.models import LoadedModel, load_model, model_facts
-from fedlora.privacy import check_dp_model
-from fedlora.runlog import Progress, RunDirectory, set_active
+from fedlora.model.adapters import AdapterHost, AdapterSpec, get_host, lora_modules
+from fedlora.model.capacity import MARGIN, memory_needed
+from fedlora.model.devices import placement
+from fedlora.model.loading import LoadedModel, load_model, model_facts
+from fedlora.run.directory import RunDirectory
+from fedlora.run.progress import Progress, set_active
 from fedlora.strategies import create, get_strategy_class
+from fedlora.train.dpsgd import check_dp_model
 
 from .evaluation import dense_deltas, evaluate_state, evaluate_view, evaluate_views
 from .rounds import RoundLoop, RunResult
@@ -131,7 +132,7 @@ def prepare(cfg: RunConfig, *, check_partitions: bool = True) -> Prepared:
 
 def check_profiles(cfg: RunConfig, num_labels: int, *, here: bool) -> None:
     """Refuse, in one line, a device profile that cannot be served: one whose rank at its
-    precision does not fit the ``memory_gb`` it declares (:mod:`fedlora.capacity`, with its
+    precision does not fit the ``memory_gb`` it declares (:mod:`fedlora.model.capacity`, with its
     margin), and, when the clients run ``here`` (simulation), one naming a device this machine
     does not have."""
     for i, profile in enumerate(cfg.federation.profiles):

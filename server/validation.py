@@ -21,10 +21,10 @@ import torch
 from flwr.app import Array, ArrayRecord, Message
 from flwr.common.constant import ErrorCode
 
-from fedlora import protocol as P
-from fedlora.adapters import exact_on_wire, is_lora_a
+from fedlora.model.adapters import exact_on_wire, is_lora_a
 from fedlora.strategies import NodeInfo
-from fedlora.transport import Wire, WireError, arrays_of, decode
+from fedlora.wire import protocol as P
+from fedlora.wire.transport import Wire, WireError, arrays_of, decode
 
 #: Longest list a metric value may be (Flower's MetricRecord allows lists of numbers).
 MAX_METRIC_LIST = 1024

@@ -17,7 +17,7 @@ base model when the devices match); every further lane is a worker process
 Unix socket. A Python process computes on one device at a time as far as the GIL lets it, and a
 base model is tied to the process that loaded it; a process per extra device is what lets the
 devices really work at once. Each delivery routes the node to its lane's device through
-``node_config["device"]`` (:data:`fedlora.protocol.NODE_DEVICE`, read by
+``node_config["device"]`` (:data:`fedlora.wire.protocol.NODE_DEVICE`, read by
 :func:`fedlora.client.node.node_model`) in a copy of the node's Context whose state is the
 node's own, so node state persists whichever lane serves it next.
 
@@ -48,7 +48,7 @@ from flwr.supercore.run import Run
 
 from fedlora.client.worker import WorkerError, call_worker, private_socket, spawn
 from fedlora.errors import RunFailed
-from fedlora.protocol import NODE_DEVICE, NODE_NUM_PARTITIONS, NODE_PARTITION_ID
+from fedlora.wire.protocol import NODE_DEVICE, NODE_NUM_PARTITIONS, NODE_PARTITION_ID
 
 #: How long :meth:`InProcessGrid.pull_messages` waits for a reply before it answers "none yet":
 #: a reply that lands meanwhile is returned at once, and the caller sleeps after an empty answer.

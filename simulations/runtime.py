@@ -17,11 +17,12 @@ from flwr.app import Context, RecordDict
 
 from fedlora.client import app as client_app
 from fedlora.config import RunConfig
-from fedlora.devices import resolve_device
 from fedlora.errors import ConfigError, FedLoraError
-from fedlora.protocol import NODE_EXPORT_DIR
-from fedlora.runlog import Progress, RunDirectory
+from fedlora.model.devices import resolve_device
+from fedlora.run.directory import RunDirectory
+from fedlora.run.progress import Progress
 from fedlora.server import Prepared, RunResult, make_server_app, prepare
+from fedlora.wire.protocol import NODE_EXPORT_DIR
 
 from .grid import InProcessGrid
 
@@ -68,7 +69,7 @@ def simulation_devices(cfg: RunConfig, *, cuda_count: int, mps: bool = False) ->
 
 def machine_devices(cfg: RunConfig) -> list[str]:
     """:func:`simulation_devices` on this machine."""
-    from fedlora.devices import machine
+    from fedlora.model.devices import machine
 
     cuda_count, mps = machine()
     return simulation_devices(cfg, cuda_count=cuda_count, mps=mps)
@@ -126,7 +127,7 @@ def simulate(
     resume : bool
         Continue from the run directory's newest good checkpoint (every virtual node's state
         included, in process); ``cfg`` may differ from the run's config.toml only in
-        :data:`fedlora.runlog.RESUME_MUTABLE` keys (``rounds`` extended, say).
+        :data:`fedlora.run.directory.RESUME_MUTABLE` keys (``rounds`` extended, say).
     progress : Progress, optional
         Where progress lines go.
     ray_address : str, optional
@@ -158,7 +159,7 @@ def simulate(
             raise
         if report:
             try:
-                from fedlora.report import write_report
+                from fedlora.run.report import write_report
 
                 write_report([run_dir.path], run_dir.path)
             except Exception as err:  # noqa: BLE001 - a plotting problem must not cost the finished run

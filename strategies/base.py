@@ -14,9 +14,9 @@ examples, tasks). What it gets back: the messages of :meth:`LoRAStrategy.configu
 tensors sent to a node are in its message), the new global state of
 :meth:`LoRAStrategy.aggregate_train`, and :meth:`LoRAStrategy.round_metrics` /
 :meth:`LoRAStrategy.client_facts` about the last aggregation. Message keys are the constants
-of :mod:`fedlora.protocol`.
+of :mod:`fedlora.wire.protocol`.
 
-The global state is a flat ``dict[str, Tensor]`` keyed as in :mod:`fedlora.adapters`; the
+The global state is a flat ``dict[str, Tensor]`` keyed as in :mod:`fedlora.model.adapters`; the
 update of a target module is ``(alpha / r) * B @ A``. Base-delta factors
 (``<module>.base_delta_A/B``, ``D = B @ A``) in what a node is sent are folded into its frozen
 weights, never trained nor sent back.
@@ -38,12 +38,20 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedlora import protocol as P
-from fedlora.adapters import AdapterHost, AdapterSpec, exact_on_wire, from_record, is_base_delta, module_of, to_record
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
-from fedlora.protocol import TASK_SEP, split_task_key, task_key
-from fedlora.training import round_lr
+from fedlora.model.adapters import (
+    AdapterHost,
+    AdapterSpec,
+    exact_on_wire,
+    from_record,
+    is_base_delta,
+    module_of,
+    to_record,
+)
+from fedlora.train.local import round_lr
+from fedlora.wire import protocol as P
+from fedlora.wire.protocol import TASK_SEP, split_task_key, task_key
 
 from .basechain import BaseChain
 from .hooks import ClientHooks
@@ -223,7 +231,7 @@ class GlobalView:
     spec : AdapterSpec
         Shape of the adapter (rank, alpha, targets).
     state : dict of str to Tensor
-        LoRA factors and trained head, keyed as in :mod:`fedlora.adapters`.
+        LoRA factors and trained head, keyed as in :mod:`fedlora.model.adapters`.
     base_delta : dict of str to (Tensor, Tensor)
         Per target module, factors ``(B_d, A_d)`` of a delta folded into the frozen weight:
         the model is ``W0 + B_d @ A_d + scaling * B @ A``.
@@ -327,7 +335,7 @@ class LoRAStrategy(Strategy):
         #: The base change's links and what each node holds (strategies that fold into the base).
         self.chain = BaseChain()
         #: What each node of the current round was sent, float32, base change aside: the server
-        #: adds a node's decoded upload to it on a lossy wire (:func:`fedlora.transport.decode_update`).
+        #: adds a node's decoded upload to it on a lossy wire (:func:`fedlora.wire.transport.decode_update`).
         self.sent: dict[int, dict[str, torch.Tensor]] = {}
         #: FedOpt on each round's aggregate (``strategy.server_optimizer``; ``none``: the aggregate as is).
         self.server_opt = ServerOptimizer(

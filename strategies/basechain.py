@@ -18,7 +18,7 @@ round. Here the base change is a chain instead:
 The digest check makes the node's frozen weights bit-identical to the server's or the round
 fails loudly on that node (a replay on different hardware whose linear algebra rounds
 differently is caught the same way; the server then sends it the whole base next time).
-Base-delta factors and links always travel as exact float32 (:func:`fedlora.adapters.to_record`).
+Base-delta factors and links always travel as exact float32 (:func:`fedlora.model.adapters.to_record`).
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from typing import Any
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
-from fedlora import protocol as P
-from fedlora.adapters import LINK_SEP, delta_keys, from_record, is_base_delta, is_base_link, module_of, to_record
-from fedlora.lowrank import compact, stack
-from fedlora.process import BASE_CHANGE, process_state
+from fedlora.model.adapters import LINK_SEP, delta_keys, from_record, is_base_delta, is_base_link, module_of, to_record
+from fedlora.model.lowrank import compact, stack
+from fedlora.run.process import BASE_CHANGE, process_state
+from fedlora.wire import protocol as P
 
 #: What a node keeps in ``Context.state``: the base's factors and its digest.
 STATE_FACTORS = "fedlora-base"

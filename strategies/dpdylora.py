@@ -40,9 +40,9 @@ from typing import Any
 
 import torch
 
-from fedlora import protocol as P
-from fedlora.adapters import AdapterSpec, is_lora_a, is_lora_b, rank_dim
 from fedlora.errors import ConfigError
+from fedlora.model.adapters import AdapterSpec, is_lora_a, is_lora_b, rank_dim
+from fedlora.wire import protocol as P
 
 from .base import ClientUpdate, LoRAStrategy
 from .fedavg import weighted_mean
@@ -328,7 +328,7 @@ def truncate_adapter_dir(src_dir: str | Path, rank: int, out_dir: str | Path) ->
     """Write the rank-``rank`` truncation of a saved peft LoRA adapter folder to ``out_dir``.
 
     Reads ``adapter_config.json`` and ``adapter_model.safetensors`` (as
-    :func:`fedlora.export.export_adapter` writes them), keeps ``lora_A`` rows and ``lora_B``
+    :func:`fedlora.run.export.export_adapter` writes them), keeps ``lora_A`` rows and ``lora_B``
     columns ``[:rank]``, sets ``r = rank`` and ``lora_alpha`` so that the scaling is unchanged
     (``alpha * rank / r``; ``alpha * sqrt(rank / r)`` under rsLoRA), and copies every other file
     (tokenizer, ``fedlora.json`` with its rank and alpha updated). The result loads with

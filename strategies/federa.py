@@ -6,7 +6,7 @@ SVD: A and B start from the top-r singular vectors (``scaling * B0 @ A0 = U_r S_
 the frozen base becomes the residual ``W - scaling * B0 @ A0``, so at round 0 the model's
 outputs equal the pretrained model's. Rounds then average A and B as FedIT does.
 
-The SVD is peft's own PiSSA initialisation (:func:`fedlora.lowrank.svd_init`). Every client
+The SVD is peft's own PiSSA initialisation (:func:`fedlora.model.lowrank.svd_init`). Every client
 computes the residual locally from its copy of the base (``svd-rank`` in the round config), so
 it never crosses the network: FeDeRA costs the same bytes as FedIT. The server keeps the delta
 ``-scaling * B0 @ A0`` in its state (as base-delta factors) for evaluation and export; the
@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from fedlora.adapters import AdapterHost, delta_keys, is_base_delta, lora_keys, lora_modules
 from fedlora.errors import ConfigError
-from fedlora.lowrank import svd_init
-from fedlora.process import DERIVED, process_state
+from fedlora.model.adapters import AdapterHost, delta_keys, is_base_delta, lora_keys, lora_modules
+from fedlora.model.lowrank import svd_init
+from fedlora.run.process import DERIVED, process_state
 
 from .base import ClientUpdate, LoRAStrategy
 from .fedavg import weighted_mean

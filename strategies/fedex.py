@@ -8,7 +8,7 @@ keeps its rank. Clients of lower rank (device profiles) are zero-padded before a
 HetLoRA does; the residual keeps the result exact.
 
 The residual is kept as base-delta factors (cumulative, compacted to their numerical rank:
-:func:`fedlora.lowrank.compact`); a node that holds last round's base receives only the
+:func:`fedlora.model.lowrank.compact`); a node that holds last round's base receives only the
 round's residual (:mod:`.basechain`), a new one the whole base (at most the dense matrices).
 The exported adapter folds it in: ``B' = [s B, B_d]``, ``A' = [A; A_d]`` per module, rank
 ``r + rank(residual)`` with scaling 1.
@@ -20,8 +20,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from fedlora.adapters import lora_keys, lora_modules
-from fedlora.lowrank import compact, stack
+from fedlora.model.adapters import lora_keys, lora_modules
+from fedlora.model.lowrank import compact, stack
 
 from .base import ClientUpdate
 from .basechain import Increment, fold

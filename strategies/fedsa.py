@@ -27,8 +27,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from fedlora import protocol as P
-from fedlora.adapters import is_lora_b, to_record
+from fedlora.model.adapters import is_lora_b, to_record
+from fedlora.wire import protocol as P
 
 from .base import ClientUpdate, LoRAStrategy
 from .fedavg import weighted_mean
@@ -96,7 +96,7 @@ class FedSALoRA(LoRAStrategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Every node evaluates its personalized model; on the last round it also exports it."""
-        from fedlora.adapters import from_record
+        from fedlora.model.adapters import from_record
 
         fed = self.cfg.federation
         record = to_record(shared_part(from_record(arrays)), fed.transport_dtype, fed.transport_quantize, packed=True)

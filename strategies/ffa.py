@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from fedlora.adapters import is_lora_a, seeded_lora_a
+from fedlora.model.adapters import is_lora_a, seeded_lora_a
 
 from .base import ClientUpdate, LoRAStrategy
 from .fedavg import weighted_mean

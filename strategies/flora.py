@@ -9,7 +9,7 @@ every client on a fresh LoRA next round.
 
 Here the merged part is the global state's base delta ``D = B_d @ A_d`` (cumulative over
 rounds), sent to clients as factors and re-compressed to its numerical rank every round
-(:func:`fedlora.lowrank.compact`), so its bytes are at most those of the dense matrices; a node
+(:func:`fedlora.model.lowrank.compact`), so its bytes are at most those of the dense matrices; a node
 that holds last round's base receives only this round's stacked update
 (:mod:`.basechain`). The
 fresh LoRA of each round is peft's init drawn from a per-round seed. Weights ``p_k`` are
@@ -24,8 +24,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from fedlora.adapters import AdapterHost, is_lora_a, is_lora_b, lora_keys, lora_modules, seeded_lora_a
-from fedlora.lowrank import compact, stack
+from fedlora.model.adapters import AdapterHost, is_lora_a, is_lora_b, lora_keys, lora_modules, seeded_lora_a
+from fedlora.model.lowrank import compact, stack
 
 from .base import ClientUpdate, GlobalView, split_base_delta
 from .basechain import Increment, fold

@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
-from fedlora.adapters import AdapterSpec, is_lora_a, is_lora_b
 from fedlora.data import subset
 from fedlora.errors import ConfigError
-from fedlora.protocol import NUM_EXAMPLES, split_task_key, task_key, task_metric
+from fedlora.model.adapters import AdapterSpec, is_lora_a, is_lora_b
+from fedlora.wire.protocol import NUM_EXAMPLES, split_task_key, task_key, task_metric
 
 from .base import ClientUpdate, GlobalView, LoRAStrategy
 from .fedavg import weighted_mean

@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from fedlora.adapters import AdapterSpec, is_lora_a, is_lora_b, lora_keys, lora_modules
-from fedlora.protocol import RANK
+from fedlora.model.adapters import AdapterSpec, is_lora_a, is_lora_b, lora_keys, lora_modules
+from fedlora.wire.protocol import RANK
 
 from .base import ClientUpdate
 from .fedavg import weighted_mean

@@ -35,9 +35,9 @@ from flwr.app import RecordDict
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from fedlora.adapters import exact_on_wire, from_record, module_of, to_record
 from fedlora.files import atomic_write_bytes
-from fedlora.protocol import LOCAL_STATE
+from fedlora.model.adapters import exact_on_wire, from_record, module_of, to_record
+from fedlora.wire.protocol import LOCAL_STATE
 
 
 @dataclass
@@ -141,7 +141,7 @@ class ClientHooks:
         Parameters
         ----------
         host : AdapterHost
-            Gives the pretrained weights (:meth:`~fedlora.adapters.AdapterHost.base_weight`).
+            Gives the pretrained weights (:meth:`~fedlora.model.adapters.AdapterHost.base_weight`).
         modules : list of str
             The adapter's target modules.
         factors : mapping

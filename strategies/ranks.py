@@ -14,8 +14,8 @@ from dataclasses import replace
 
 import torch
 
-from fedlora.adapters import AdapterSpec, is_lora_a, is_lora_b, rank_dim
-from fedlora.lowrank import pad_rank, truncate_rank
+from fedlora.model.adapters import AdapterSpec, is_lora_a, is_lora_b, rank_dim
+from fedlora.model.lowrank import pad_rank, truncate_rank
 
 from .base import LoRAStrategy
 

@@ -17,8 +17,8 @@ from .hooks import ClientHooks
 from .options import StrategyOptions
 
 if TYPE_CHECKING:
-    from fedlora.adapters import AdapterSpec
     from fedlora.config import RunConfig
+    from fedlora.model.adapters import AdapterSpec
 
     from .base import LoRAStrategy, NodeDirectory
 

@@ -8,7 +8,7 @@ Two independent defences, both pure functions over tensors:
   bound has to be tuned per model) or a fixed ``clip_norm`` (``fixed``). A client scaling its
   update by 1e4 then weighs no more than ``k`` times a typical client, in any strategy, and the
   honest majority sets the median. The norm and the clip are central DP's
-  (:func:`fedlora.privacy.global_norm`, :func:`fedlora.privacy.clip_update`).
+  (:func:`fedlora.privacy.central.global_norm`, :func:`fedlora.privacy.central.clip_update`).
 * **Robust reducers** (``aggregator``): a coordinate-wise median or trimmed mean in place of a
   strategy's weighted mean of same-shape tensors, for the strategies whose aggregate *is* such
   a mean (:attr:`~fedlora.strategies.LoRAStrategy.robust_aggregators`). They ignore example
@@ -33,7 +33,7 @@ from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 
 from fedlora.config import AGGREGATORS
 from fedlora.config import UPDATE_CLIPS as CLIPS
-from fedlora.privacy import clip_update, global_norm
+from fedlora.privacy.central import clip_update, global_norm
 
 States = Sequence[Mapping[str, torch.Tensor]]
 #: A strategy's average: (states, weights) -> one state.

@@ -14,7 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> str:
     """A 2-layer random BERT encoder (no head: the classifier starts fresh, as for MiniLM)."""
-    from fedlora.synthetic import write_tiny_bert
+    from fedlora.data.synthetic import write_tiny_bert
 
     return write_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
@@ -22,7 +22,7 @@ def tiny_bert(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory) -> str:
     """A 2-layer random GPT-2 causal LM sharing the tiny word-piece tokenizer."""
-    from fedlora.synthetic import write_tiny_gpt2
+    from fedlora.data.synthetic import write_tiny_gpt2
 
     return write_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))
 
@@ -73,7 +73,7 @@ def federation_logits(cfg, run_dir, input_ids):
     """Logits of the federation's final global adapter, as the server holds it."""
     import torch
 
-    from fedlora.runlog import RunDirectory
+    from fedlora.run.directory import RunDirectory
     from fedlora.server import prepare
 
     _, state, _ = RunDirectory(run_dir).load_checkpoint()

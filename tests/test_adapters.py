@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from fedlora.adapters import from_record, is_lora_a, module_of, record_bytes, seeded_lora_a, tensor_bytes, to_record
+from fedlora.model.adapters import (
+    from_record,
+    is_lora_a,
+    module_of,
+    record_bytes,
+    seeded_lora_a,
+    tensor_bytes,
+    to_record,
+)
 
 pytestmark = pytest.mark.unit
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedlora.capacity import PRECISIONS, RANKS, Choice, ModelFacts, choose, memory_needed
+from fedlora.model.capacity import PRECISIONS, RANKS, Choice, ModelFacts, choose, memory_needed
 
 pytestmark = pytest.mark.unit
 

@@ -7,7 +7,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedlora.certs import check_private_key, create_certs, load_public_keys
+from fedlora.deploy.certs import check_private_key, create_certs, load_public_keys
 from fedlora.errors import FedLoraError
 
 pytestmark = pytest.mark.unit

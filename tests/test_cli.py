@@ -8,7 +8,7 @@ import sys
 import pandas as pd
 import pytest
 
-from fedlora.cli import main
+from fedlora.cli.main import main
 
 pytestmark = pytest.mark.unit
 

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from fedlora.cli import main
+from fedlora.cli.main import main
 
 pytestmark = pytest.mark.unit
 
@@ -58,7 +58,7 @@ def test_a_date_in_a_preset_and_an_empty_preset(tmp_path, capsys, tiny_bert):
 
 
 def test_an_unreachable_hub_fails_fast_not_after_a_minute_of_retries(tmp_path, monkeypatch, capsys, tiny_bert):
-    import fedlora.hub as hub
+    import fedlora.model.hub as hub
 
     monkeypatch.setattr(hub, "_decided", None)
     monkeypatch.setattr(hub, "reachable", lambda *a, **k: False)

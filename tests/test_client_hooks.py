@@ -9,8 +9,8 @@ import pytest
 import torch
 from flwr.app import RecordDict
 
-from fedlora.adapters import delta_keys, lora_keys, seeded_lora_a
 from fedlora.data import Encoded
+from fedlora.model.adapters import delta_keys, lora_keys, seeded_lora_a
 from fedlora.strategies import STRATEGIES, ClientHooks, NodeStore, TrainGroup
 from fedlora.strategies.federa import SVD_RANK, FeDeRAClient
 from fedlora.strategies.fedsa import FedSAClient
@@ -75,7 +75,7 @@ def test_ffa_rebuilds_the_shared_frozen_a_and_trains_only_b():
 
 
 def test_federa_makes_the_frozen_weight_its_svd_residual():
-    from fedlora.process import process_state
+    from fedlora.run.process import process_state
 
     g = torch.Generator().manual_seed(4)
     weight = torch.randn(8, 10, generator=g)
@@ -152,8 +152,8 @@ def test_fedsa_keeps_its_own_b_across_rounds_and_never_sends_it():
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_hooks_build_from_the_servers_config(name):
     """Every strategy's client half reads only what its server half puts in the round config."""
-    from fedlora.adapters import AdapterSpec
     from fedlora.config import RunConfig
+    from fedlora.model.adapters import AdapterSpec
     from fedlora.strategies import NodeDirectory, create
 
     tasks = ["a", "b"] if name == "fltac" else []
@@ -184,7 +184,7 @@ def test_the_client_app_knows_no_strategy():
 
     import fedlora.client as client_pkg
     import fedlora.strategies as strategies_pkg
-    from fedlora import protocol
+    from fedlora.wire import protocol
 
     source = "\n".join(p.read_text() for p in Path(client_pkg.__file__).parent.glob("*.py"))
     for cls in STRATEGIES.values():

@@ -13,9 +13,9 @@ import torch
 
 from fedlora.config import RunConfig, TaskSource, has_tasks, load_config
 from fedlora.data import Encoded, load_partition, load_task_data, partition_sizes_ok, split_by_task, subset
+from fedlora.data.synthetic import generate_sentiment, generate_topics
 from fedlora.errors import ConfigError, DataError
-from fedlora.synthetic import generate_sentiment, generate_topics
-from fedlora.training import evaluate
+from fedlora.train.local import evaluate
 
 pytestmark = pytest.mark.unit
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from fedlora.cli import _client_parser, build_parser, client_main, main, server_main
+from fedlora.cli.deploy import _client_parser, client_main, server_main
+from fedlora.cli.main import build_parser, main
 
 pytestmark = pytest.mark.unit
 
@@ -100,7 +101,7 @@ def test_client_debug(capsys, tmp_path):
 
 
 def test_unexpected_errors_still_propagate(monkeypatch):
-    import fedlora.cli as cli
+    import fedlora.cli.main as cli
 
     def boom(args):
         raise RuntimeError("bug")

@@ -49,7 +49,7 @@ def _stop(proc: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def deployment(tiny_bert, tmp_path_factory):
     """Run the federation once; return what every test below checks."""
-    from fedlora.certs import create_certs
+    from fedlora.deploy.certs import create_certs
 
     root = tmp_path_factory.mktemp("deploy")
     cfg = tiny_config(
@@ -273,7 +273,7 @@ def _run(args: list[str], cwd: Path, timeout: float = 90) -> subprocess.Complete
 
 @pytest.fixture(scope="module")
 def kit(tmp_path_factory, tiny_bert):
-    from fedlora.certs import create_certs
+    from fedlora.deploy.certs import create_certs
 
     root = tmp_path_factory.mktemp("badinput")
     cfg = tiny_config(tiny_bert)

@@ -128,7 +128,7 @@ class Federation:
 @pytest.fixture(scope="module")
 def kit(tiny_bert, tmp_path_factory):
     """Preset, partitions, certificates and keys shared by both federations."""
-    from fedlora.certs import create_certs
+    from fedlora.deploy.certs import create_certs
 
     root = tmp_path_factory.mktemp("recovery")
     cfg = tiny_config(tiny_bert, sets=("data.partitioner=iid", "name=recovery", "rounds=4"))

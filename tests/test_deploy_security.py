@@ -75,7 +75,7 @@ def _cmdline(pid: int) -> str:
 def guarded(tiny_bert, tmp_path_factory):
     """A fedlora-server (TLS + --auth-keys) waiting for clients; the outsider's answers; then a
     SIGKILL of the server and which of its processes outlived it."""
-    from fedlora.certs import create_certs
+    from fedlora.deploy.certs import create_certs
 
     root = tmp_path_factory.mktemp("guarded")
     cfg = tiny_config(tiny_bert, sets=("name=guarded",))

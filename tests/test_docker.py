@@ -55,7 +55,7 @@ def test_compose_commands_exist_and_fit_together():
     server_args = shlex.split(re.sub(r"\$\$\([^)]*\)", "STAMP", server[2]))
     assert server_args[0] == "fedlora-server" and "--certs" in server_args and "--auth-keys" in server_args
     port = server_args[server_args.index("--port") + 1]
-    from fedlora.cli import _client_parser, _server_parser
+    from fedlora.cli.deploy import _client_parser, _server_parser
 
     _server_parser().parse_args(server_args[1:])  # every flag is one fedlora-server has
     for name in ("client1", "client2"):

@@ -8,11 +8,10 @@ import json
 import pytest
 import torch
 
-from fedlora import protocol as P
-from fedlora.adapters import AdapterSpec, get_host, is_lora_a, is_lora_b, lora_keys, lora_modules
 from fedlora.config import LoRAConfig, ModelConfig, RunConfig
 from fedlora.errors import ConfigError
-from fedlora.models import load_model
+from fedlora.model.adapters import AdapterSpec, get_host, is_lora_a, is_lora_b, lora_keys, lora_modules
+from fedlora.model.loading import load_model
 from fedlora.strategies import DPDyLoRA, create, dylora_aggregate, get_strategy_class, sample_round_rank
 from fedlora.strategies.base import ClientUpdate
 from fedlora.strategies.dpdylora import (
@@ -23,6 +22,7 @@ from fedlora.strategies.dpdylora import (
     truncate_adapter_dir,
     truncated_spec,
 )
+from fedlora.wire import protocol as P
 
 pytestmark = pytest.mark.unit
 
@@ -206,7 +206,7 @@ def test_rank_mask_computes_the_truncated_adapter(host_setup):
 
 def test_masked_components_get_no_gradient_with_and_without_dp(host_setup):
     from fedlora.data import Encoded, collate
-    from fedlora.privacy import DPSGD, DPSettings
+    from fedlora.train.dpsgd import DPSGD, DPSettings
 
     host, spec, state, input_ids = host_setup
     with host.lock:
@@ -268,7 +268,8 @@ def run_rounds(out):
 
 @pytest.mark.simulation
 def test_run_exports_an_adapter_that_truncates_to_any_rank(tmp_path, tiny_bert, make_config):
-    from fedlora.runlog import Progress, RunDirectory
+    from fedlora.run.directory import RunDirectory
+    from fedlora.run.progress import Progress
     from fedlora.server import prepare
     from fedlora.simulations.runtime import simulate
 
@@ -302,7 +303,7 @@ def test_run_exports_an_adapter_that_truncates_to_any_rank(tmp_path, tiny_bert, 
         truncate_adapter_dir(adapter, 5, tmp_path / "r5")
 
     # The command line: the default output folder, a one-line error for a rank too large.
-    from fedlora.cli import main
+    from fedlora.cli.main import main
 
     assert main(["truncate", str(adapter), "--rank", "2"]) == 0
     assert json.loads((out / "adapter-rank2" / "adapter_config.json").read_text())["r"] == 2
@@ -312,7 +313,7 @@ def test_run_exports_an_adapter_that_truncates_to_any_rank(tmp_path, tiny_bert, 
 
 @pytest.mark.simulation
 def test_run_under_local_dp(tmp_path, tiny_bert, make_config):
-    from fedlora.runlog import Progress
+    from fedlora.run.progress import Progress
     from fedlora.simulations.runtime import simulate
 
     cfg = make_config(tiny_bert, strategy="dpdylora", sets=("privacy.mode=local", "privacy.noise_multiplier=1.0"))

@@ -1,4 +1,4 @@
-"""``fedlora evaluate`` and the scoring math behind it (fedlora.llm_eval).
+"""``fedlora evaluate`` and the scoring math behind it (fedlora.eval).
 
 The math is checked on hand-built logits; the command end to end on tiny random models with
 peft adapters saved by peft itself (not by fedlora), against direct computations on the same
@@ -13,20 +13,18 @@ import math
 import pytest
 import torch
 
-from fedlora.cli import main
-from fedlora.llm_eval import (
-    EvalLayout,
+from fedlora.cli.main import main
+from fedlora.eval.evaluate import pick_template
+from fedlora.eval.inputs import EvalLayout, layout_from, sniff_format
+from fedlora.eval.scoring import (
     answer_index,
     choice_accuracy,
     choice_predictions,
     exact_match,
-    layout_from,
     mean_nll,
     normalize_answer,
     perplexity,
-    pick_template,
     sequence_logprobs,
-    sniff_format,
     trim_prediction,
 )
 
@@ -155,7 +153,7 @@ def test_format_sniffing_and_template_defaults():
 def test_fedlora_json_records_the_data_layout(tiny_gpt2):
     from conftest import tiny_config
 
-    from fedlora.export import data_layout
+    from fedlora.run.export import data_layout
 
     cfg = tiny_config(
         tiny_gpt2,
@@ -331,7 +329,7 @@ def test_evaluate_a_peft_classifier(tiny_bert, tmp_path, capsys):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from fedlora.synthetic import generate_topics
+    from fedlora.data.synthetic import generate_topics
 
     torch.manual_seed(1)
     model = get_peft_model(
@@ -400,10 +398,10 @@ def test_evaluate_errors_are_one_line(causal_adapter, tmp_path, capsys, monkeypa
     err = _one_line_error(capsys, adapter, "--data", data, "--batch-size", "0")
     assert "--batch-size" in err
     # a hub name while the hub cannot be reached (and the model is not in the cache)
-    import fedlora.hub
+    import fedlora.model.hub
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(fedlora.hub, "_decided", None)
+    monkeypatch.setattr(fedlora.model.hub, "_decided", None)
     err = _one_line_error(capsys, adapter, "--data", data, "--base", "fedlora-tests/no-such-model", "--device", "cpu")
     assert "fedlora-tests/no-such-model" in err and "hub is unreachable" in err and "--base" in err
 
@@ -414,9 +412,9 @@ def test_evaluate_a_fedlora_run_adapter_with_its_recorded_labels(tiny_bert, tmp_
     and --column names the file's own columns."""
     from conftest import peft_logits, tiny_config
 
-    from fedlora.runlog import Progress
+    from fedlora.data.synthetic import generate_topics
+    from fedlora.run.progress import Progress
     from fedlora.simulations.runtime import simulate
-    from fedlora.synthetic import generate_topics
 
     run = tmp_path / "run"
     simulate(tiny_config(tiny_bert, sets=("rounds=1",)), out=run, progress=Progress(quiet=True))

@@ -8,7 +8,7 @@ import stat
 import pytest
 
 from fedlora import files
-from fedlora.certs import create_certs
+from fedlora.deploy.certs import create_certs
 from fedlora.files import atomic_write_bytes, atomic_write_text, current_umask
 
 pytestmark = pytest.mark.unit
@@ -142,7 +142,7 @@ def test_create_certs_keys_are_0600_from_the_first_byte(tmp_path, monkeypatch):
         calls.append((os.path.basename(path), private))
         return real(path, data, private=private)
 
-    import fedlora.certs as certs
+    import fedlora.deploy.certs as certs
 
     monkeypatch.setattr(certs, "atomic_write_bytes", recording)
     first_write_modes: list[int] = []

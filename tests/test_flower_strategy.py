@@ -75,7 +75,8 @@ def test_central_dp_is_refused_before_loading(tiny_bert):
     ],
 )
 def test_flower_start_computes_what_fedlora_computes(tmp_path, tiny_bert, grid_of, strategy, sets):
-    from fedlora.runlog import Progress, RunDirectory
+    from fedlora.run.directory import RunDirectory
+    from fedlora.run.progress import Progress
     from fedlora.simulations.runtime import simulate
 
     cfg = tiny_config(tiny_bert, strategy=strategy, sets=sets)
@@ -121,8 +122,8 @@ def test_export_loads_with_peft(tmp_path, tiny_bert, grid_of):
 def test_bad_reply_is_dropped_not_aggregated(tiny_bert, grid_of):
     from flwr.clientapp import ClientApp
 
-    from fedlora.adapters import from_record, to_record
     from fedlora.client.client_app import handle_train
+    from fedlora.model.adapters import from_record, to_record
 
     app = ClientApp()
     poisoned = []

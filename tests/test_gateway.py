@@ -300,7 +300,7 @@ def _closed(sock: socket.socket) -> bool:
 
 def test_tls_and_the_handshake_deadline(tmp_path):
     """TLS on both legs, as fedlora-server runs it (the SuperLink has the server certificate too)."""
-    from fedlora.certs import create_certs
+    from fedlora.deploy.certs import create_certs
 
     files = create_certs(tmp_path / "certs", "localhost", nodes=1)
     tls = {"ca": files.ca_cert, "cert": files.server_cert, "key": files.server_key}

@@ -10,11 +10,11 @@ import torch
 from conftest import federation_logits, peft_logits
 from flwr.app import Context, RecordDict
 
-from fedlora import protocol as P
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
-from fedlora.runlog import Progress
+from fedlora.run.progress import Progress
 from fedlora.simulations.runtime import simulate
+from fedlora.wire import protocol as P
 
 pytestmark = pytest.mark.unit
 
@@ -37,8 +37,8 @@ def test_one_federation_mixes_full_precision_8bit_and_4bit_clients(tmp_path, tin
     """Each virtual client trains on its own base variant (loaded once each); the adapters
     aggregate together and the export loads on the full-precision base."""
     pytest.importorskip("bitsandbytes")
-    from fedlora.models import clear_cache, load_model
-    from fedlora.process import MODEL, process_state
+    from fedlora.model.loading import clear_cache, load_model
+    from fedlora.run.process import MODEL, process_state
 
     clear_cache()
 
@@ -86,8 +86,8 @@ def test_auto_takes_the_least_quantized_then_largest_rank_that_fits_and_keeps_it
     tiny_bert, make_config, monkeypatch, capsys
 ):
     import fedlora.client.node as node
-    from fedlora.capacity import MARGIN, memory_needed
-    from fedlora.models import model_facts
+    from fedlora.model.capacity import MARGIN, memory_needed
+    from fedlora.model.loading import model_facts
 
     cfg = make_config(tiny_bert, strategy="hetlora", sets=("lora.rank=8",))
     facts = model_facts(cfg.model, list(cfg.lora.target_modules), batch=cfg.federation.batch_size, num_labels=4)
@@ -191,7 +191,7 @@ def test_the_capability_table():
     ],
 )
 def test_client_capability_flags_are_checked_in_one_line(tmp_path, capsys, args, message):
-    from fedlora.cli import client_main
+    from fedlora.cli.deploy import client_main
 
     data = tmp_path / "d.csv"
     data.write_text("text,label\nhello,a\n")
@@ -205,7 +205,7 @@ def test_client_capability_flags_are_checked_in_one_line(tmp_path, capsys, args,
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_client_asking_for_an_absent_gpu_is_told_in_one_line(tmp_path, capsys):
-    from fedlora.cli import client_main
+    from fedlora.cli.deploy import client_main
 
     data = tmp_path / "d.csv"
     data.write_text("text,label\nhello,a\n")

@@ -21,12 +21,13 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from fedlora import protocol as P
-from fedlora.runlog import Progress, RunDirectory, finite_json
+from fedlora.run.directory import RunDirectory, finite_json
+from fedlora.run.progress import Progress
 from fedlora.server.rounds import RoundBook, RoundLoop, collect
 from fedlora.server.validation import ReplyError, check_eval_metrics, check_info, check_metrics, example_cap
 from fedlora.strategies import NodeDirectory, NodeInfo
-from fedlora.transport import arrays_of
+from fedlora.wire import protocol as P
+from fedlora.wire.transport import arrays_of
 
 pytestmark = pytest.mark.unit
 

@@ -243,7 +243,7 @@ def test_fully_truncated_prompt_never_gives_nan_loss(plain_tok):
     the shift) mixes with normal rows without a NaN in either loss."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from fedlora.privacy import per_example_causal_loss
+    from fedlora.train.dpsgd import per_example_causal_loss
 
     enc = encode_pairs([("x" * 30, "Paris."), ("Say hi.", "Hi.")], plain_tok, 8)
     enc.prompt_lengths[0] = len(enc.input_ids[0])  # worst case: a row with nothing to learn
@@ -312,7 +312,7 @@ def test_chat_template_needs_a_tokenizer_with_one(plain_tok):
 
 def test_data_errors_name_the_key(tmp_path):
     from fedlora.data import load_task_data
-    from fedlora.process import process_state
+    from fedlora.run.process import process_state
 
     def load(rows, **data):
         path = tmp_path / "d.jsonl"
@@ -353,7 +353,7 @@ def test_dirichlet_quantity_skew_for_causal_lm():
 
 
 def _tiny_lm(directory, tok):
-    from fedlora.synthetic import write_tiny_gpt2
+    from fedlora.data.synthetic import write_tiny_gpt2
 
     return write_tiny_gpt2(directory, tok)
 
@@ -365,9 +365,9 @@ def test_instruction_federation_through_the_cli(tmp_path, monkeypatch, plain_tok
     federation's model under peft, and `fedlora evaluate` scores it."""
     from conftest import federation_logits, peft_logits
 
-    from fedlora.cli import main
+    from fedlora.cli.main import main
     from fedlora.data import load_partition
-    from fedlora.process import process_state
+    from fedlora.run.process import process_state
 
     model_dir = _tiny_lm(tmp_path / "lm", plain_tok)
     rows = []
@@ -445,7 +445,7 @@ def test_instruction_federation_through_the_cli(tmp_path, monkeypatch, plain_tok
 def test_partition_files_read_back_on_a_device(tmp_path, fmt, plain_tok):
     """`fedlora partition` writes what `fedlora-client --data` reads: the same rows, rendered alike."""
     from fedlora.data import load_device_data, load_partition, write_partitions
-    from fedlora.process import process_state
+    from fedlora.run.process import process_state
 
     if fmt == "instruction":
         rows = [{"instruction": f"Say {i}.", "input": "" if i % 2 else "Loudly.", "output": f"{i}!"} for i in range(12)]

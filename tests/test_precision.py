@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from fedlora.models import load_model, output_heads
-from fedlora.runlog import Progress
+from fedlora.model.loading import load_model, output_heads
+from fedlora.run.progress import Progress
 from fedlora.simulations.runtime import simulate
 
 pytestmark = pytest.mark.unit
@@ -91,7 +91,7 @@ def test_a_run_that_fails_later_keeps_its_finished_rounds(tmp_path, tiny_bert, m
     ],
 )
 def test_device_rule(requested, cuda, mps, expected):
-    from fedlora.devices import resolve_device
+    from fedlora.model.devices import resolve_device
 
     assert resolve_device(requested, cuda_count=cuda, mps=mps) == expected
 
@@ -106,16 +106,16 @@ def test_device_rule(requested, cuda, mps, expected):
     ],
 )
 def test_impossible_devices_are_one_line_errors(requested, cuda, mps, message):
-    from fedlora.devices import resolve_device
     from fedlora.errors import ConfigError
+    from fedlora.model.devices import resolve_device
 
     with pytest.raises(ConfigError, match=message):
         resolve_device(requested, cuda_count=cuda, mps=mps)
 
 
 def test_dtype_rule():
-    from fedlora.devices import resolve_dtype
     from fedlora.errors import ConfigError
+    from fedlora.model.devices import resolve_dtype
 
     assert resolve_dtype("auto", "cuda:0", bf16=True) == "bfloat16"
     assert resolve_dtype("auto", "cuda:0", bf16=False) == "float32"
@@ -147,7 +147,7 @@ def test_cuda_asked_for_and_absent_stops_before_any_file(tmp_path, tiny_bert, ma
 @pytest.mark.simulation
 def test_bfloat16_base_trains_float32_masters(tmp_path, tiny_bert, make_config):
     """A bfloat16 base on the CPU (autocast): frozen weights bfloat16, what trains float32."""
-    from fedlora.adapters import get_host
+    from fedlora.model.adapters import get_host
 
     cfg = make_config(
         tiny_bert,
@@ -184,7 +184,7 @@ def test_4bit_code_is_nf4_or_fp4_with_double_quantization(tmp_path, tiny_bert, m
     tiny model trains on each."""
     pytest.importorskip("bitsandbytes")
     from fedlora.errors import ConfigError
-    from fedlora.models import quantization_config
+    from fedlora.model.loading import quantization_config
 
     for code in ("nf4", "fp4"):
         cfg = make_config(tiny_bert, sets=("rounds=1", "model.quantization='4bit'", f"model.quant_type='{code}'"))

@@ -9,23 +9,14 @@ import math
 import pytest
 import torch
 
-from fedlora.adapters import AdapterSpec, get_host, is_lora_a, is_lora_b
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError, FedLoraError
-from fedlora.models import load_model
-from fedlora.privacy import (
-    DPSGD,
-    DPSettings,
-    PrivacyLedger,
-    central_noise_std,
-    check_dp_model,
-    check_moved,
-    clip_update,
-    epsilon,
-    noise_for_target,
-    noisy_mean,
-)
-from fedlora.training import train_local
+from fedlora.model.adapters import AdapterSpec, get_host, is_lora_a, is_lora_b
+from fedlora.model.loading import load_model
+from fedlora.privacy.accounting import PrivacyLedger, epsilon, noise_for_target
+from fedlora.privacy.central import central_noise_std, clip_update, noisy_mean
+from fedlora.train.dpsgd import DPSGD, DPSettings, check_dp_model, check_moved
+from fedlora.train.local import train_local
 
 pytestmark = pytest.mark.unit
 
@@ -100,7 +91,7 @@ def peft_setup(tiny_bert):
     """A tiny BERT with a rank-4 LoRA on query/value and a fresh head, plus encoded examples."""
     from fedlora.config import LoRAConfig, ModelConfig
     from fedlora.data import Encoded
-    from fedlora.synthetic import generate_topics
+    from fedlora.data.synthetic import generate_topics
 
     loaded = load_model(ModelConfig(name=tiny_bert, max_length=16), num_labels=4, seed=0)
     host = get_host(loaded)
@@ -358,7 +349,7 @@ def test_local_dp_on_quantized_base_and_causal_lm(tiny_bert, tiny_gpt2, make_con
 def test_causal_dp_loss_is_per_example():
     """Each example's term is the mean over its own scored tokens, whatever the others' lengths
     (transformers' batch token-mean would tie one example's weight to the rest of the batch)."""
-    from fedlora.privacy import per_example_causal_loss
+    from fedlora.train.dpsgd import per_example_causal_loss
 
     torch.manual_seed(0)
     logits = torch.randn(2, 6, 11)
@@ -377,8 +368,8 @@ def test_device_ledger_survives_a_restart(tmp_path):
     resumes the spending instead of starting from zero."""
     from flwr.app import RecordDict
 
-    from fedlora import protocol as P
     from fedlora.client.privacy import NodePrivacy, ledger_file
+    from fedlora.wire import protocol as P
 
     data = tmp_path / "mine.csv"
     data.write_text("text,label\n")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from fedlora.process import HOST, MODEL, NODE_DATA, TASK_DATA, ProcessState, process_state
-from fedlora.runlog import Progress
+from fedlora.run.process import HOST, MODEL, NODE_DATA, TASK_DATA, ProcessState, process_state
+from fedlora.run.progress import Progress
 from fedlora.simulations.runtime import simulate
 
 pytestmark = pytest.mark.unit

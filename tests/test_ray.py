@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from fedlora.runlog import Progress, RunDirectory
+from fedlora.run.directory import RunDirectory
+from fedlora.run.progress import Progress
 from fedlora.simulations.runtime import simulate
 
 pytestmark = [pytest.mark.ray, pytest.mark.simulation]

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from fedlora.cli import main
-from fedlora.runlog import Progress
+from fedlora.cli.main import main
+from fedlora.run.progress import Progress
 from fedlora.simulations.runtime import simulate
 
 pytestmark = pytest.mark.simulation

@@ -23,9 +23,12 @@ import tomli_w
 import torch
 from conftest import STRATEGY_RUNS
 
-from fedlora.cli import main, resume_run_config, server_main
+from fedlora.cli.common import resume_run_config
+from fedlora.cli.deploy import server_main
+from fedlora.cli.main import main
 from fedlora.errors import FedLoraError
-from fedlora.runlog import Progress, RunDirectory
+from fedlora.run.directory import RunDirectory
+from fedlora.run.progress import Progress
 from fedlora.server.rounds import RoundLoop
 from fedlora.simulations.runtime import simulate
 
@@ -370,8 +373,8 @@ def test_a_device_keeps_its_private_factors_in_its_own_file(tmp_path):
     from flwr.app import RecordDict
 
     from fedlora.client.privacy import state_file
-    from fedlora.protocol import NODE_DATA_PATH
     from fedlora.strategies.hooks import NodeStore
+    from fedlora.wire.protocol import NODE_DATA_PATH
 
     file = state_file({NODE_DATA_PATH: str(tmp_path / "local.csv")})
     assert file == tmp_path / "local.csv.fedlora-state.safetensors"

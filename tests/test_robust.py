@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from fedlora import protocol as P
-from fedlora.adapters import from_record, is_base_delta, module_of, to_record
 from fedlora.errors import ConfigError, RunFailed
-from fedlora.privacy import global_norm
-from fedlora.runlog import Progress, RunDirectory
+from fedlora.model.adapters import from_record, is_base_delta, module_of, to_record
+from fedlora.privacy.central import global_norm
+from fedlora.run.directory import RunDirectory
+from fedlora.run.progress import Progress
 from fedlora.server.rounds import RoundLoop
 from fedlora.simulations.runtime import simulate
 from fedlora.strategies import get_strategy_class
@@ -24,6 +24,7 @@ from fedlora.strategies.robust import (
     first_non_finite,
     reducer,
 )
+from fedlora.wire import protocol as P
 
 pytestmark = pytest.mark.simulation
 

@@ -1,5 +1,5 @@
 """One run directory, one writer (issue 31, point 7): every run holds an exclusive OS lock on its
-folder (``fedlora.runlock``), so a second run on it, ``--resume`` included, exits 2 naming the
+folder (``fedlora.run.lock``), so a second run on it, ``--resume`` included, exits 2 naming the
 holder's pid and writes nothing there, and a SIGKILLed holder leaves the folder free at once.
 
 Real processes throughout: the lock is the kernel's, so only another process can be refused by it.
@@ -19,11 +19,11 @@ import pytest
 import tomli_w
 from conftest import flower_env, free_port
 
-import fedlora.runlock as runlock
-from fedlora.cli import server_main
+import fedlora.run.lock as runlock
+from fedlora.cli.deploy import server_main
 from fedlora.errors import FedLoraError
-from fedlora.runlock import LOCK_NAME
-from fedlora.runlog import RunDirectory
+from fedlora.run.directory import RunDirectory
+from fedlora.run.lock import LOCK_NAME
 
 pytestmark = pytest.mark.unit
 
@@ -35,7 +35,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 OPENER = """
 import sys, time
 from fedlora.errors import FedLoraError
-from fedlora.runlog import RunDirectory
+from fedlora.run.directory import RunDirectory
 folder, *modes = sys.argv[1:]
 for mode in modes:
     if mode == "hold":

@@ -13,17 +13,18 @@ import math
 import pytest
 import torch
 
-from fedlora import protocol as P
-from fedlora.adapters import AdapterSpec
 from fedlora.client.client_app import proximal_penalty, with_proximal
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
-from fedlora.runlog import Progress, RunDirectory
+from fedlora.model.adapters import AdapterSpec
+from fedlora.run.directory import RunDirectory
+from fedlora.run.progress import Progress
 from fedlora.server.rounds import RoundLoop
 from fedlora.simulations.runtime import simulate
 from fedlora.strategies import get_strategy_class
 from fedlora.strategies.server_opt import DEFAULT_SERVER_LR, ServerOptimizer
-from fedlora.training import round_lr
+from fedlora.train.local import round_lr
+from fedlora.wire import protocol as P
 
 pytestmark = pytest.mark.unit
 

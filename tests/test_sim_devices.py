@@ -20,11 +20,12 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedlora.errors import ConfigError, RunFailed
-from fedlora.protocol import NODE_DEVICE
-from fedlora.runlog import Progress, RunDirectory
+from fedlora.run.directory import RunDirectory
+from fedlora.run.progress import Progress
 from fedlora.simulations import grid as G
 from fedlora.simulations import runtime
 from fedlora.simulations.runtime import simulate, simulation_devices
+from fedlora.wire.protocol import NODE_DEVICE
 
 pytestmark = pytest.mark.unit
 

@@ -11,7 +11,8 @@ from conftest import STRATEGY_RUNS as ALL_STRATEGY_RUNS
 from conftest import federation_logits, peft_logits
 
 from fedlora.config import load_config
-from fedlora.runlog import Progress, RunDirectory
+from fedlora.run.directory import RunDirectory
+from fedlora.run.progress import Progress
 from fedlora.server import prepare
 from fedlora.simulations.runtime import simulate
 
@@ -53,7 +54,7 @@ def test_ffa_sends_half_the_lora_bytes(tmp_path, tiny_gpt2, make_config):
     (Half exactly when A and B have equal size, i.e. a square target such as attn.c_proj.)
     bytes_up is the whole message Flower moves (metrics, framing): the difference is A's bytes
     plus A's entries in the packed index."""
-    from fedlora.adapters import is_lora_a
+    from fedlora.model.adapters import is_lora_a
 
     up = {}
     for strategy in ("fedavg", "ffa"):
@@ -69,7 +70,7 @@ def test_ffa_sends_half_the_lora_bytes(tmp_path, tiny_gpt2, make_config):
 
 
 def test_ffa_keeps_a_frozen(tmp_path, tiny_bert, make_config):
-    from fedlora.adapters import is_lora_b, seeded_lora_a
+    from fedlora.model.adapters import is_lora_b, seeded_lora_a
 
     cfg = make_config(tiny_bert, strategy="ffa")
     simulate(cfg, out=tmp_path / "r", progress=Progress(quiet=True))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedlora.adapters import delta_keys, lora_keys
-from fedlora.lowrank import compact, stack, svd_init
+from fedlora.model.adapters import delta_keys, lora_keys
+from fedlora.model.lowrank import compact, stack, svd_init
 from fedlora.strategies.federa import federa_init
 from fedlora.strategies.fedex import fedex_aggregate
 from fedlora.strategies.flora import flora_aggregate
@@ -186,8 +186,8 @@ def test_fedsa_never_sends_b():
     from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fedlora.adapters import AdapterSpec, from_record, to_record
     from fedlora.config import RunConfig
+    from fedlora.model.adapters import AdapterSpec, from_record, to_record
     from fedlora.strategies import create
 
     cfg = RunConfig.from_dict({"strategy": {"name": "fedsa"}, "rounds": 2})

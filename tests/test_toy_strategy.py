@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from fedlora.errors import ConfigError
-from fedlora.runlog import Progress, RunDirectory
+from fedlora.run.directory import RunDirectory
+from fedlora.run.progress import Progress
 from fedlora.simulations.runtime import simulate
 from fedlora.strategies import (
     ClientHooks,

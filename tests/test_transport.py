@@ -9,13 +9,13 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from fedlora import protocol as P
-from fedlora.adapters import delta_keys, from_record, to_record
 from fedlora.errors import ConfigError
-from fedlora.runlog import Progress
+from fedlora.model.adapters import delta_keys, from_record, to_record
+from fedlora.run.progress import Progress
 from fedlora.simulations.runtime import simulate
 from fedlora.strategies.basechain import BaseChain, base_digest, fold, resolve
-from fedlora.transport import (
+from fedlora.wire import protocol as P
+from fedlora.wire.transport import (
     PACKED,
     Wire,
     WireError,

@@ -7,9 +7,9 @@ import torch
 from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
 from flwr.app.metadata import Metadata
 
-from fedlora.adapters import to_record
+from fedlora.model.adapters import to_record
 from fedlora.server import ReplyError, validate_reply
-from fedlora.transport import Wire
+from fedlora.wire.transport import Wire
 
 pytestmark = pytest.mark.unit
 

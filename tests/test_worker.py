@@ -234,7 +234,8 @@ def test_simulation_through_a_worker_matches_direct(tiny_bert, make_config, tmp_
     """Every message of a fedsa run (train and evaluate, node state kept in context.state between
     rounds) handled by a worker running fedlora's real handlers: the same adapters as in-process."""
     from fedlora.client import entry
-    from fedlora.runlog import Progress, RunDirectory
+    from fedlora.run.directory import RunDirectory
+    from fedlora.run.progress import Progress
     from fedlora.simulations import runtime
 
     cfg = make_config(tiny_bert, strategy="fedsa")

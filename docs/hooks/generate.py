@@ -621,18 +621,18 @@ def presets() -> str:
 
 
 def _parsers() -> list[tuple[str, argparse.ArgumentParser]]:
-    from fedlora import cli
+    from fedlora.cli import deploy, main
 
     out: list[tuple[str, argparse.ArgumentParser]] = []
-    top = cli.build_parser()
+    top = main.build_parser()
     out.append(("fedlora", top))
     for action in top._actions:
         if isinstance(action, argparse._SubParsersAction):
             out += [(f"fedlora {name}", sub) for name, sub in action.choices.items()]
     for attr in ("_server_parser", "_client_parser"):
-        maker = getattr(cli, attr, None)
+        maker = getattr(deploy, attr, None)
         if maker is None:
-            raise RuntimeError(f"fedlora.cli.{attr} is gone: docs/hooks/generate.py needs the parser it built")
+            raise RuntimeError(f"fedlora.cli.deploy.{attr} is gone: docs/hooks/generate.py needs the parser it built")
         parser = maker()
         out.append((parser.prog, parser))
     return out

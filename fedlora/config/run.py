@@ -58,7 +58,7 @@ class ClientProfile(ConfigModel):
         0.0,
         ge=0,
         description="The memory this kind of device has (0: not declared). When declared, the run is refused "
-        "before it starts if training its rank at its precision cannot fit (:mod:`fedlora.capacity`).",
+        "before it starts if training its rank at its precision cannot fit (:mod:`fedlora.model.capacity`).",
     )
 
 
@@ -81,7 +81,7 @@ class FederationConfig(ConfigModel):
     lr_schedule: LRSchedule = Field(
         "constant",
         description="``constant`` or ``cosine``: round ``r`` of ``R`` trains at ``lr_min + (lr - lr_min) * "
-        "(1 + cos(pi (r - 1) / (R - 1))) / 2`` (:func:`fedlora.training.round_lr`). ``R`` is the run's current "
+        "(1 + cos(pi (r - 1) / (R - 1))) / 2`` (:func:`fedlora.train.local.round_lr`). ``R`` is the run's current "
         "``rounds``: extending a run at ``--resume`` stretches the rest of the curve.",
     )
     lr_min: float = Field(0.0, ge=0, description="The cosine schedule's last-round rate, in ``[0, lr]``.")
@@ -99,7 +99,7 @@ class FederationConfig(ConfigModel):
     transport_quantize: TransportQuantizer = Field(
         "none",
         description="``none``, ``int8`` or ``nf4``: factors travel as per-block absmax codes, both ways "
-        "(:mod:`fedlora.transport`); a node then sends what it trained minus what it received, and the server "
+        "(:mod:`fedlora.wire.transport`); a node then sends what it trained minus what it received, and the server "
         "adds that to what it sent, so downlink rounding never reaches the global adapter. Base-delta factors "
         "(flora, fedex) always travel exactly.",
     )

@@ -26,7 +26,7 @@ DataFormat = Literal["text", "instruction", "chat"]
 Template = Literal["alpaca", "vicuna", "chat"]
 TransportDtype = Literal["float32", "float16", "bfloat16"]
 TransportQuantizer = Literal["none", "int8", "nf4"]
-LRSchedule = Literal["constant", "cosine"]  # federation.lr_schedule (fedlora.training.round_lr)
+LRSchedule = Literal["constant", "cosine"]  # federation.lr_schedule (fedlora.train.local.round_lr)
 UpdateClip = Literal["none", "median_multiple", "fixed"]
 Aggregator = Literal["mean", "trimmed_mean", "median"]
 PrivacyMode = Literal["off", "local", "central"]
@@ -112,7 +112,7 @@ class ModelConfig(ConfigModel):
         "auto",
         description="``auto`` (bfloat16 on a GPU that supports it, float32 on the CPU), ``float32``, ``bfloat16`` "
         "or ``float16``: the frozen weights and the forward pass (autocast); what trains and the optimizer "
-        "state stay float32 (:mod:`fedlora.devices`).",
+        "state stay float32 (:mod:`fedlora.model.devices`).",
     )
 
 

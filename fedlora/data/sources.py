@@ -105,7 +105,7 @@ def _load_raw(cfg: DataConfig, seed: int, prefix: str = "data.") -> tuple[Any, A
     from datasets import Dataset
 
     if cfg.path.startswith(SYNTHETIC_PREFIX):
-        from fedlora.synthetic import GENERATORS
+        from fedlora.data.synthetic import GENERATORS
 
         kind = cfg.path[len(SYNTHETIC_PREFIX) :]
         if kind not in GENERATORS:
@@ -131,7 +131,7 @@ def _load_raw(cfg: DataConfig, seed: int, prefix: str = "data.") -> tuple[Any, A
             raise DataError(f"{prefix}path: file not found: {path}")
         return _read_local(path), None, str(path)
     # A hub dataset name: the real loading code, which needs network access to the hub.
-    from fedlora.hub import offline_unless_reachable
+    from fedlora.model.hub import offline_unless_reachable
 
     offline_unless_reachable()  # no network: the local cache or a fast failure, not retries
     try:

@@ -2,8 +2,8 @@
 
 A process may serve many virtual clients (the in-process simulation), one Ray worker's share of
 them, or one deployed device. What is expensive to build and identical from one message to the
-next is kept here and only here: base models (:mod:`fedlora.models`), the adapter host on each
-(:mod:`fedlora.adapters`), read and split datasets, partitioners and partitions
+next is kept here and only here: base models (:mod:`fedlora.model.loading`), the adapter host on each
+(:mod:`fedlora.model.adapters`), read and split datasets, partitioners and partitions
 (:mod:`fedlora.data`), tokenized examples (the ClientApp). Every entry is keyed by the
 configuration that determines it, so a hundred virtual clients with the same data config read
 the data once and share one base model.

@@ -25,9 +25,9 @@ from flwr.app import ArrayRecord
 
 from fedlora.config import LoRAConfig
 from fedlora.errors import ConfigError
-from fedlora.models import LoadedModel
-from fedlora.process import HOST, process_state
-from fedlora.transport import Wire, arrays_of, decode
+from fedlora.model.loading import LoadedModel
+from fedlora.run.process import HOST, process_state
+from fedlora.wire.transport import Wire, arrays_of, decode
 
 LORA_A = "lora_A"
 LORA_B = "lora_B"
@@ -154,7 +154,7 @@ class AdapterHost:
     Parameters
     ----------
     loaded : LoadedModel
-        The frozen base model and tokenizer (from :func:`fedlora.models.load_model`).
+        The frozen base model and tokenizer (from :func:`fedlora.model.loading.load_model`).
     """
 
     def __init__(self, loaded: LoadedModel) -> None:
@@ -313,7 +313,7 @@ class AdapterHost:
 
 
 def get_host(loaded: LoadedModel) -> AdapterHost:
-    """The process-wide adapter host of a cached base model (kept in :mod:`fedlora.process`)."""
+    """The process-wide adapter host of a cached base model (kept in :mod:`fedlora.run.process`)."""
     store = process_state()
     host = store.get(HOST, loaded.key, lambda: AdapterHost(loaded))
     if host.loaded is not loaded:  # the model was reloaded after a clear: a new peft wrapper on it
@@ -340,7 +340,7 @@ def seeded_lora_a(shapes: Mapping[str, tuple[int, ...]], seed: int) -> dict[str,
 
 
 # ---------------------------------------------------------------------------------------------
-# The wire format (:mod:`fedlora.transport`): float arrays or absmax codes, float32 on both ends.
+# The wire format (:mod:`fedlora.wire.transport`): float arrays or absmax codes, float32 on both ends.
 
 
 def to_record(
@@ -354,7 +354,7 @@ def to_record(
 
 def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
     """ArrayRecord -> float32 tensors (exact for float32 on the wire); a
-    :class:`~fedlora.transport.WireError` for an array whose bytes do not fit its header."""
+    :class:`~fedlora.wire.transport.WireError` for an array whose bytes do not fit its header."""
     return {key: decode(array) for key, array in arrays_of(record).items()}
 
 

@@ -2,7 +2,7 @@
 
 Layout of ``runs/<name>/``::
 
-    .lock                held by the run writing the folder, while it runs (fedlora.runlock)
+    .lock                held by the run writing the folder, while it runs (fedlora.run.lock)
     config.toml          the resolved configuration (re-runnable as a preset)
     metrics.jsonl        one JSON object per round
     checkpoints/         round_0001.safetensors + round_0001.json (strategy state, sha256 of the round's
@@ -11,7 +11,7 @@ Layout of ``runs/<name>/``::
                          moments), latest.json
     adapter/             the final adapter in PEFT's save_pretrained layout
     events.out.tfevents.*  TensorBoard scalars per round (aggregated and per client)
-    report.md, *.png     the run's report (fedlora.report), written at the end
+    report.md, *.png     the run's report (fedlora.run.report), written at the end
     summary.json         final metrics, written at the end
 """
 
@@ -23,21 +23,27 @@ import math
 import os
 import re
 import shutil
-import sys
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 import torch
-from safetensors.torch import load, save
+from safetensors.torch import save
 
 from fedlora.config import RunConfig
 from fedlora.errors import FedLoraError
 from fedlora.files import atomic_write_bytes
-from fedlora.runlock import LOCK_NAME, RunLock
+from fedlora.run.checkpoint import (
+    CHECKPOINT_FORMAT,
+    Checkpoint,
+    _finite_tensors,
+    _pointer_round,
+    _sidecar_digest,
+    _Unusable,
+)
+from fedlora.run.lock import LOCK_NAME, RunLock
 
 
 def finite_json(obj: Any) -> Any:
@@ -71,7 +77,7 @@ class RunDirectory:
 
     @classmethod
     def open(cls, path: str | Path, *, resume: bool) -> RunDirectory:
-        """Take the folder's lock (one writer per run directory: :mod:`fedlora.runlock`), then
+        """Take the folder's lock (one writer per run directory: :mod:`fedlora.run.lock`), then
         check the folder may be used; the run holds it until :meth:`close` (``with`` closes it).
 
         The folder is created only to hold the lock; an error here, or any before the run
@@ -332,53 +338,6 @@ class RunDirectory:
 #: it computes (strategy, lora, model, data, federation.clients, seed, privacy, robustness are fixed).
 RESUME_MUTABLE = ("rounds", "federation.round_timeout", "federation.max_reply_mb", "model.device", "simulation.devices")
 
-#: Checkpoint sidecar layout: ``{"format", "round", "sha256": {file: hex}, "extra", "digest"}``.
-CHECKPOINT_FORMAT = 2
-
-
-@dataclass
-class Checkpoint:
-    """One verified round on disk: the global state, the sidecar's extra (strategy, privacy
-    state), in simulation the serialized per-node state, and the strategy's tensor state (server
-    optimizer moments); ``None`` when not saved."""
-
-    round: int
-    state: dict[str, torch.Tensor]
-    extra: dict[str, Any]
-    nodes: bytes | None = None
-    server: dict[str, torch.Tensor] | None = None
-
-
-class _Unusable(Exception):
-    """A checkpoint round that fails verification (the message says why)."""
-
-
-def _finite_tensors(blobs: dict[str, bytes], name: str) -> dict[str, torch.Tensor]:
-    """The tensors of checkpoint file ``name``; :class:`_Unusable` when they do not load or one
-    holds a NaN or an infinity."""
-    try:
-        tensors = load(blobs[name])
-    except Exception as err:  # noqa: BLE001 - any decoding failure makes the round unusable
-        raise _Unusable(f"{name} does not load: {type(err).__name__}") from None
-    broken = next((k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
-    if broken is not None:
-        raise _Unusable(f"{name} holds non-finite values in {broken}")
-    return tensors
-
-
-def _sidecar_digest(sidecar: dict[str, Any]) -> str:
-    """sha256 of the sidecar without its own digest (JSON round-trips floats exactly)."""
-    body = {k: v for k, v in sidecar.items() if k != "digest"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-
-def _pointer_round(pointer: Path) -> int | None:
-    try:
-        value = json.loads(pointer.read_text())["round"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists, such as data.tasks, stay whole values)."""
@@ -398,119 +357,3 @@ def config_difference(saved: dict[str, Any], new: dict[str, Any]) -> str | None:
         if key not in RESUME_MUTABLE and a.get(key) != b.get(key):
             return key
     return None
-
-
-class Progress:
-    """Progress for people: lines that stay, plus one status line that rewrites itself.
-
-    On a terminal, :meth:`status` redraws a single line in place (round, client, local step);
-    anywhere else (CI logs, pipes) status updates are dropped and only :meth:`line` output
-    appears, flushed so logs show it live.
-
-    Parameters
-    ----------
-    quiet : bool
-        Print nothing.
-    stream : file, optional
-        Where to write (default stdout).
-    """
-
-    def __init__(self, quiet: bool = False, stream: Any = None) -> None:
-        self.quiet = quiet
-        self.stream = stream or sys.stdout
-        self.live = not quiet and bool(getattr(self.stream, "isatty", lambda: False)())
-        self._status_width = 0
-
-    def line(self, text: str) -> None:
-        if self.quiet:
-            return
-        self._clear()
-        print(text, file=self.stream, flush=True)
-
-    def status(self, text: str) -> None:
-        """Show ``text`` on the rewriting status line (terminals only)."""
-        if not self.live:
-            return
-        width = max(len(text), self._status_width)
-        self.stream.write("\r" + text.ljust(width))
-        self.stream.flush()
-        self._status_width = len(text)
-
-    def _clear(self) -> None:
-        if self.live and self._status_width:
-            self.stream.write("\r" + " " * self._status_width + "\r")
-            self._status_width = 0
-
-
-_ACTIVE: Progress | None = None
-
-
-def set_active(progress: Progress | None) -> None:
-    """Make ``progress`` receive status updates from code running in this process (clients)."""
-    global _ACTIVE
-    _ACTIVE = progress
-
-
-def status(text: str) -> None:
-    """Status update from anywhere in the process; a no-op when no run is showing progress."""
-    if _ACTIVE is not None:
-        _ACTIVE.status(text)
-
-
-class ScalarLog:
-    """TensorBoard event files in the run directory (``tensorboard --logdir runs/``).
-
-    One scalar per metric per round: the aggregated ones under ``eval/``, ``train/``, ``comm/``
-    and the per-client ones under ``client/<node>/``. A run without the ``tensorboard`` package
-    keeps going without the events (metrics.jsonl has everything).
-    """
-
-    def __init__(self, path: str | Path) -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            self._writer = None
-            return
-        self._writer = SummaryWriter(log_dir=str(path))
-
-    def round(self, record: dict[str, Any], initial: dict[str, float] | None = None) -> None:
-        """Write one metrics.jsonl record (and the round-0 evaluation, once)."""
-        if self._writer is None:
-            return
-        step = int(record["round"])
-        if initial:
-            for key, value in initial.items():
-                self._scalar(f"eval/{key.removeprefix('eval_')}", value, 0)
-        for key, value in record.items():
-            if key.startswith(("eval_", "global_eval_")):
-                self._scalar(f"eval/{key.removeprefix('eval_')}", value, step)
-            elif key in ("train_loss",):
-                self._scalar("train/loss", value, step)
-            elif key in ("bytes_down", "bytes_up", "seconds"):
-                self._scalar(f"comm/{key}" if key != "seconds" else "time/seconds_per_round", value, step)
-            elif key in ("cluster_purity", "epsilon", "clients_ok", "noise_std"):
-                self._scalar(f"round/{key}", value, step)
-        for client in record.get("clients", []):
-            node = client.get("node_id")
-            for key in (
-                "train_loss",
-                "bytes_up",
-                "bytes_down",
-                "rank",
-                "seconds",
-                "eval_accuracy",
-                "aggregation_weight",
-                "epsilon",
-                "update_norm",
-            ):
-                if key in client:
-                    self._scalar(f"client/{node}/{key}", client[key], step)
-        self._writer.flush()
-
-    def _scalar(self, tag: str, value: Any, step: int) -> None:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            self._writer.add_scalar(tag, float(value), step)
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()

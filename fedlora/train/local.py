@@ -10,8 +10,8 @@ import torch
 
 from fedlora.config import LR_SCHEDULES
 from fedlora.data import Encoded, collate
-from fedlora.devices import autocast, model_device
-from fedlora.privacy import DPSGD, DPSettings, check_moved, per_example_causal_loss, poisson_batches
+from fedlora.model.devices import autocast, model_device
+from fedlora.train.dpsgd import DPSGD, DPSettings, check_moved, per_example_causal_loss, poisson_batches
 
 
 @dataclass
@@ -113,7 +113,7 @@ def train_local(
     before_step : callable, optional
         Called with the 0-based step before its forward pass (DyLoRA samples the step's rank).
     dp : DPSettings, optional
-        Train with DP-SGD (:class:`fedlora.privacy.DPSGD`): Poisson batches at
+        Train with DP-SGD (:class:`fedlora.train.dpsgd.DPSGD`): Poisson batches at
         ``dp.sample_rate``, per-example clipping, Gaussian noise. After every step the trained
         tensors must have moved, else RuntimeError.
     compute_dtype : torch.dtype, optional

@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from fedlora.adapters import AdapterHost, AdapterSpec, lora_keys
 from fedlora.config import RunConfig
+from fedlora.model.adapters import AdapterHost, AdapterSpec, lora_keys
 
 PEFT_PREFIX = "base_model.model."
 
