@@ -60,6 +60,13 @@ class ClientProfile(ConfigModel):
         description="The memory this kind of device has (0: not declared). When declared, the run is refused "
         "before it starts if training its rank at its precision cannot fit (:mod:`fedlora.model.capacity`).",
     )
+    model: str = Field(
+        "",
+        max_length=500,
+        description="The base model this kind of device trains on: a hub name or a local folder; empty takes "
+        "``model.name``. Only a strategy for clients of different bases (``pfedlora``) takes another base than "
+        "the run's; the simulation loads each distinct base once.",
+    )
 
 
 class FederationConfig(ConfigModel):

@@ -14,7 +14,7 @@ The parts, each importable on its own, in the order they depend on one another:
 - :mod:`~fedlora.data.batching`: tokenized examples, subsets and padded batches.
 
 What is expensive to build (the read and split data, the bound partitioners) is kept in the
-process's store (:mod:`fedlora.run.process`), keyed by the data config, so a hundred virtual clients
+process's store (:mod:`fedlora.process`), keyed by the data config, so a hundred virtual clients
 in one process read and partition the data once; ``process_state().clear()`` forgets it.
 """
 

@@ -12,7 +12,7 @@ from fedlora.config import RunConfig
 from fedlora.data.sources import partition_by
 from fedlora.data.tasks import TaskData, load_task_data
 from fedlora.errors import DataError
-from fedlora.run.process import PARTITIONER, process_state
+from fedlora.process import PARTITIONER, process_state
 
 __all__ = [
     "dirichlet_sizes",

@@ -22,7 +22,7 @@ from fedlora.data.sources import (
     format_columns,
 )
 from fedlora.errors import DataError
-from fedlora.run.process import TASK_DATA, process_state
+from fedlora.process import TASK_DATA, process_state
 
 
 @dataclass

@@ -26,7 +26,7 @@ from flwr.app import ArrayRecord
 from fedlora.config import LoRAConfig
 from fedlora.errors import ConfigError
 from fedlora.model.loading import LoadedModel
-from fedlora.run.process import HOST, process_state
+from fedlora.process import HOST, process_state
 from fedlora.wire.transport import Wire, arrays_of, decode
 
 LORA_A = "lora_A"
@@ -313,7 +313,7 @@ class AdapterHost:
 
 
 def get_host(loaded: LoadedModel) -> AdapterHost:
-    """The process-wide adapter host of a cached base model (kept in :mod:`fedlora.run.process`)."""
+    """The process-wide adapter host of a cached base model (kept in :mod:`fedlora.process`)."""
     store = process_state()
     host = store.get(HOST, loaded.key, lambda: AdapterHost(loaded))
     if host.loaded is not loaded:  # the model was reloaded after a clear: a new peft wrapper on it

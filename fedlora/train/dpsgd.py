@@ -9,6 +9,7 @@ training loop enters for one client's local round; the accounting is :mod:`fedlo
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -34,12 +35,17 @@ class DPSettings:
         Poisson sampling probability of each example per step (batch size / examples).
     expected_batch_size : int
         The mean over which the clipped, noised gradient sum is averaged.
+    physical_batch_size : int
+        Examples per forward/backward pass (``privacy.physical_batch_size``): a Poisson batch
+        larger than this is split into micro-batches whose clipped gradients are summed before
+        the one noise draw of the step; 0 runs every batch in one piece.
     """
 
     noise_multiplier: float
     max_grad_norm: float
     sample_rate: float
     expected_batch_size: int
+    physical_batch_size: int = 0
 
 
 def check_dp_model(model: torch.nn.Module, trainable: Iterable[torch.nn.Parameter]) -> None:
@@ -83,6 +89,33 @@ def poisson_batches(num_examples: int, sample_rate: float, steps: int, seed: int
         yield [int(i) for i in batch]
 
 
+def micro_batches(indices: Sequence[int], size: int, lengths: Sequence[int] | None = None) -> list[list[int]]:
+    """One Poisson batch as the micro-batches of at most ``size`` examples it is computed in.
+
+    The step's gradient is the sum of the examples' clipped gradients, which does not depend on
+    their order, so the examples are sorted by ``lengths`` (tokens) first: each micro-batch then
+    pads to about its own examples' length instead of the longest of the batch. The pieces are
+    balanced as Opacus's ``BatchSplittingSampler`` balances them (``numpy.array_split``).
+
+    Parameters
+    ----------
+    indices : sequence of int
+        The batch's rows (may be empty: one empty piece, the noise-only step).
+    size : int
+        Most examples per piece; 0 (or at least the batch) keeps the batch in one piece, unsorted.
+    lengths : sequence of int, optional
+        Tokens per row of the whole dataset, indexed by row.
+    """
+    import numpy as np
+
+    order = [int(i) for i in indices]
+    if size <= 0 or len(order) <= size:
+        return [order]
+    if lengths is not None:
+        order.sort(key=lambda i: lengths[i])
+    return [piece.tolist() for piece in np.array_split(np.asarray(order), math.ceil(len(order) / size))]
+
+
 class DPSGD:
     """Opacus DP-SGD around a live model for one local round (a context manager).
 
@@ -122,8 +155,12 @@ class DPSGD:
         self.optimizer = None
         self._frozen: list[torch.nn.Parameter] = []
         self._warnings = warnings.catch_warnings()
+        #: Opacus's RDP accountant, stepped by the optimizer's own hook at every noise draw: what
+        #: this round actually ran, one entry per logical (Poisson) batch, never per micro-batch.
+        self.accountant = None
 
     def __enter__(self) -> DPSGD:
+        from opacus.accountants import RDPAccountant
         from opacus.grad_sample import GradSampleModule
         from opacus.optimizers import DPOptimizer
 
@@ -148,6 +185,8 @@ class DPSGD:
             loss_reduction="mean",
             generator=gen,
         )
+        self.accountant = RDPAccountant()
+        self.optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=self.settings.sample_rate))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -164,6 +203,19 @@ class DPSGD:
         """A Poisson batch with no example still takes a step: noise only, as in Opacus."""
         for p in self.optimizer.params:
             p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+
+    @property
+    def noised_steps(self) -> int:
+        """Noise draws so far (the optimizer hook's accountant history), one per logical batch."""
+        return sum(int(n) for _, _, n in (self.accountant.history if self.accountant is not None else []))
+
+    def accumulate(self) -> None:
+        """End a micro-batch that is not the last of its Poisson batch: clip its per-example
+        gradients into the step's running sum and free them, without noise or a step (Opacus's
+        virtual step, as its ``BatchMemoryManager`` signals it)."""
+        self.optimizer.signal_skip_step(do_skip=True)
+        self.optimizer.pre_step()
+        self.optimizer.zero_grad(set_to_none=True)  # keeps the clipped sum (the step was skipped)
 
     def step(self, extra_grads: Sequence[torch.Tensor | None] | None = None) -> None:
         """Clip, noise and average the per-example gradients, add ``extra_grads`` (the gradient

@@ -90,6 +90,7 @@ NODE_RANK = "rank"
 NODE_EXPORT_DIR = "export-dir"
 NODE_DEVICE = "device"  # fedlora-client --device, or the simulation's device for this delivery
 NODE_QUANTIZATION = "quantization"  # fedlora-client --quantization
+NODE_MODEL = "model"  # fedlora-client --model: this device's own base (strategies that allow one)
 
 # -- run_config keys of a deployed run (written by fedlora-server, read by the deployed ServerApp)
 RUN_CONFIG_FEDLORA = "fedlora-config"  # the resolved RunConfig as JSON
