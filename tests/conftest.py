@@ -9,6 +9,11 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers on 2 cores: one torch thread each, or they fight over the cores. Processes a
+    # test starts (fedlora simulate, servers, devices) inherit it, so the thread count, and with
+    # it every float sum, is the same in a test and in the processes it compares against.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
@@ -193,10 +198,16 @@ TIERS = ("unit", "simulation", "deployment", "slow")
 
 
 @pytest.hookimpl(tryfirst=True)
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups it adds
 def pytest_collection_modifyitems(config, items):
     """Give every test exactly one tier, or stop: a tier marked on a test (or its class) overrides
     its module's ``pytestmark``, so ``-m`` selects it by that tier only; a test with none is an
-    error naming it, so a new test cannot slip out of the tiers. Runs before ``-m`` deselects."""
+    error naming it, so a new test cannot slip out of the tiers. Runs before ``-m`` deselects.
+
+    Under ``pytest -n 2 --dist loadgroup`` (the README's test command) the deployment tests go
+    to one worker, one after another: they start servers and devices that poll on timers, and
+    two federations of processes at once on 2 cores would turn their waits into flaky timeouts.
+    """
     untiered = []
     for item in items:
         tiers = [mark.name for mark in item.iter_markers() if mark.name in TIERS]  # closest first
@@ -204,6 +215,8 @@ def pytest_collection_modifyitems(config, items):
             untiered.append(item.nodeid)
         elif len(set(tiers)) > 1:
             _keep_tier(item, tiers[0])
+        if tiers and tiers[0] == "deployment":
+            item.add_marker(pytest.mark.xdist_group("deployment"))
     if untiered:
         shown = "\n  ".join(untiered[:20]) + (f"\n  ... and {len(untiered) - 20} more" if len(untiered) > 20 else "")
         tiers = ", ".join(TIERS)
