@@ -27,7 +27,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes, sign_message
 
 from fedlora.server.fleet_auth import NodeKeys
-from fedlora.server.gateway import FleetGateway, GatewayLimits, RefusalLog, request_limit
+from fedlora.server.gateway import FleetGateway
+from fedlora.server.gateway_limits import GatewayLimits, RefusalLog, request_limit
 
 pytestmark = pytest.mark.unit
 

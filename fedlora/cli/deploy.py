@@ -83,7 +83,7 @@ def _add_server_waits(p: argparse.ArgumentParser) -> None:
 
 def _add_fleet_limits(p: argparse.ArgumentParser) -> None:
     """What the fleet port accepts (fedlora.server.gateway; docs/deployment.md: "The fleet port")."""
-    from fedlora.server.gateway import GatewayLimits as L
+    from fedlora.server.gateway_limits import GatewayLimits as L
 
     g = p.add_argument_group("fleet port limits")
     g.add_argument(
@@ -197,6 +197,11 @@ def _client_parser() -> argparse.ArgumentParser:
         help="base-model precision on this device, or auto: the least quantized that fits (default: the run's)",
     )
     p.add_argument(
+        "--model",
+        help="this device's own base model, a hub name or a local folder (default: the run's; another base only "
+        "under a strategy for clients of different bases, pfedlora)",
+    )
+    p.add_argument(
         "--device",
         help="where this device trains: auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps (default: the run's)",
     )
@@ -251,6 +256,7 @@ def client_main(argv: list[str] | None = None) -> int:
             rank=args.rank,
             device=args.device,
             quantization=args.quantization,
+            model=args.model,
             key=Path(args.key) if args.key else None,
             partition_id=args.partition_id,
             export_dir=Path(args.export_dir) if args.export_dir else None,
