@@ -195,6 +195,42 @@ def error_text(reply: Message) -> str:
     return f"client error: {first}"[:500]
 
 
+def _reply_records(reply: Message, max_bytes: int) -> tuple[dict[str, Array], Any]:
+    """The reply's arrays and metrics record; :class:`ReplyError` for an error reply, a missing
+    record, more than ``max_bytes`` of arrays or arrays the wire cannot read."""
+    if reply.has_error():
+        raise ReplyError(error_text(reply))
+    content = reply.content
+    if P.ARRAYS not in content.array_records:
+        raise ReplyError(f"reply has no {P.ARRAYS!r} record")
+    if P.METRICS not in content.metric_records:
+        raise ReplyError(f"reply has no {P.METRICS!r} record")
+    record = content.array_records[P.ARRAYS]
+    size = record.count_bytes()
+    if size > max_bytes:
+        raise ReplyError(f"reply of {size} bytes exceeds the limit of {max_bytes}")
+    try:
+        return arrays_of(record), content.metric_records[P.METRICS]
+    except WireError as err:
+        raise ReplyError(str(err)) from None
+
+
+def _decoded(key: str, got: Array, want: Array, wire: Wire) -> torch.Tensor:
+    """One returned tensor decoded to float32, if it has the shape it was sent with, the run's
+    transport encoding and only finite values; :class:`ReplyError` naming ``key`` otherwise."""
+    if tuple(got.shape) != tuple(want.shape):
+        raise ReplyError(f"{key}: shape {tuple(got.shape)} != assigned {tuple(want.shape)}")
+    if got.dtype != wire.dtype or got.stype != wire.stype():
+        raise ReplyError(f"{key}: dtype {got.dtype} ({got.stype}) != the run's transport {wire.dtype} ({wire.stype()})")
+    try:
+        values = decode(got)
+    except WireError as err:
+        raise ReplyError(f"{key}: {err}") from None
+    if not torch.isfinite(values).all():
+        raise ReplyError(f"{key}: non-finite values")
+    return values
+
+
 def validate_reply(
     reply: Message, sent: ArrayRecord | Mapping[str, Array], *, wire: Wire, max_bytes: int, epsilon: bool = False
 ) -> dict[str, torch.Tensor]:
@@ -216,22 +252,7 @@ def validate_reply(
     epsilon : bool
         The run is under local DP: the reply must state the node's epsilon so far.
     """
-    if reply.has_error():
-        raise ReplyError(error_text(reply))
-    content = reply.content
-    if P.ARRAYS not in content.array_records:
-        raise ReplyError(f"reply has no {P.ARRAYS!r} record")
-    if P.METRICS not in content.metric_records:
-        raise ReplyError(f"reply has no {P.METRICS!r} record")
-    record = content.array_records[P.ARRAYS]
-    metrics = content.metric_records[P.METRICS]
-    size = record.count_bytes()
-    if size > max_bytes:
-        raise ReplyError(f"reply of {size} bytes exceeds the limit of {max_bytes}")
-    try:
-        arrays = arrays_of(record)
-    except WireError as err:
-        raise ReplyError(str(err)) from None
+    arrays, metrics = _reply_records(reply, max_bytes)
     if isinstance(sent, ArrayRecord):
         sent = arrays_of(sent)
     # Base-delta factors (and their links) are folded into the client's frozen weights, never sent back.
@@ -242,21 +263,6 @@ def validate_reply(
         raise ReplyError(f"reply lacks {len(missing)} tensor(s), e.g. {missing[0]}")
     if extra:
         raise ReplyError(f"reply has {len(extra)} unexpected tensor(s), e.g. {extra[0]}")
-    decoded = {}
-    for key in expected:
-        got, want = arrays[key], sent[key]
-        if tuple(got.shape) != tuple(want.shape):
-            raise ReplyError(f"{key}: shape {tuple(got.shape)} != assigned {tuple(want.shape)}")
-        if got.dtype != wire.dtype or got.stype != wire.stype():
-            raise ReplyError(
-                f"{key}: dtype {got.dtype} ({got.stype}) != the run's transport {wire.dtype} ({wire.stype()})"
-            )
-        try:
-            values = decode(got)
-        except WireError as err:
-            raise ReplyError(f"{key}: {err}") from None
-        if not torch.isfinite(values).all():
-            raise ReplyError(f"{key}: non-finite values")
-        decoded[key] = values
+    decoded = {key: _decoded(key, arrays[key], sent[key], wire) for key in expected}
     check_metrics(dict(metrics), epsilon=epsilon, max_rank=sent_rank(sent))
     return decoded
