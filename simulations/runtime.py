@@ -135,9 +135,8 @@ def simulate(
     ray_cpus_per_client : float
         CPUs Ray reserves per virtual client.
     report : bool
-        Write the run's report.md and plots into the run directory at the end (the
-        federation's results are complete without it; benchmarks that time the federation
-        alone turn it off).
+        Write report.md and plots into the run directory at the end (benchmarks that time the
+        federation alone turn it off).
     """
     if backend not in BACKENDS:
         raise FedLoraError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -158,13 +157,18 @@ def simulate(
                 run_dir.discard_unfinished()
             raise
         if report:
-            try:
-                from fedlora.run.report import write_report
-
-                write_report([run_dir.path], run_dir.path)
-            except Exception as err:  # noqa: BLE001 - a plotting problem must not cost the finished run
-                progress.line(f"report not written: {type(err).__name__}: {err}")
+            _write_report(run_dir.path, progress)
     return results[0]
+
+
+def _write_report(path: Path, progress: Progress) -> None:
+    """The run's report.md and plots; a plotting problem is one line, never the finished run."""
+    try:
+        from fedlora.run.report import write_report
+
+        write_report([path], path)
+    except Exception as err:  # noqa: BLE001 - a plotting problem must not cost the finished run
+        progress.line(f"report not written: {type(err).__name__}: {err}")
 
 
 def _run(

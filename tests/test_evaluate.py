@@ -14,8 +14,7 @@ import pytest
 import torch
 
 from fedlora.cli.main import main
-from fedlora.eval.evaluate import pick_template
-from fedlora.eval.inputs import EvalLayout, layout_from, sniff_format
+from fedlora.eval.inputs import EvalLayout, layout_from, pick_template, sniff_format
 from fedlora.eval.scoring import (
     answer_index,
     choice_accuracy,

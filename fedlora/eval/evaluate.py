@@ -22,7 +22,9 @@ from fedlora.eval.inputs import (
     load_base,
     load_tokenizer,
     num_labels_of,
+    pick_template,
     read_adapter,
+    read_data,
     sniff_format,
 )
 from fedlora.eval.scoring import answer_index, choice_accuracy, exact_match, greedy_answer, score_continuations
@@ -299,41 +301,6 @@ def evaluate_classifier(
         model, enc, batch_size=opts.batch_size, pad_id=tokenizer.pad_token_id, causal=False, compute_dtype=compute_dtype
     )
     return {"loss": metrics["eval_loss"], "accuracy": metrics["eval_accuracy"]}
-
-
-def pick_template(data_format: str, given: str | None, recorded: str, tokenizer: Any) -> str:
-    """The template: ``--template``, else the run's (when it can render this format), else
-    ``alpaca`` for instruction data and, for chat, the tokenizer's chat template or Vicuna's.
-
-    Raises
-    ------
-    FedLoraError
-        ``--template alpaca`` with chat data (Alpaca's prompt is single-turn).
-    """
-    if given:
-        if data_format == "chat" and given == "alpaca":
-            raise FedLoraError("--template alpaca is single-turn; with --format chat use chat or vicuna")
-        return given
-    if recorded and not (data_format == "chat" and recorded == "alpaca"):
-        return recorded
-    if data_format == "instruction":
-        return "alpaca"
-    return "chat" if getattr(tokenizer, "chat_template", None) else "vicuna"
-
-
-def read_data(path: str | Path) -> Any:
-    """A local csv/tsv/json/jsonl/parquet file as a ``datasets.Dataset`` (DataError naming it)."""
-    from fedlora.data import LOCAL_SUFFIXES, _read_local
-
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise DataError(f"--data: file not found: {p}")
-    if p.suffix.lower() not in LOCAL_SUFFIXES:
-        raise DataError(f"--data {p}: unsupported format {p.suffix!r} (csv, tsv, json, jsonl, parquet)")
-    ds = _read_local(p)
-    if len(ds) == 0:
-        raise DataError(f"--data {p}: no rows")
-    return ds
 
 
 def evaluate_adapter(

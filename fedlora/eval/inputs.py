@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from fedlora.errors import FedLoraError, ModelError
+from fedlora.errors import DataError, FedLoraError, ModelError
 from fedlora.train.local import MAX_LOG_PERPLEXITY, perplexity  # noqa: F401 - part of this module's scoring API
 
 #: Columns of a multiple-choice row: the candidate answers and the correct one (index or text).
@@ -254,3 +254,38 @@ def attach_adapter(model: torch.nn.Module, info: AdapterInfo) -> torch.nn.Module
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise FedLoraError(f"fedlora evaluate: cannot load the adapter {info.path} onto its base: {first}") from None
     return peft_model.eval()
+
+
+def pick_template(data_format: str, given: str | None, recorded: str, tokenizer: Any) -> str:
+    """The template: ``--template``, else the run's (when it can render this format), else
+    ``alpaca`` for instruction data and, for chat, the tokenizer's chat template or Vicuna's.
+
+    Raises
+    ------
+    FedLoraError
+        ``--template alpaca`` with chat data (Alpaca's prompt is single-turn).
+    """
+    if given:
+        if data_format == "chat" and given == "alpaca":
+            raise FedLoraError("--template alpaca is single-turn; with --format chat use chat or vicuna")
+        return given
+    if recorded and not (data_format == "chat" and recorded == "alpaca"):
+        return recorded
+    if data_format == "instruction":
+        return "alpaca"
+    return "chat" if getattr(tokenizer, "chat_template", None) else "vicuna"
+
+
+def read_data(path: str | Path) -> Any:
+    """A local csv/tsv/json/jsonl/parquet file as a ``datasets.Dataset`` (DataError naming it)."""
+    from fedlora.data import LOCAL_SUFFIXES, _read_local
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DataError(f"--data: file not found: {p}")
+    if p.suffix.lower() not in LOCAL_SUFFIXES:
+        raise DataError(f"--data {p}: unsupported format {p.suffix!r} (csv, tsv, json, jsonl, parquet)")
+    ds = _read_local(p)
+    if len(ds) == 0:
+        raise DataError(f"--data {p}: no rows")
+    return ds
