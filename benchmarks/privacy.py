@@ -492,7 +492,7 @@ def main() -> int:
     from fedlora.config import RunConfig
     from fedlora.data import load_task_data
     from fedlora.data.synthetic import write_tiny_bert
-    from fedlora.run.process import process_state
+    from fedlora.process import process_state
     from fedlora.run.progress import Progress
     from fedlora.strategies import STRATEGIES
 

@@ -12,7 +12,7 @@ What it trains, each from the first of: its node config (``fedlora-client --rank
 the memory this device has free and applies :func:`fedlora.model.capacity.choose` (once: the choice
 is kept in the node's state, so the model it then loads does not change the next answer).
 
-Everything read or tokenized here is kept in the process store (:mod:`fedlora.run.process`), keyed
+Everything read or tokenized here is kept in the process store (:mod:`fedlora.process`), keyed
 by what determines it, so the virtual clients of one process share the work.
 """
 
@@ -33,7 +33,7 @@ from fedlora.data.instruct import encode_rows
 from fedlora.errors import ConfigError
 from fedlora.model.capacity import MARGIN, PRECISIONS, RANKS, choose, memory_needed
 from fedlora.model.devices import placement
-from fedlora.run.process import DERIVED, ENCODED, NODE_DATA, process_state
+from fedlora.process import DERIVED, ENCODED, NODE_DATA, process_state
 from fedlora.wire import protocol as P
 
 

@@ -2,7 +2,7 @@
 
 Flower's SuperNode starts a fresh ClientApp process (``flwr-clientapp``) for every message.
 Running fedlora's handlers there would pay, per message, the import of torch, transformers and
-fedlora and a full load of the base model (the per-process cache of :mod:`fedlora.run.process` dies
+fedlora and a full load of the base model (the per-process cache of :mod:`fedlora.process` dies
 with the process). So ``fedlora-client`` (:mod:`fedlora.client.launcher`) starts this worker
 once, before its SuperNode: it imports the stack once, keeps the process store (base model,
 adapters, tokenized data) across messages, and serves requests from the light per-message

@@ -32,7 +32,7 @@ from flwr.app import ConfigRecord, RecordDict
 
 from fedlora.model.adapters import LINK_SEP, delta_keys, from_record, is_base_delta, is_base_link, module_of, to_record
 from fedlora.model.lowrank import compact, stack
-from fedlora.run.process import BASE_CHANGE, process_state
+from fedlora.process import BASE_CHANGE, process_state
 from fedlora.wire import protocol as P
 
 #: What a node keeps in ``Context.state``: the base's factors and its digest.

@@ -24,7 +24,7 @@ import torch
 from fedlora.errors import ConfigError
 from fedlora.model.adapters import AdapterHost, delta_keys, is_base_delta, lora_keys, lora_modules
 from fedlora.model.lowrank import svd_init
-from fedlora.run.process import DERIVED, process_state
+from fedlora.process import DERIVED, process_state
 
 from .base import ClientUpdate, LoRAStrategy
 from .fedavg import weighted_mean

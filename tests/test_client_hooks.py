@@ -75,7 +75,7 @@ def test_ffa_rebuilds_the_shared_frozen_a_and_trains_only_b():
 
 
 def test_federa_makes_the_frozen_weight_its_svd_residual():
-    from fedlora.run.process import process_state
+    from fedlora.process import process_state
 
     g = torch.Generator().manual_seed(4)
     weight = torch.randn(8, 10, generator=g)

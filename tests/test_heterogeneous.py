@@ -38,7 +38,7 @@ def test_one_federation_mixes_full_precision_8bit_and_4bit_clients(tmp_path, tin
     aggregate together and the export loads on the full-precision base."""
     pytest.importorskip("bitsandbytes")
     from fedlora.model.loading import clear_cache, load_model
-    from fedlora.run.process import MODEL, process_state
+    from fedlora.process import MODEL, process_state
 
     clear_cache()
 

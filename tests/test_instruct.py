@@ -312,7 +312,7 @@ def test_chat_template_needs_a_tokenizer_with_one(plain_tok):
 
 def test_data_errors_name_the_key(tmp_path):
     from fedlora.data import load_task_data
-    from fedlora.run.process import process_state
+    from fedlora.process import process_state
 
     def load(rows, **data):
         path = tmp_path / "d.jsonl"
@@ -367,7 +367,7 @@ def test_instruction_federation_through_the_cli(tmp_path, monkeypatch, plain_tok
 
     from fedlora.cli.main import main
     from fedlora.data import load_partition
-    from fedlora.run.process import process_state
+    from fedlora.process import process_state
 
     model_dir = _tiny_lm(tmp_path / "lm", plain_tok)
     rows = []
@@ -445,7 +445,7 @@ def test_instruction_federation_through_the_cli(tmp_path, monkeypatch, plain_tok
 def test_partition_files_read_back_on_a_device(tmp_path, fmt, plain_tok):
     """`fedlora partition` writes what `fedlora-client --data` reads: the same rows, rendered alike."""
     from fedlora.data import load_device_data, load_partition, write_partitions
-    from fedlora.run.process import process_state
+    from fedlora.process import process_state
 
     if fmt == "instruction":
         rows = [{"instruction": f"Say {i}.", "input": "" if i % 2 else "Loudly.", "output": f"{i}!"} for i in range(12)]

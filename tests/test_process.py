@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedlora.run.process import HOST, MODEL, NODE_DATA, TASK_DATA, ProcessState, process_state
+from fedlora.process import HOST, MODEL, NODE_DATA, TASK_DATA, ProcessState, process_state
 from fedlora.run.progress import Progress
 from fedlora.simulations.runtime import simulate
 
