@@ -126,6 +126,7 @@ class FlowerStrategy(Strategy):
     def __init__(self, prepared: Prepared) -> None:
         self.check(prepared.cfg)
         cfg = prepared.cfg
+        self._cfg = cfg
         self.prepared = prepared
         self.nodes = NodeDirectory()
         #: The fedlora strategy itself (its pure math, payloads, client config, state).
@@ -151,10 +152,16 @@ class FlowerStrategy(Strategy):
                 "config key 'robustness.update_clip': update clipping runs in fedlora's own round loop "
                 "(fedlora simulate, fedlora-server), not in Flower's Strategy.start; use update_clip = 'none'"
             )
+        if cfg.secure_aggregation.enabled:
+            raise ConfigError(
+                "config key 'secure_aggregation.mode': secure aggregation's stages run in fedlora's own round loop "
+                "(fedlora simulate, fedlora-server), not in Flower's Strategy.start; use mode = 'off'"
+            )
 
     @property
     def cfg(self) -> RunConfig:
-        return self.strategy.cfg
+        """The run, with ``rounds`` as :meth:`start` was asked to run."""
+        return self._cfg
 
     def shared(self) -> dict[str, Any]:
         """What every message carries for fedlora's ClientApp: the run, its classes and tasks."""
@@ -202,7 +209,8 @@ class FlowerStrategy(Strategy):
         (its learning-rate schedule, the last round's exports), so ``rounds`` follows ``num_rounds``."""
         num_rounds = self.cfg.rounds if num_rounds is None else int(num_rounds)
         if num_rounds != self.cfg.rounds:
-            self.strategy.cfg = self.cfg.replace(rounds=num_rounds)
+            self._cfg = self.cfg.replace(rounds=num_rounds)
+            self.strategy.settings = self.strategy.settings.replace(rounds=num_rounds)
         arrays = self.initial_arrays() if initial_arrays is None else initial_arrays
         return super().start(grid, arrays, num_rounds, *args, **kwargs)
 

@@ -7,8 +7,10 @@ together by :attr:`LoRAStrategy.client_hooks` and registered once by name
 (:func:`fedlora.strategies.register`). Options are a pydantic model
 (:class:`~fedlora.strategies.options.StrategyOptions`) named by :attr:`LoRAStrategy.options_class`.
 
-What the round loop (:mod:`fedlora.server.server_app`) gives a strategy: the run, the global
-adapter's shape and the task names in the constructor, plus :class:`NodeDirectory`, where the
+What the round loop (:mod:`fedlora.server.server_app`) gives a strategy: its own settings
+(:class:`~fedlora.strategies.settings.StrategySettings`: the seed, the rounds, the federation and
+robustness sections and its parsed options, never the whole run), the global adapter's shape
+and the task names in the constructor, plus :class:`NodeDirectory`, where the
 loop records what every node said about itself (its ``INFO`` record: rank, device, memory,
 examples, tasks). What it gets back: the messages of :meth:`LoRAStrategy.configure_train` (the
 tensors sent to a node are in its message), the new global state of
@@ -24,11 +26,10 @@ weights, never trained nor sent back.
 
 from __future__ import annotations
 
-import json
 import math
 import random
+from abc import abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from logging import INFO as LOG_INFO
 from typing import Any, ClassVar
 
@@ -39,14 +40,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedlora.config import RunConfig
-from fedlora.errors import ConfigError
 from fedlora.model.adapters import (
     AdapterHost,
     AdapterSpec,
     exact_on_wire,
     from_record,
     is_base_delta,
-    module_of,
     to_record,
 )
 from fedlora.train.local import round_lr
@@ -54,10 +53,13 @@ from fedlora.wire import protocol as P
 from fedlora.wire.protocol import TASK_SEP, split_task_key, task_key
 
 from .basechain import BaseChain
+from .checks import check_run
 from .hooks import ClientHooks
 from .options import StrategyOptions
+from .records import ClientUpdate, GlobalView, NodeDirectory, NodeInfo, decode_reply, split_base_delta
 from .robust import Reducer, reducer
 from .server_opt import ServerOptimizer
+from .settings import StrategySettings
 
 __all__ = [
     "TASK_SEP",
@@ -73,219 +75,15 @@ __all__ = [
 ]
 
 
-@dataclass
-class NodeInfo:
-    """What a node said about itself (its ``INFO`` record: a query reply's or a train reply's).
-
-    Attributes
-    ----------
-    node_id : int
-        The node.
-    rank : int
-        The LoRA rank it trains (its device profile, ``fedlora-client --rank``, or ``lora.rank``).
-    device : str
-        ``cpu``, ``cuda:0``, ...
-    memory_gb : float
-        Memory the device reports (0 when unknown).
-    num_examples : int
-        Its training examples.
-    tasks : dict of str to int
-        Examples per task (multi-task data), else empty.
-    quantization : str
-        The base-model precision it trains on (``none``, ``8bit``, ``4bit``).
-    dtype : str
-        Its compute dtype.
-    chosen : dict
-        What ``fedlora-client --quantization/--rank auto`` measured and chose (empty otherwise).
-    """
-
-    node_id: int
-    rank: int
-    device: str = "cpu"
-    memory_gb: float = 0.0
-    num_examples: int = 0
-    tasks: dict[str, int] = field(default_factory=dict)
-    quantization: str = "none"
-    dtype: str = "float32"
-    chosen: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_record(cls, node_id: int, info: Mapping[str, Any]) -> NodeInfo:
-        """Parse an ``INFO`` record; ValueError naming the entry when it is malformed.
-
-        Every value is checked before it is kept (a node's word shapes payloads and weights):
-        ``rank`` a whole number in ``[1, MAX_INFO_RANK]`` (strategies cap it at ``lora.rank``),
-        counts whole and in ``[0, MAX_INFO_COUNT]``, memory finite and non-negative, strings
-        short and printable, ``tasks`` and ``chosen`` bounded JSON objects.
-        """
-        rank = info[P.INFO_RANK]
-        if not _whole(rank, 1, MAX_INFO_RANK):
-            raise ValueError(f"{P.INFO_RANK} must be a whole number in [1, {MAX_INFO_RANK}], got {rank!r:.40}")
-        memory = info.get(P.INFO_MEMORY_GB, 0.0)
-        if not isinstance(memory, (int, float)) or isinstance(memory, bool) or not 0 <= memory <= MAX_INFO_MEMORY_GB:
-            raise ValueError(f"{P.INFO_MEMORY_GB} must be a number in [0, {MAX_INFO_MEMORY_GB:g}], got {memory!r:.40}")
-        num = info.get(P.INFO_NUM_EXAMPLES, 0)
-        if not _whole(num, 0, MAX_INFO_COUNT):
-            raise ValueError(f"{P.INFO_NUM_EXAMPLES} must be a whole number in [0, {MAX_INFO_COUNT}], got {num!r:.40}")
-        tasks = _json_object(info, P.INFO_TASKS)
-        if len(tasks) > MAX_INFO_TASKS or not all(_label(k) and _whole(v, 0, MAX_INFO_COUNT) for k, v in tasks.items()):
-            raise ValueError(f"{P.INFO_TASKS} must map at most {MAX_INFO_TASKS} task names to example counts")
-        texts = {key: info.get(key, default) for key, default in _INFO_TEXTS.items()}
-        for key, text in texts.items():
-            if not _label(text):
-                raise ValueError(f"{key} must be a printable string of at most {MAX_INFO_TEXT} characters")
-        return cls(
-            node_id=node_id,
-            rank=rank,
-            device=texts[P.INFO_DEVICE],
-            memory_gb=float(memory),
-            num_examples=num,
-            tasks=dict(tasks),
-            quantization=texts[P.INFO_QUANTIZATION],
-            dtype=texts[P.INFO_DTYPE],
-            chosen=_json_object(info, P.INFO_CHOSEN),
-        )
-
-
-#: Bounds on what a node may say about itself (``INFO``): far above any real device, low enough
-#: that nothing downstream (payload shapes, weights, the capability table) is at risk.
-MAX_INFO_RANK = 4096
-MAX_INFO_MEMORY_GB = 1e9
-MAX_INFO_COUNT = 10**12
-MAX_INFO_TASKS = 256
-MAX_INFO_TEXT = 64
-MAX_INFO_JSON = 4096
-_INFO_TEXTS = {P.INFO_DEVICE: "cpu", P.INFO_QUANTIZATION: "none", P.INFO_DTYPE: "float32"}
-
-
-def _whole(value: Any, least: int, most: int) -> bool:
-    """Whether ``value`` is an int (not a bool) in ``[least, most]``."""
-    return isinstance(value, int) and not isinstance(value, bool) and least <= value <= most
-
-
-def _label(value: Any) -> bool:
-    """Whether ``value`` is a short printable string (it lands in progress lines and tables)."""
-    return isinstance(value, str) and len(value) <= MAX_INFO_TEXT and value.isprintable()
-
-
-def _json_object(info: Mapping[str, Any], key: str) -> dict[str, Any]:
-    """The JSON object under ``key`` (``{}`` when absent); ValueError unless it is a string of at
-    most :data:`MAX_INFO_JSON` characters holding a finite JSON object."""
-    text = info.get(key, "{}")
-    if not isinstance(text, str) or len(text) > MAX_INFO_JSON:
-        raise ValueError(f"{key} must be a JSON object of at most {MAX_INFO_JSON} characters")
-
-    def refuse(constant: str) -> None:
-        raise ValueError(f"{key} holds {constant}")
-
-    try:
-        value = json.loads(text, parse_constant=refuse)
-    except RecursionError:  # nesting deep enough to exhaust the parser's stack
-        raise ValueError(f"{key} is nested too deeply") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{key} is not a JSON object")
-    return value
-
-
-class NodeDirectory:
-    """What every node of the run said about itself, kept by the server's round loop and read
-    by the strategy it is given to (heterogeneous strategies shape payloads by it)."""
-
-    def __init__(self) -> None:
-        self._nodes: dict[int, NodeInfo] = {}
-
-    def record(self, node_id: int, info: Mapping[str, Any]) -> NodeInfo | None:
-        """Keep what ``node_id`` reported; None (and nothing kept) for a malformed record."""
-        try:
-            self._nodes[node_id] = NodeInfo.from_record(node_id, info)
-        except (KeyError, TypeError, ValueError):
-            return None
-        return self._nodes[node_id]
-
-    def get(self, node_id: int) -> NodeInfo | None:
-        return self._nodes.get(node_id)
-
-    def __contains__(self, node_id: object) -> bool:
-        return node_id in self._nodes
-
-    def __len__(self) -> int:
-        return len(self._nodes)
-
-    def all(self) -> list[NodeInfo]:
-        """Every node that reported, by node id."""
-        return [self._nodes[n] for n in sorted(self._nodes)]
-
-    def unknown(self, node_ids: Iterable[int]) -> list[int]:
-        """The nodes among ``node_ids`` that have not reported yet, sorted."""
-        return sorted(n for n in node_ids if n not in self._nodes)
-
-
-@dataclass
-class GlobalView:
-    """One model that the global state describes, as the server evaluates and exports it.
-
-    Attributes
-    ----------
-    name : str
-        ``""`` for the single global adapter; a task name for FL-TAC's per-task adapters.
-    spec : AdapterSpec
-        Shape of the adapter (rank, alpha, targets).
-    state : dict of str to Tensor
-        LoRA factors and trained head, keyed as in :mod:`fedlora.model.adapters`.
-    base_delta : dict of str to (Tensor, Tensor)
-        Per target module, factors ``(B_d, A_d)`` of a delta folded into the frozen weight:
-        the model is ``W0 + B_d @ A_d + scaling * B @ A``.
-    """
-
-    name: str
-    spec: AdapterSpec
-    state: dict[str, torch.Tensor]
-    base_delta: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-
-
-def split_base_delta(
-    state: Mapping[str, torch.Tensor],
-) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """(adapter tensors, {module: (B_d, A_d)}) from a state that may hold base-delta factors."""
-    adapter = {k: v for k, v in state.items() if not is_base_delta(k)}
-    deltas: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for key in state:
-        if is_base_delta(key) and key.endswith("_A"):
-            module = module_of(key)
-            deltas[module] = (state[f"{module}.base_delta_B"], state[key])
-    return adapter, deltas
-
-
-@dataclass
-class ClientUpdate:
-    """One validated reply, decoded.
-
-    Attributes
-    ----------
-    node_id : int
-        The replying node.
-    state : dict of str to Tensor
-        The trained tensors (float32), same keys as were sent to this node.
-    num_examples : int
-        Examples the client trained on this round (the FedAvg weight).
-    metrics : dict
-        The reply's MetricRecord as plain values.
-    """
-
-    node_id: int
-    state: dict[str, torch.Tensor]
-    num_examples: int
-    metrics: dict[str, Any] = field(default_factory=dict)
-
-
 class LoRAStrategy(Strategy):
     """Federated LoRA over Flower's message API (the server half of a strategy).
 
     Parameters
     ----------
-    cfg : RunConfig
-        The run: federation settings (fraction, local steps, lr, transport dtype), seed, LoRA
-        settings, and ``cfg.strategy.options``, parsed into :attr:`options_class`.
+    settings : StrategySettings
+        What the strategy reads of the run (:class:`~fedlora.strategies.settings.StrategySettings`):
+        seed, rounds, the federation and robustness sections, and its ``[strategy]`` options
+        parsed into :attr:`options_class`.
     spec : AdapterSpec
         The global adapter's shape (rank, alpha, target modules).
     tasks : sequence of str
@@ -320,13 +118,29 @@ class LoRAStrategy(Strategy):
     #: strategy, or "" when it is. It needs the change the aggregation makes to a tensor the server
     #: keeps from round to round to be an update of that tensor (a pseudo-gradient).
     server_optimizer_refusal: ClassVar[str] = ""
+    #: Why the strategy cannot run under secure aggregation (``[secure_aggregation]``), or "" when it
+    #: can. The server then learns only the sum of the clients' weighted updates to one payload, so
+    #: the aggregate must be that weighted mean (:mod:`fedlora.server.secagg`); a strategy is refused
+    #: until it says so.
+    secure_aggregation_refusal: ClassVar[str] = (
+        "it does not declare its aggregate a weighted mean of the updates to one payload"
+    )
+    #: Whether clients may train on different base models (``federation.profiles[i].model``,
+    #: ``fedlora-client --model``): only when nothing that crosses the network depends on the base.
+    heterogeneous_models: ClassVar[bool] = False
 
     def __init__(
-        self, cfg: RunConfig, spec: AdapterSpec, *, tasks: Sequence[str] = (), nodes: NodeDirectory | None = None
+        self,
+        settings: StrategySettings,
+        spec: AdapterSpec,
+        *,
+        tasks: Sequence[str] = (),
+        nodes: NodeDirectory | None = None,
     ) -> None:
-        self.cfg = cfg
+        #: What the strategy reads of the run (seed, rounds, federation, robustness, options).
+        self.settings = settings
         self.spec = spec
-        self.options = self.parse_options(cfg.strategy.options)
+        self.options = settings.options
         #: Task names of multi-task data, in order.
         self.tasks: list[str] = list(tasks)
         self.nodes = nodes if nodes is not None else NodeDirectory()
@@ -363,46 +177,14 @@ class LoRAStrategy(Strategy):
         tasks : list of str
             Task names of multi-task data (empty otherwise).
         """
-        options = cls.parse_options(cfg.strategy.options)
-        if options.server_optimizer != "none" and cls.server_optimizer_refusal:
-            raise ConfigError(
-                f"config key 'strategy.server_optimizer': strategy '{cls.name}' cannot take a server optimizer: "
-                f"{cls.server_optimizer_refusal}; use server_optimizer = 'none'"
-            )
-        if cls.needs_float_base:
-            asked = [("model.quantization", cfg.model.quantization)] + [
-                (f"federation.profiles[{i}].quantization", p.quantization)
-                for i, p in enumerate(cfg.federation.profiles)
-            ]
-            for key, quantization in asked:
-                if quantization not in ("", "none"):
-                    raise ConfigError(
-                        f"config key '{key}': strategy '{cls.name}' folds updates into the frozen base weights, "
-                        f"which cannot be done exactly on a {quantization} base; use quantization = 'none'"
-                    )
-        if cfg.privacy.mode == "central" and cls.central_dp_refusal:
-            raise ConfigError(
-                f"config key 'privacy.mode': strategy '{cls.name}' cannot run under central (user-level) DP: "
-                f"{cls.central_dp_refusal}; use privacy.mode = 'local' or fedavg, ffa, federa, fedsa, dpdylora"
-            )
-        aggregator = cfg.robustness.aggregator
-        if aggregator not in cls.robust_aggregators:
-            raise ConfigError(
-                f"config key 'robustness.aggregator': strategy '{cls.name}' cannot aggregate by {aggregator!r} "
-                f"(it allows {', '.join(cls.robust_aggregators)}); use update_clip to bound hostile updates instead"
-            )
-        if aggregator != "mean" and cfg.privacy.mode == "central":
-            raise ConfigError(
-                "config key 'robustness.aggregator': central DP releases one noisy mean of clipped updates; "
-                "use aggregator = 'mean' (its clip already bounds every node)"
-            )
-        ranks = {p.rank for p in cfg.federation.profiles}
-        if not cls.heterogeneous_ranks and ranks - {cfg.lora.rank}:
-            raise ConfigError(
-                f"config key 'federation.profiles': strategy '{cls.name}' trains every client at lora.rank = "
-                f"{cfg.lora.rank}; profiles with ranks {sorted(ranks)} need a heterogeneous-rank strategy "
-                "(hetlora, flora)"
-            )
+        check_run(cls, cfg)
+
+    @classmethod
+    def model_head(cls, cfg: RunConfig) -> Any:
+        """What the strategy puts in place of the model's classification head before the adapter is
+        built (:func:`fedlora.model.loading.load_model`'s ``head``), or None (the default: the
+        model's own head)."""
+        return None
 
     def node_rank(self, node_id: int) -> int:
         """The rank node ``node_id`` trains this round."""
@@ -466,16 +248,21 @@ class LoRAStrategy(Strategy):
             The reply's decoded tensors (the keys the node was sent).
         """
 
+    @abstractmethod
     def aggregate(
         self, server_round: int, state: dict[str, torch.Tensor], updates: list[ClientUpdate]
     ) -> dict[str, torch.Tensor]:
-        """New global state from the current one and the round's validated updates."""
-        raise NotImplementedError
+        """New global state from the current one and the round's validated updates.
+
+        The one method every strategy must write (the registry refuses a class without it):
+        ``state`` is the global state the round's nodes were sent (keyed as in
+        :mod:`fedlora.model.adapters`), ``updates`` their validated replies, in node order.
+        """
 
     def average(self, mean: Reducer) -> Reducer:
         """The average to take of same-shape tensors: the strategy's weighted ``mean``, or the
         coordinate-wise median / trimmed mean that ``robustness.aggregator`` names."""
-        rob = self.cfg.robustness
+        rob = self.settings.robustness
         return reducer(rob.aggregator, rob.trim_fraction, mean)
 
     def state_dict(self) -> dict[str, Any]:
@@ -519,13 +306,13 @@ class LoRAStrategy(Strategy):
         nodes = sorted(grid.get_node_ids())
         if not nodes:
             return []
-        count = max(1, math.floor(self.cfg.federation.fraction * len(nodes) + 0.5))
-        rng = random.Random(self.cfg.seed * 100_003 + server_round)
+        count = max(1, math.floor(self.settings.federation.fraction * len(nodes) + 0.5))
+        rng = random.Random(self.settings.seed * 100_003 + server_round)
         return sorted(rng.sample(nodes, min(count, len(nodes))))
 
     def base_client_config(self, node_id: int, server_round: int) -> dict[str, Any]:
         """The round settings every strategy sends (local budget, lr, rank, seed, dtype)."""
-        fed = self.cfg.federation
+        fed = self.settings.federation
         spec = self.node_spec(node_id)
         return {
             P.SERVER_ROUND: server_round,
@@ -534,11 +321,11 @@ class LoRAStrategy(Strategy):
             P.LOCAL_STEPS: fed.local_steps,
             P.LOCAL_EPOCHS: float(fed.local_epochs),
             P.BATCH_SIZE: fed.batch_size,
-            P.LR: round_lr(fed.lr, server_round, self.cfg.rounds, fed.lr_schedule, fed.lr_min),
+            P.LR: round_lr(fed.lr, server_round, self.settings.rounds, fed.lr_schedule, fed.lr_min),
             P.PROXIMAL_MU: float(fed.proximal_mu),
             # The client mixes in its partition id (or node id), so seeds differ per client yet
             # do not depend on the node ids a runtime happens to assign.
-            P.SEED: self.cfg.seed * 1_000_003 + server_round * 10_007,
+            P.SEED: self.settings.seed * 1_000_003 + server_round * 10_007,
             P.TRANSPORT_DTYPE: fed.transport_dtype,
             P.TRANSPORT_QUANTIZE: fed.transport_quantize,
             P.ERROR_FEEDBACK: bool(fed.error_feedback),
@@ -566,7 +353,7 @@ class LoRAStrategy(Strategy):
             What was sent: node ``m.metadata.dst_node_id`` was sent ``m.content[ARRAYS]``.
         """
         self._global = from_record(arrays)
-        fed = self.cfg.federation
+        fed = self.settings.federation
         messages = []
         self.sent = {}
         # Nodes whose payload is the very same tensors share one serialized record.
@@ -629,17 +416,6 @@ class LoRAStrategy(Strategy):
 
     def summary(self) -> None:
         log(LOG_INFO, "\t├── Strategy: %s (%s)", self.name, type(self).__name__)
-        log(LOG_INFO, "\t├── Fraction of clients per round: %.2f", self.cfg.federation.fraction)
+        log(LOG_INFO, "\t├── Fraction of clients per round: %.2f", self.settings.federation.fraction)
         log(LOG_INFO, "\t├── Server optimizer: %s", self.server_opt.summary())
         log(LOG_INFO, "\t└── Options: %s", self.options.to_dict() or "{}")
-
-
-def decode_reply(msg: Message) -> ClientUpdate:
-    """ClientUpdate from a (validated) train reply."""
-    metrics = dict(msg.content[P.METRICS])
-    return ClientUpdate(
-        node_id=msg.metadata.src_node_id,
-        state=from_record(msg.content[P.ARRAYS]),
-        num_examples=int(metrics[P.NUM_EXAMPLES]),
-        metrics=metrics,
-    )

@@ -18,6 +18,7 @@ from fedlora.model.adapters import AdapterSpec, is_lora_a, is_lora_b, rank_dim
 from fedlora.model.lowrank import pad_rank, truncate_rank
 
 from .base import LoRAStrategy
+from .settings import StrategySettings
 
 
 def truncate(state: Mapping[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
@@ -38,8 +39,8 @@ class HeterogeneousRankStrategy(LoRAStrategy):
     heterogeneous_ranks = True
     needs_node_info = True
 
-    def __init__(self, cfg, spec: AdapterSpec, **kwargs) -> None:
-        super().__init__(cfg, spec, **kwargs)
+    def __init__(self, settings: StrategySettings, spec: AdapterSpec, **kwargs) -> None:
+        super().__init__(settings, spec, **kwargs)
         self._truncated: dict[int, dict[str, torch.Tensor]] = {}
 
     def node_rank(self, node_id: int) -> int:

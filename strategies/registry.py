@@ -9,12 +9,14 @@ runtime of that process.
 
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING
 
 from fedlora.errors import ConfigError
 
 from .hooks import ClientHooks
 from .options import StrategyOptions
+from .settings import StrategySettings
 
 if TYPE_CHECKING:
     from fedlora.config import RunConfig
@@ -31,8 +33,9 @@ def register(cls: type[LoRAStrategy]) -> type[LoRAStrategy]:
     Raises
     ------
     ValueError
-        When ``cls`` has no name, its name is taken, or its halves are not what the ClientApp
-        and the option parser expect.
+        When ``cls`` has no name, its name is taken, it leaves an abstract method unwritten
+        (:meth:`~fedlora.strategies.base.LoRAStrategy.aggregate`), or its halves are not what the
+        ClientApp and the option parser expect.
     """
     from .base import LoRAStrategy
 
@@ -40,6 +43,9 @@ def register(cls: type[LoRAStrategy]) -> type[LoRAStrategy]:
         raise ValueError(f"{cls!r} is not a LoRAStrategy subclass")
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name")
+    if inspect.isabstract(cls):
+        missing = ", ".join(sorted(cls.__abstractmethods__))
+        raise ValueError(f"{cls.__name__} does not define {missing}: a strategy must write its own aggregation")
     if cls.name in STRATEGIES:
         taken = STRATEGIES[cls.name]
         raise ValueError(f"strategy name {cls.name!r} is already registered by {taken.__module__}.{taken.__qualname__}")
@@ -67,4 +73,6 @@ def get_strategy_class(name: str) -> type[LoRAStrategy]:
 
 def create(cfg: RunConfig, spec: AdapterSpec, *, tasks=(), nodes: NodeDirectory | None = None) -> LoRAStrategy:
     """Instantiate the configured strategy (options validated)."""
-    return get_strategy_class(cfg.strategy.name)(cfg, spec, tasks=tasks, nodes=nodes)
+    cls = get_strategy_class(cfg.strategy.name)
+    settings = StrategySettings.of_run(cfg, cls.parse_options(cfg.strategy.options))
+    return cls(settings, spec, tasks=tasks, nodes=nodes)

@@ -144,3 +144,17 @@ def test_the_json_schema_lists_every_key_with_a_description():
     assert not undescribed, f"keys without a description: {undescribed}"
     assert keys["model.quantization"]["enum"] == ["none", "4bit", "8bit"]
     assert keys["lora.dropout"]["minimum"] == 0 and keys["lora.dropout"]["exclusiveMaximum"] == 1
+
+
+def test_the_keys_a_resume_may_change_are_read_from_the_schema():
+    from fedlora.config.model import resumable_keys
+    from fedlora.run.directory import RESUME_MUTABLE
+
+    assert RESUME_MUTABLE == resumable_keys(RunConfig)
+    assert set(RESUME_MUTABLE) == {
+        "rounds",
+        "model.device",
+        "federation.round_timeout",
+        "federation.max_reply_mb",
+        "simulation.devices",
+    }

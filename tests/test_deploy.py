@@ -463,7 +463,7 @@ def test_worker_ends_when_the_client_is_killed(kit, silent_server):
 
 
 def test_dead_worker_is_restarted_then_given_up(kit, silent_server):
-    from fedlora.client.launcher import WORKER_RESTARTS
+    from fedlora.client.device import WORKER_RESTARTS
 
     proc = _client_on(kit, silent_server, "restarts")
     family: set[int] = set()

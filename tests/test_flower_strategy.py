@@ -104,7 +104,7 @@ def test_export_loads_with_peft(tmp_path, tiny_bert, grid_of):
     flower = create_flower_strategy("ffa", config=cfg)
     assert flower.strategy.name == "ffa"
     result = flower.start(grid=grid_of(3), num_rounds=1)  # initial arrays default to the strategy's
-    assert flower.cfg.rounds == 1  # the strategy plans for the rounds it runs
+    assert flower.cfg.rounds == flower.strategy.settings.rounds == 1  # the strategy plans for the rounds it runs
     (out,) = flower.export(result.arrays, tmp_path / "adapter")
     assert json.loads((out / "fedlora.json").read_text())["num_labels"] >= 2
     ids = torch.tensor([[2, 5, 9, 11, 3]])

@@ -21,7 +21,7 @@ from fedlora.run.directory import RunDirectory
 from fedlora.run.progress import Progress
 from fedlora.server.rounds import RoundLoop
 from fedlora.simulations.runtime import simulate
-from fedlora.strategies import get_strategy_class
+from fedlora.strategies import create, get_strategy_class
 from fedlora.strategies.server_opt import DEFAULT_SERVER_LR, ServerOptimizer
 from fedlora.train.local import round_lr
 from fedlora.wire import protocol as P
@@ -134,7 +134,7 @@ def test_state_dict_round_trip_continues_identically():
 
 def strategy(name: str = "fedavg", **options):
     cfg = RunConfig.from_dict({"lora": {"rank": 2}, "strategy": {"name": name, **options}})
-    return get_strategy_class(name)(cfg, AdapterSpec.from_config(cfg.lora, cfg.model.task))
+    return create(cfg, AdapterSpec.from_config(cfg.lora, cfg.model.task))
 
 
 def test_none_returns_the_aggregate_bit_for_bit():
@@ -232,7 +232,7 @@ def test_round_config_carries_scheduled_lr_and_proximal_mu():
     cfg = RunConfig.from_dict(
         {"rounds": 5, "federation": {"lr": 1e-3, "lr_schedule": "cosine", "lr_min": 1e-4, "proximal_mu": 0.25}}
     )
-    s = get_strategy_class("fedavg")(cfg, AdapterSpec.from_config(cfg.lora, cfg.model.task))
+    s = create(cfg, AdapterSpec.from_config(cfg.lora, cfg.model.task))
     assert [s.base_client_config(1, r)[P.LR] for r in (1, 3, 5)] == pytest.approx([1e-3, 5.5e-4, 1e-4])
     assert s.base_client_config(1, 1)[P.PROXIMAL_MU] == 0.25
 

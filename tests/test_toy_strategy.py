@@ -83,6 +83,16 @@ def test_registry_refuses_a_taken_name(toy):
         register(type("NoHooks", (ToyMedian,), {"name": "toy-bad", "client_hooks": object}))
 
 
+def test_registry_refuses_a_strategy_without_aggregate():
+    from fedlora.strategies.base import LoRAStrategy
+
+    half = type("NoAggregate", (LoRAStrategy,), {"name": "toy-no-aggregate"})
+    with pytest.raises(ValueError, match="NoAggregate does not define aggregate"):
+        register(half)
+    with pytest.raises(ConfigError, match="unknown strategy 'toy-no-aggregate'"):
+        get_strategy_class("toy-no-aggregate")
+
+
 def test_toy_options_are_checked_with_one_line(toy):
     with pytest.raises(ConfigError, match=r"config key 'strategy.shrink' must be in \[0, 1\], got 2.0"):
         ToyMedian.parse_options({"shrink": 2})

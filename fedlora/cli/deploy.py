@@ -186,25 +186,7 @@ def _client_parser() -> argparse.ArgumentParser:
     p.add_argument("--ca", help="CA certificate that signed the server's (ca.crt from `fedlora certs`)")
     p.add_argument("--insecure", action="store_true", help="no TLS, for a server started with --insecure")
     p.add_argument("--data", required=True, help="local csv/tsv/json/jsonl/parquet file with the run's columns")
-    p.add_argument(
-        "--rank",
-        type=_rank_arg,
-        help="LoRA rank this device trains, or auto: the largest that fits its free memory (default: the run's)",
-    )
-    p.add_argument(
-        "--quantization",
-        choices=("auto", *QUANTIZATIONS),
-        help="base-model precision on this device, or auto: the least quantized that fits (default: the run's)",
-    )
-    p.add_argument(
-        "--model",
-        help="this device's own base model, a hub name or a local folder (default: the run's; another base only "
-        "under a strategy for clients of different bases, pfedlora)",
-    )
-    p.add_argument(
-        "--device",
-        help="where this device trains: auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps (default: the run's)",
-    )
+    _add_device_choices(p)
     p.add_argument("--key", help="this node's private key (from `fedlora certs`), when the server uses --auth-keys")
     p.add_argument(
         "--partition-id",
@@ -238,6 +220,29 @@ def _client_parser() -> argparse.ArgumentParser:
     )
     _add_debug(p)
     return p
+
+
+def _add_device_choices(p: argparse.ArgumentParser) -> None:
+    """What this device trains with, each defaulting to the run's: rank, precision, base, device."""
+    p.add_argument(
+        "--rank",
+        type=_rank_arg,
+        help="LoRA rank this device trains, or auto: the largest that fits its free memory (default: the run's)",
+    )
+    p.add_argument(
+        "--quantization",
+        choices=("auto", *QUANTIZATIONS),
+        help="base-model precision on this device, or auto: the least quantized that fits (default: the run's)",
+    )
+    p.add_argument(
+        "--model",
+        help="this device's own base model, a hub name or a local folder (default: the run's; another base only "
+        "under a strategy for clients of different bases, pfedlora)",
+    )
+    p.add_argument(
+        "--device",
+        help="where this device trains: auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps (default: the run's)",
+    )
 
 
 def client_main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar, Self
 
 from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic.fields import FieldInfo
 
 from fedlora.errors import ConfigError
 
@@ -63,3 +64,25 @@ class ConfigModel(BaseModel):
     def replace(self, **changes: Any) -> Self:
         """A validated copy with ``changes`` (as ``dataclasses.replace``, which models do not take)."""
         return type(self)(**{**dict(self), **changes})
+
+
+#: What a field's ``json_schema_extra`` says of a key that ``--resume`` may change: how long and
+#: where a run goes on, not what it computes (:func:`resumable_keys`).
+RESUMABLE = {"resume": "may change"}
+
+
+def resumable_keys(model: type[BaseModel], prefix: str = "") -> tuple[str, ...]:
+    """The dotted keys of ``model`` (nested sections included) whose field is marked
+    :data:`RESUMABLE`, in declaration order: the one list of them, read from the schema."""
+    keys: list[str] = []
+    for name, info in model.model_fields.items():
+        if _marked(info):
+            keys.append(prefix + name)
+        elif isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            keys += resumable_keys(info.annotation, f"{prefix}{name}.")
+    return tuple(keys)
+
+
+def _marked(info: FieldInfo) -> bool:
+    extra = info.json_schema_extra
+    return isinstance(extra, dict) and extra.get("resume") == RESUMABLE["resume"]

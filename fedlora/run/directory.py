@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import save
 
 from fedlora.config import RunConfig
+from fedlora.config.model import resumable_keys
 from fedlora.errors import FedLoraError
 from fedlora.files import atomic_write_bytes
 from fedlora.run.checkpoint import (
@@ -336,7 +337,8 @@ class RunDirectory:
 
 #: Config keys a resumed run may change: how long, how patiently and where it goes on, never what
 #: it computes (strategy, lora, model, data, federation.clients, seed, privacy, robustness are fixed).
-RESUME_MUTABLE = ("rounds", "federation.round_timeout", "federation.max_reply_mb", "model.device", "simulation.devices")
+#: Read from the schema: the fields marked :data:`fedlora.config.model.RESUMABLE`.
+RESUME_MUTABLE = resumable_keys(RunConfig)
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
