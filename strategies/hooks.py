@@ -9,6 +9,7 @@ message it does, in order::
         install hooks.frozen(...)                    #   untrained tensors (a shared seeded A)
         install group.tensors                        #   what the server sent
         install hooks.kept(...)                      #   what the node keeps for itself
+        extra = hooks.outside(...)                   #   trained beside the adapter (SLoRA's sparse entries)
         with hooks.training(...) as before_step:   #   per-step behaviour (DyLoRA's rank)
             train_local(..., regularizer=hooks.regularizer(...), dp=...)
         out, metrics = hooks.after_train(...)        #   what to send (pruned, say)
@@ -181,6 +182,21 @@ class ClientHooks:
     ) -> dict[str, torch.Tensor]:
         """Tensors this node keeps for itself: installed over the received ones, trained with
         them, never sent (default: none)."""
+        return {}
+
+    def outside(self, host: Any, group: TrainGroup) -> dict[str, torch.nn.Parameter]:
+        """Parameters beside the adapter that local training steps with it, keyed as they are sent
+        back (default: none). SLoRA's first stage trains sparse entries of the frozen weights this
+        way: the hook makes the parameters here and wires them into the model in :meth:`training`;
+        the node sends their trained values with the adapter's tensors.
+
+        Parameters
+        ----------
+        host : AdapterHost
+            The node's adapter host (its pretrained weights: :meth:`~fedlora.model.adapters.AdapterHost.base_weight`).
+        group : TrainGroup
+            The adapter about to be trained.
+        """
         return {}
 
     # -- during training ----------------------------------------------------------------------
