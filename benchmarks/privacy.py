@@ -1,53 +1,42 @@
-"""What differential privacy costs: DP-SGD's client step time, and SST-2 accuracy under local DP.
+"""Privacy that still learns: DP-SGD's step time in micro-batches, and SST-2 accuracy under DP.
 
-(1) Step time. One client's local training (``fedlora.train.local.train_local``) on
-    all-MiniLM-L6-v2 sequence classification with a LoRA adapter (rank 8, alpha 16, no
-    dropout, on query and value, plus the fresh head) built by
-    ``fedlora.model.adapters.get_host(load_model(...)).ensure(spec)``: batch 16, max_length 64,
-    SST-2 training sentences (``DIR/sst2``; the offline ``synthetic:sentiment`` task when that
-    folder is missing; ``step_time.data`` says which). Plain AdamW steps against DP-SGD steps
-    (Opacus per-example gradients, clipping to 1.0, noise multiplier 1.0, Poisson sampling at
-    16/len(data), so batches are 16 examples on average). The two are timed in the same
-    process, interleaved: after one untimed warm-up block of each, ``--repeats`` pairs of one
-    plain block and one DP block of ``--block`` steps, alternating which goes first, so drifts
-    in the shared machine's speed hit both. ``ms_per_step`` is the median over every step but
-    the first of each block (the first also pays for the optimizer and, under DP, for wrapping
-    the model with Opacus; ``block_ms_per_step`` includes it); ``dp_over_plain`` is the median
-    over the pairs of the ratio of their blocks' steady per-step medians.
+One table per mode (``--modes``, default all four), every run a real
+``fedlora.simulations.runtime.simulate`` (in process: one base model, clients back to back) on
+SST-2 (``DIR/sst2``; ``synthetic:sentiment`` when missing) with all-MiniLM-L6-v2, LoRA rank 8 on
+query/value, evaluated on the dev set after every round. The DP and no-DP runs of a table process
+the same examples (same clients, rounds, epochs, expected batch); seeds are fixed.
 
-(2) Accuracy. ``fedlora.simulations.runtime.simulate`` (in-process) on SST-2: 6,000 training
-    sentences split IID over 10 clients (600 each), evaluated on the whole dev set (872), the
-    same settings for every run (4 rounds, 8 local steps of batch 32, lr 2e-3, max_length 48,
-    LoRA rank 8 on query/value). Every strategy runs once with ``privacy.mode = "off"`` and
-    once per target epsilon (1, 3, 8) with ``privacy.mode = "local"``: DP-SGD on every client,
-    sample-level (epsilon, 1e-5)-DP for each client's data, clipping 1.0, RDP accountant, the
-    noise multiplier planned by each client for its 32 steps at sampling rate 32/600. Per run:
-    final dev accuracy, the epsilon reached (the largest over the clients, last round),
-    seconds. ``drop_points`` is each strategy's no-DP accuracy minus its DP accuracy, in
-    accuracy points; ``ffa_vs_fedavg`` checks FFA-LoRA's claim (Sun et al., ICLR 2024) that
-    freezing A makes LoRA degrade less under DP than FedAvg over A and B (FedIT). One seed
-    per run: with 872 dev examples one accuracy has a standard error of about 1.2 points.
-    ``learned`` says which runs beat both the majority class and the untrained model by 3
-    points; the comparison is ``meaningful`` only when both no-DP runs and some DP run learned
-    (a smaller drop from a baseline that learned nothing, or between DP runs that all answer
-    the majority class, says nothing about the claim), and ``supports_claim`` is null otherwise.
+``step``     One client's DP-SGD step of a Poisson batch of expected size ``batch`` computed in
+             micro-batches of ``physical`` (``privacy.physical_batch_size``; one noise draw)
+             against a plain AdamW step of the same logical batch in one piece (``train_local``),
+             interleaved in one process; ``dp_over_plain`` is the median ratio (target <= 2).
+``local``    Sample-level DP for every client (``privacy.mode = "local"``), ``clients`` IID
+             clients, the recipe of ``simulations/sst2_dp.toml`` (:data:`RECIPE`), fedavg at each
+             target epsilon against the same run without DP; ``drop_points`` per epsilon
+             (targets: eps 8 within 5 points, eps 3 within 8, eps 1 above the majority by 15).
+``ffa``      FFA-LoRA against FedAvg under local DP: each strategy at every lr of ``--lrs`` at
+             every epsilon and without DP (the same sweep budget for both), its best lr per
+             epsilon, and whether FFA-LoRA's drop from its own no-DP run is smaller (Sun et al.,
+             ICLR 2024) -- meaningful only when both no-DP runs and some DP runs learned.
+``central``  User-level DP (``privacy.mode = "central"``): SST-2 over ``central_clients``
+             simulated clients (a few dozen sentences each), ``central_fraction`` sampled per
+             round, delta 1e-3; epsilon and dev accuracy per round.
 
-Strategies not registered in ``fedlora.strategies.STRATEGIES`` when the script starts are
-skipped and listed under ``skipped``; ``--resume-from`` a previous report with the same
-settings reuses its runs (and its step times) and runs only what it lacks.
+Each accuracy run records the DP plan the server printed (``privacy_plan.json``: noise, batch,
+sampling rate, steps, epsilon, noise-to-signal) beside its accuracies. ``--train-examples``,
+``--clients``, ``--rounds``, ``--eval-examples`` scale the runs down for a small machine (the
+report records what ran); the defaults are the issue's full setting, tens of minutes per run on
+2 CPU cores. ``--quick``: a tiny random BERT and synthetic reviews, seconds, to check every key.
 
-``--quick``: a tiny random BERT built on the spot, the synthetic sentiment task, fedavg at
-epsilon 3 and off, a few steps: it checks the code runs and every key is there, not the numbers.
-
-Usage: python benchmarks/privacy.py [--quick] [--data-dir DIR] [--strategies a,b]
-       [--epsilons 1,3,8] [--repeats N] [--block N] [--resume-from F] [--out [F]]
+Usage: python benchmarks/privacy.py [--quick] [--modes step,local,ffa,central] [--epsilons 1,3,8]
+       [--lrs 0.001,0.003] [--train-examples N] [--clients K] [--rounds R] [--eval-examples M]
+       [--data-dir DIR] [--out [F]]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -67,92 +56,199 @@ CLAIM = (
     "FFA-LoRA (Sun et al., ICLR 2024): freezing the randomly initialised A and training only B "
     "makes federated LoRA degrade less under DP-SGD than training both factors (FedAvg/FedIT)"
 )
-
 FULL = {
+    "train_examples": 0,  # the whole SST-2 train split
+    "eval_examples": 0,
     "clients": 10,
-    "rounds": 4,
-    "local_steps": 8,
-    "batch_size": 32,
-    "lr": 0.002,
-    "max_length": 48,
-    "max_train_examples": 6000,
-    "max_eval_examples": 0,
-    "rank": 8,
-    "alpha": 16,
-    "target_modules": ["query", "value"],
-    "partitioner": "iid",
-    "delta": 1e-5,
-    "max_grad_norm": 1.0,
-    "accountant": "rdp",
-    "seed": 0,
+    "rounds": 5,
+    "central_clients": 1000,
+    "central_fraction": 0.1,
+    "central_rounds": 30,
+    "central_delta": 1e-3,
+    "central_clip": 0.1,
+    "step_batch": 256,
+    "step_physical": 32,
 }
 QUICK = {
     **FULL,
-    "clients": 3,
-    "rounds": 2,
-    "local_steps": 2,
-    "batch_size": 8,
-    "lr": 0.01,
-    "max_length": 16,
-    "max_train_examples": 150,
-    "max_eval_examples": 40,
-    "rank": 4,
-    "alpha": 8,
+    "train_examples": 120,
+    "eval_examples": 40,
+    "clients": 2,
+    "rounds": 1,
+    "central_clients": 20,
+    "central_fraction": 0.25,
+    "central_rounds": 1,
+    "central_delta": 1e-3,
+    "step_batch": 32,
+    "step_physical": 8,
 }
-#: A run "learned" when its final dev accuracy beats the majority class by this much (about 2.5
-#: standard errors of an accuracy on 872 examples).
-LEARNED_MARGIN = 0.03
-TIMING = {"batch_size": 16, "max_length": 64, "noise_multiplier": 1.0, "max_grad_norm": 1.0, "lr": 0.002}
+LEARNED_MARGIN = 0.03  # a run learned when it beats the majority class by this (2.5 standard errors)
 
 
-# ---------------------------------------------------------------------------------------------
-# model and data
+def recipe() -> dict[str, Any]:
+    """The ``--set`` values of ``simulations/sst2_dp.toml`` this benchmark runs with."""
+    from fedlora.config import load_config
+    from fedlora.simulations import preset_path
+
+    cfg = load_config(preset_path("sst2_dp"))
+    return {
+        "federation.batch_size": cfg.federation.batch_size,
+        "federation.local_epochs": cfg.federation.local_epochs,
+        "federation.lr": cfg.federation.lr,
+        "privacy.max_grad_norm": cfg.privacy.max_grad_norm,
+        "privacy.physical_batch_size": cfg.privacy.physical_batch_size,
+        "privacy.delta": cfg.privacy.delta,
+        "lora.rank": cfg.lora.rank,
+        "model.max_length": cfg.model.max_length,
+    }
 
 
-def data_section(sst2: Path | None) -> dict[str, Any]:
-    """The ``[data]`` table for SST-2 in ``sst2`` (train.tsv, dev.tsv), else synthetic sentiment."""
-    if sst2 is not None:
-        return {"path": str(sst2), "text_column": "sentence", "label_column": "label"}
-    return {"path": "synthetic:sentiment"}
-
-
-def base_raw(settings: dict[str, Any], model: str, data: dict[str, Any]) -> dict[str, Any]:
-    """The run configuration every accuracy run shares (before strategy and privacy)."""
+def base_raw(s: dict[str, Any], model: str, data: dict[str, Any], quick: bool) -> dict[str, Any]:
+    """The run every table starts from, before its own ``--set`` values."""
+    rec = recipe()
     return {
         "name": "privacy",
-        "rounds": settings["rounds"],
-        "seed": settings["seed"],
-        "model": {"name": model, "task": "classification", "max_length": settings["max_length"]},
+        "rounds": s["rounds"],
+        "seed": 0,
+        "model": {"name": model, "task": "classification", "max_length": 16 if quick else rec["model.max_length"]},
         "lora": {
-            "rank": settings["rank"],
-            "alpha": settings["alpha"],
+            "rank": 4 if quick else rec["lora.rank"],
+            "alpha": 16,
             "dropout": 0.0,
-            "target_modules": list(settings["target_modules"]),
+            "target_modules": ["query", "value"],
         },
         "data": {
             **data,
-            "max_train_examples": settings["max_train_examples"],
-            "max_eval_examples": settings["max_eval_examples"],
-            "partitioner": settings["partitioner"],
+            "max_train_examples": s["train_examples"],
+            "max_eval_examples": s["eval_examples"],
+            "partitioner": "iid",
         },
         "federation": {
-            "clients": settings["clients"],
-            "local_steps": settings["local_steps"],
-            "batch_size": settings["batch_size"],
-            "lr": settings["lr"],
+            "clients": s["clients"],
+            "batch_size": 16 if quick else rec["federation.batch_size"],
+            "local_epochs": rec["federation.local_epochs"],
+            "lr": rec["federation.lr"],
         },
+        "privacy": {"physical_batch_size": 4 if quick else rec["privacy.physical_batch_size"]},
         "strategy": {"name": "fedavg"},
     }
 
 
-# ---------------------------------------------------------------------------------------------
-# (1) step time, plain against DP-SGD, interleaved
+def simulated(raw: dict[str, Any], sets: list[str], root: Path, label: str, progress) -> dict[str, Any]:
+    """One simulated federation: its accuracy and epsilon per round, its DP plan, its seconds."""
+    from fedlora.config import RunConfig, apply_overrides
+    from fedlora.simulations.runtime import simulate
+
+    cfg = RunConfig.from_dict(apply_overrides(raw, [f"name=privacy-{label}", *sets]))
+    progress.line(f"--- {label}: {' '.join(sets)}")
+    start = time.perf_counter()
+    result = simulate(cfg, out=root / label, progress=progress, report=False)
+    plan_file = Path(result.run_dir) / "privacy_plan.json"
+    plan = json.loads(plan_file.read_text()) if plan_file.exists() else None
+    eps = [
+        max([float(r.get("epsilon", 0.0))] + [float(c.get("epsilon", 0.0)) for c in r.get("clients", [])])
+        for r in result.rounds
+    ]
+    return {
+        "sets": sets,
+        "initial_eval_accuracy": result.initial.get("eval_accuracy"),
+        "eval_accuracy_per_round": [round(float(r["eval_accuracy"]), 4) for r in result.rounds],
+        "final_eval_accuracy": round(float(result.rounds[-1]["eval_accuracy"]), 4),
+        "epsilon_per_round": [round(e, 4) for e in eps] if cfg.privacy.enabled else None,
+        "plan": None
+        if plan is None
+        else {"can_learn": plan["can_learn"], "rows": plan["rows"][:3], "lines": plan["lines"][:4]},
+        "seconds": round(time.perf_counter() - start, 1),
+    }
 
 
-def step_times(model: str, data: dict[str, Any], block: int, repeats: int, train_examples: int) -> dict[str, Any]:
-    """Time ``repeats`` pairs of plain and DP-SGD blocks of ``block`` steps (see the module doc)."""
-    import gc
+def dp_sets(eps: float | None, mode: str = "local", delta: float | None = None) -> list[str]:
+    """The ``--set`` values of a run without DP (``eps`` None) or at target ``eps``."""
+    if eps is None:
+        return ["privacy.mode='off'"]
+    sets = [f"privacy.mode='{mode}'", f"privacy.target_epsilon={eps}"]
+    if mode == "central":  # micro-batches are DP-SGD's; central DP clips whole updates
+        sets.append("privacy.physical_batch_size=0")
+    return sets + ([f"privacy.delta={delta}"] if delta else [])
 
+
+def local_table(raw, epsilons, root, progress) -> dict[str, Any]:
+    runs = {
+        "off" if e is None else f"eps{e:g}": simulated(raw, dp_sets(e), root, f"local-{e}", progress)
+        for e in [None, *epsilons]
+    }
+    off = runs["off"]["final_eval_accuracy"]
+    return {
+        "runs": runs,
+        "drop_points": {k: round(100 * (off - r["final_eval_accuracy"]), 2) for k, r in runs.items() if k != "off"},
+    }
+
+
+def ffa_table(raw, epsilons, lrs, root, progress, majority: float, local=None) -> dict[str, Any]:
+    """Each of fedavg and ffa at every lr and epsilon; the best lr per (strategy, epsilon). The
+    ``local`` table's runs are fedavg at the recipe's lr: reused, not run again (fixed seeds)."""
+    sweep: dict[str, dict[str, dict[str, Any]]] = {}
+    recipe_lr = raw["federation"]["lr"]
+    for strategy in ("fedavg", "ffa"):
+        sweep[strategy] = {}
+        for e in [None, *epsilons]:
+            key = "off" if e is None else f"eps{e:g}"
+            for lr in lrs:
+                sets = [f"strategy.name={strategy}", f"federation.lr={lr}", *dp_sets(e)]
+                same = strategy == "fedavg" and lr == recipe_lr and local is not None and key in local["runs"]
+                run = local["runs"][key] if same else simulated(raw, sets, root, f"{strategy}-{key}-{lr:g}", progress)
+                sweep[strategy].setdefault(key, {})[f"{lr:g}"] = run
+    best = {
+        s: {k: max(v.values(), key=lambda r: r["final_eval_accuracy"])["final_eval_accuracy"] for k, v in t.items()}
+        for s, t in sweep.items()
+    }
+    learned = {s: {k: a >= majority + LEARNED_MARGIN for k, a in t.items()} for s, t in best.items()}
+    per_eps = {}
+    for e in epsilons:
+        key = f"eps{e:g}"
+        drops = {s: round(100 * (best[s]["off"] - best[s][key]), 2) for s in best}
+        per_eps[key] = {"drop_points": drops, "ffa_degrades_less": drops["ffa"] < drops["fedavg"]}
+    meaningful = all(learned[s]["off"] for s in learned) and any(
+        learned[s][f"eps{e:g}"] for s in learned for e in epsilons
+    )
+    less = [v["ffa_degrades_less"] for v in per_eps.values()]
+    return {
+        "claim": CLAIM,
+        "sweep": {
+            s: {k: {lr: r["final_eval_accuracy"] for lr, r in v.items()} for k, v in t.items()}
+            for s, t in sweep.items()
+        },
+        "best_accuracy": best,
+        "learned": learned,
+        "per_epsilon": per_eps,
+        "meaningful": meaningful,
+        "supports_claim": (all(less) if meaningful else None),
+        "runs": sweep,
+    }
+
+
+def central_table(raw, s, root, progress) -> dict[str, Any]:
+    sets = [
+        f"federation.clients={s['central_clients']}",
+        f"federation.fraction={s['central_fraction']}",
+        f"rounds={s['central_rounds']}",
+        f"privacy.clip_norm={s['central_clip']}",
+        "federation.local_epochs=1",
+    ]
+    runs = {
+        "off": simulated(raw, sets + dp_sets(None), root, "central-off", progress),
+        "eps8": simulated(raw, sets + dp_sets(8.0, "central", s["central_delta"]), root, "central-eps8", progress),
+    }
+    return {
+        "clients": s["central_clients"],
+        "fraction": s["central_fraction"],
+        "delta": s["central_delta"],
+        "runs": runs,
+    }
+
+
+def step_table(model: str, data: dict[str, Any], s: dict[str, Any], repeats: int) -> dict[str, Any]:
+    """Micro-batched DP-SGD steps against plain steps of the same logical batch, interleaved."""
     from fedlora.config import LoRAConfig, RunConfig
     from fedlora.data import encode, load_task_data
     from fedlora.model.adapters import AdapterSpec, get_host
@@ -160,15 +256,13 @@ def step_times(model: str, data: dict[str, Any], block: int, repeats: int, train
     from fedlora.train.dpsgd import DPSettings
     from fedlora.train.local import train_local
 
+    batch, physical = s["step_batch"], s["step_physical"]
     cfg = RunConfig.from_dict(
-        {
-            "model": {"name": model, "task": "classification", "max_length": TIMING["max_length"]},
-            "data": {**data, "max_train_examples": train_examples, "partitioner": "iid"},
-        }
+        {"model": {"name": model, "max_length": 64}, "data": {**data, "max_train_examples": 8 * batch}}
     )
     task = load_task_data(cfg)
-    loaded = load_model(cfg.model, num_labels=max(len(task.labels), 2), seed=0)
-    encoded = encode(task.train, loaded.tokenizer, TIMING["max_length"])
+    loaded = load_model(cfg.model, num_labels=2, seed=0)
+    enc = encode(task.train, loaded.tokenizer, 64)
     host = get_host(loaded)
     spec = AdapterSpec.from_config(
         LoRAConfig(rank=8, alpha=16, dropout=0.0, target_modules=["query", "value"]), "classification"
@@ -176,394 +270,149 @@ def step_times(model: str, data: dict[str, Any], block: int, repeats: int, train
     with host.lock:
         name = host.ensure(spec, seed=0)
     params = list(host.params(name).values())
-    batch = TIMING["batch_size"]
-    dp = DPSettings(
-        noise_multiplier=TIMING["noise_multiplier"],
-        max_grad_norm=TIMING["max_grad_norm"],
-        sample_rate=batch / len(encoded),
-        expected_batch_size=batch,
-    )
-
-    def run_block(kind: str, seed: int) -> dict[str, Any]:
-        stamps: list[float] = []
-        gc.collect()  # one block's garbage must not be collected on the other's clock
-        start = time.perf_counter()
-        result = train_local(
-            host.peft_model,
-            params,
-            encoded,
-            steps=block,
-            batch_size=batch,
-            lr=TIMING["lr"],
-            pad_id=loaded.tokenizer.pad_token_id,
-            causal=False,
-            seed=seed,
-            on_step=lambda step, loss: stamps.append(time.perf_counter()),
-            dp=dp if kind == "dp" else None,
-        )
-        total = time.perf_counter() - start
-        steady = [b - a for a, b in zip(stamps, stamps[1:])]
-        return {"total_s": total, "first_s": stamps[0] - start, "steady_s": steady, "examples": result.examples}
-
-    run_block("plain", 1)  # warm-up: first-call allocations, Opacus imports and hooks
-    run_block("dp", 1)
-    blocks: dict[str, list[dict[str, Any]]] = {"plain": [], "dp": []}
-    for i in range(repeats):
+    dp = DPSettings(1.0, 1.0, batch / len(enc), batch, physical_batch_size=physical)
+    times: dict[str, list[float]] = {"plain": [], "dp": []}
+    for i in range(repeats + 1):
         for kind in ("plain", "dp") if i % 2 == 0 else ("dp", "plain"):
-            blocks[kind].append(run_block(kind, 100 + i))
-
-    def ms(values: list[float]) -> float:
-        return round(1000 * statistics.median(values), 2)
-
-    steady = {k: [s for b in v for s in b["steady_s"]] for k, v in blocks.items()}
-    pair_ratios = [
-        statistics.median(d["steady_s"]) / statistics.median(p["steady_s"])
-        for p, d in zip(blocks["plain"], blocks["dp"])
-    ]
-    import torch
-
-    return {
-        "model": model,
-        "data": data["path"] if data["path"].startswith("synthetic:") else "SST-2 train.tsv",
-        "data_path": data["path"],
-        "train_examples": len(encoded),
-        "batch_size": batch,
-        "max_length": TIMING["max_length"],
-        "lora": {"rank": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["query", "value"], "head_trained": True},
-        "trained_tensors": len(params),
-        "trained_parameters": int(sum(p.numel() for p in params)),
-        "dp_settings": {
-            "noise_multiplier": dp.noise_multiplier,
-            "max_grad_norm": dp.max_grad_norm,
-            "sample_rate": round(dp.sample_rate, 6),
-            "expected_batch_size": dp.expected_batch_size,
-        },
-        "torch_threads": torch.get_num_threads(),
-        "block_steps": block,
-        "repeats": repeats,
-        "ms_per_step": {"plain": ms(steady["plain"]), "dp": ms(steady["dp"])},
-        "block_ms_per_step": {k: ms([b["total_s"] / block for b in v]) for k, v in blocks.items()},
-        "first_step_ms": {k: ms([b["first_s"] for b in v]) for k, v in blocks.items()},
-        "dp_over_plain": round(statistics.median(pair_ratios), 4),
-        "dp_over_plain_pairs": [round(r, 4) for r in pair_ratios],
-        "dp_over_plain_fastest": round(min(steady["dp"]) / min(steady["plain"]), 4),
-        "mean_batch_examples": {
-            k: round(sum(b["examples"] for b in v) / (block * len(v)), 2) for k, v in blocks.items()
-        },
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# (2) accuracy under local DP
-
-
-def run_key(strategy: str, eps: float | None) -> str:
-    return f"{strategy}/{'off' if eps is None else f'eps{eps:g}'}"
-
-
-def accuracy_run(
-    raw: dict[str, Any], settings: dict[str, Any], strategy: str, eps: float | None, root: Path, progress
-) -> dict:
-    """One simulated federation; its final accuracy, epsilon reached and seconds."""
-    from fedlora.config import RunConfig, apply_overrides
-    from fedlora.simulations.runtime import simulate
-
-    label = "off" if eps is None else f"eps{eps:g}"
-    sets = [f"name=privacy-{strategy}-{label}", f"strategy.name={strategy}"]
-    if eps is not None:
-        sets += [
-            "privacy.mode='local'",
-            f"privacy.target_epsilon={float(eps)}",
-            f"privacy.delta={settings['delta']}",
-            f"privacy.max_grad_norm={settings['max_grad_norm']}",
-            f"privacy.accountant='{settings['accountant']}'",
-        ]
-    cfg = RunConfig.from_dict(apply_overrides(raw, sets))
-    progress.line(f"--- {run_key(strategy, eps)}")
-    start = time.perf_counter()
-    result = simulate(cfg, out=root / f"{strategy}-{label}", progress=progress, report=False)
-    seconds = time.perf_counter() - start
-    last = result.rounds[-1]
-    reached = None
-    if eps is not None:
-        per_client = [float(c["epsilon"]) for c in last.get("clients", []) if "epsilon" in c]
-        reached = max([float(last.get("epsilon", 0.0)), *per_client])
-    return {
-        "strategy": strategy,
-        "privacy_mode": "off" if eps is None else "local",
-        "target_epsilon": eps,
-        "final_eval_accuracy": float(last["eval_accuracy"]),
-        "epsilon": reached,
-        "seconds": round(seconds, 1),
-        "initial_eval_accuracy": result.initial.get("eval_accuracy"),
-        "eval_accuracy_per_round": [round(float(r["eval_accuracy"]), 4) for r in result.rounds],
-        "train_loss_per_round": [
-            None if r.get("train_loss") is None else round(float(r["train_loss"]), 4) for r in result.rounds
-        ],
-        "clients_ok_last_round": int(last.get("clients_ok", 0)),
-    }
-
-
-def planned_noise(settings: dict[str, Any], eps: float) -> dict[str, float]:
-    """The noise multiplier a client with an equal IID share plans for ``eps`` (as it does)."""
-    from fedlora.privacy.accounting import planned_local_noise, sample_rate_for
-
-    examples = settings["max_train_examples"] // settings["clients"]
-    q = sample_rate_for(settings["batch_size"], examples)
-    sigma = planned_local_noise(
-        eps, settings["delta"], q, settings["local_steps"], settings["rounds"], settings["accountant"]
-    )
-    return {"noise_multiplier": round(sigma, 4), "sample_rate": round(q, 6), "client_examples": examples}
-
-
-def learned(run: dict, majority: float) -> bool:
-    """Whether a run learned: its final dev accuracy beats both always answering the majority
-    class and the untrained model it started from by LEARNED_MARGIN."""
-    floor = max(majority, float(run.get("initial_eval_accuracy") or 0.0))
-    return run["final_eval_accuracy"] >= floor + LEARNED_MARGIN
-
-
-def summarise(runs: dict[str, dict], strategies: list[str], epsilons: list[float], majority: float) -> dict[str, Any]:
-    """Drops from no-DP per strategy and epsilon, which runs learned, the FFA-vs-FedAvg verdict."""
-    drops: dict[str, dict[str, float]] = {}
-    for strategy in strategies:
-        off = runs.get(run_key(strategy, None))
-        if off is None:
-            continue
-        drops[strategy] = {}
-        for eps in epsilons:
-            run = runs.get(run_key(strategy, eps))
-            if run is not None:
-                drops[strategy][f"{eps:g}"] = round(100 * (off["final_eval_accuracy"] - run["final_eval_accuracy"]), 2)
-    learned_runs = {key: learned(run, majority) for key, run in runs.items()}
-    verdict: dict[str, Any] = {"claim": CLAIM, "per_epsilon": {}, "ffa_degrades_less_at_every_epsilon": None}
-    if "fedavg" in drops and "ffa" in drops:
-        for key in sorted(set(drops["fedavg"]) & set(drops["ffa"]), key=float):
-            fedavg_acc = runs[run_key("fedavg", float(key))]["final_eval_accuracy"]
-            ffa_acc = runs[run_key("ffa", float(key))]["final_eval_accuracy"]
-            advantage = round(drops["fedavg"][key] - drops["ffa"][key], 2)
-            verdict["per_epsilon"][key] = {
-                "fedavg_drop_points": drops["fedavg"][key],
-                "ffa_drop_points": drops["ffa"][key],
-                "ffa_degrades_less": drops["ffa"][key] < drops["fedavg"][key],
-                "ffa_advantage_points": advantage,
-                "ffa_minus_fedavg_accuracy_points": round(100 * (ffa_acc - fedavg_acc), 2),
-            }
-        rows = verdict["per_epsilon"].values()
-        if rows:
-            less = [r["ffa_degrades_less"] for r in rows]
-            verdict["ffa_degrades_less_at_every_epsilon"] = all(less)
-            parts = ", ".join(
-                f"eps {k}: {'less' if r['ffa_degrades_less'] else 'not less'} "
-                f"(FFA drop {r['ffa_drop_points']:+.2f} vs FedAvg {r['fedavg_drop_points']:+.2f} points, "
-                f"advantage {r['ffa_advantage_points']:+.2f})"
-                for k, r in verdict["per_epsilon"].items()
+            start = time.perf_counter()
+            result = train_local(
+                host.peft_model,
+                params,
+                enc,
+                steps=1,
+                batch_size=batch,
+                lr=1e-3,
+                pad_id=loaded.tokenizer.pad_token_id,
+                causal=False,
+                seed=10 + i,
+                dp=dp if kind == "dp" else None,
             )
-            if all(less):
-                head = "FFA-LoRA degrades less than FedAvg under DP at every epsilon here"
-            elif any(less):
-                head = "mixed: FFA-LoRA degrades less than FedAvg at some epsilons only"
-            else:
-                head = "FFA-LoRA does not degrade less than FedAvg under DP at any epsilon here"
-            text = f"{head}: {parts}. One seed each; ~1.2 points is one standard error of a dev accuracy."
-            # A smaller drop means nothing when there was nothing to lose, or when no DP run learned.
-            idle = [s for s in ("fedavg", "ffa") if not learned_runs[run_key(s, None)]]
-            dp_learned = [
-                k
-                for k, ok in learned_runs.items()
-                if ok and k.startswith(("fedavg/", "ffa/")) and not k.endswith("/off")
-            ]
-            verdict["no_dp_baselines_learned"] = {s: learned_runs[run_key(s, None)] for s in ("fedavg", "ffa")}
-            verdict["dp_runs_learned"] = dp_learned
-            verdict["meaningful"] = not idle and bool(dp_learned)
-            verdict["supports_claim"] = all(less) if verdict["meaningful"] else None
-            caveats = []
-            if idle:
-                caveats.append(
-                    f"without DP {' and '.join(idle)} did not learn (final accuracy within "
-                    f"{100 * LEARNED_MARGIN:g} points of the majority class {majority:.4f} or of the untrained "
-                    f"model), so {'its' if len(idle) == 1 else 'their'} drop under DP is bounded by what "
-                    f"{'it' if len(idle) == 1 else 'they'} never gained"
-                )
-            if not dp_learned:
-                caveats.append(
-                    "no DP run of fedavg or ffa learned at any epsilon (final accuracies: "
-                    + ", ".join(
-                        sorted(
-                            {
-                                f"{runs[run_key(s, e)]['final_eval_accuracy']:.4f}"
-                                for s in ("fedavg", "ffa")
-                                for e in epsilons
-                                if run_key(s, e) in runs
-                            }
-                        )
-                    )
-                    + "), so the drops only measure how much each no-DP run had learned"
-                )
-            if caveats:
-                text = "Not a test of the claim here: " + "; ".join(caveats) + ". The arithmetic alone: " + text
-            verdict["verdict"] = text
-    else:
-        verdict["verdict"] = "not measured (needs both fedavg and ffa)"
+            if i > 0:  # the first pair warms up (allocations, Opacus's hooks)
+                times[kind].append((time.perf_counter() - start) / max(result.examples, 1) * batch)
+    ratios = [d / p for p, d in zip(times["plain"], times["dp"])]
     return {
-        "majority_class_accuracy": round(majority, 4),
-        "learned_margin": LEARNED_MARGIN,
-        "learned": learned_runs,
-        "drop_points": drops,
-        "ffa_vs_fedavg": verdict,
+        "batch": batch,
+        "physical_batch_size": physical,
+        "repeats": repeats,
+        "ms_per_logical_step": {k: round(1000 * statistics.median(v), 1) for k, v in times.items()},
+        "dp_over_plain": round(statistics.median(ratios), 3),
+        "target_dp_over_plain": 2.0,
+        "meets_target": statistics.median(ratios) <= 2.0,
     }
 
 
-# ---------------------------------------------------------------------------------------------
+#: ``--modes sweep``: the small sweep simulations/sst2_dp.toml's recipe came from (its comment has
+#: the table). 2 IID clients x 2,000 SST-2 sentences, one round of 2 local epochs, expected batch
+#: 500 in micro-batches of 50 (8 noisy steps per client), 500 dev sentences; local DP at epsilon 3.
+SWEEP_BASE = [
+    "data.max_train_examples=4000",
+    "data.max_eval_examples=500",
+    "federation.clients=2",
+    "rounds=1",
+    "federation.local_epochs=2",
+    "federation.batch_size=500",
+    "privacy.physical_batch_size=50",
+    "lora.rank=8",
+    "privacy.max_grad_norm=1.0",
+]
+SWEEP = {
+    "off, lr 5e-3": ["privacy.mode='off'", "federation.lr=0.005"],
+    "eps 3, lr 5e-3": [*dp_sets(3.0), "federation.lr=0.005"],
+    "eps 3, lr 2e-3": [*dp_sets(3.0), "federation.lr=0.002"],
+    "eps 3, lr 1e-3, 1 client x 4000, 4 epochs": [
+        *dp_sets(3.0),
+        "federation.lr=0.001",
+        "federation.clients=1",
+        "federation.local_epochs=4",
+    ],
+}
 
 
-def build_report(ctx: dict[str, Any], step: dict | None, runs: dict[str, dict], seconds: float) -> dict[str, Any]:
-    """The report from what has been measured so far (also the checkpoint ``--resume-from`` reads)."""
-    wanted, epsilons, settings = ctx["wanted"], ctx["epsilons"], ctx["settings"]
-    done = sorted({r["strategy"] for r in runs.values()}, key=lambda s: (wanted + [s]).index(s))
-    skipped = {s: why for s, why in ctx["skipped"].items() if s not in done}
-    report: dict[str, Any] = {
-        "benchmark": "privacy",
-        "quick": ctx["quick"],
-        "settings": settings,
-        "step_time": step,
-        "accuracy_data": ctx["accuracy_data"],
-        "eval_examples": ctx["eval_examples"],
-        "strategies": done,
-        "skipped": skipped,
-        "target_epsilons": epsilons,
-        "planned_noise": {f"{e:g}": planned_noise(settings, e) for e in epsilons},
-        "runs": runs,
-        "accuracy": {
-            s: {k.split("/")[1]: round(r["final_eval_accuracy"], 4) for k, r in runs.items() if r["strategy"] == s}
-            for s in done
-        },
-        "epsilon_reached": {
-            s: {
-                k.split("/")[1]: r["epsilon"]
-                for k, r in runs.items()
-                if r["strategy"] == s and r["epsilon"] is not None
-            }
-            for s in done
-        },
-        **summarise(runs, done, epsilons, ctx["majority_class_accuracy"]),
-        "runs_seconds": round(sum(r["seconds"] for r in runs.values()), 1),
-        "seconds": round(seconds, 1),
+def sweep_table(raw, root, progress) -> dict[str, Any]:
+    """The runs of :data:`SWEEP` (on top of :data:`SWEEP_BASE`)."""
+    runs = {
+        k: simulated(raw, SWEEP_BASE + sets, root, f"sweep-{i}", progress) for i, (k, sets) in enumerate(SWEEP.items())
     }
-    if any(math.isnan(r["final_eval_accuracy"]) for r in runs.values()):
-        report["note"] = "a run has no accuracy"
-    return report
+    return {"base": SWEEP_BASE, "runs": runs}
 
 
-def main() -> int:
+def majority(raw: dict[str, Any]) -> float:
+    from fedlora.config import RunConfig
+    from fedlora.data import load_task_data
+
+    labels = load_task_data(RunConfig.from_dict(raw)).eval["labels"]
+    return max(Counter(labels).values()) / max(len(labels), 1)
+
+
+def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny model, synthetic data, 1 strategy, 1 epsilon")
+    parser.add_argument("--quick", action="store_true", help="tiny model, synthetic reviews, seconds")
+    parser.add_argument("--modes", default="step,local,ffa,central", help="comma-separated tables to run (also: sweep)")
+    parser.add_argument("--epsilons", default=None, help="target epsilons (default 1,3,8; quick: 3)")
+    parser.add_argument(
+        "--lrs", default=None, help="the ffa table's lr sweep (default: the recipe's lr and a third of it)"
+    )
+    parser.add_argument("--repeats", type=int, default=None, help="timed step pairs (default 3; quick 1)")
+    for key in ("train_examples", "eval_examples", "clients", "rounds", "central_clients", "central_rounds"):
+        parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=None, help=f"override {key}")
     parser.add_argument(
         "--data-dir", default=os.environ.get("FEDLORA_BENCH_DATA", str(REPO.parent / "shared" / "data"))
     )
-    parser.add_argument("--strategies", default=None, help="comma-separated (default fedavg,ffa,dpdylora)")
-    parser.add_argument("--epsilons", default=None, help="comma-separated target epsilons (default 1,3,8)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed plain/DP block pairs (default 7)")
-    parser.add_argument("--block", type=int, default=None, help="steps per timed block (default 10)")
-    parser.add_argument(
-        "--threads", type=int, default=2, help="torch threads (1 or 2; the machine is shared, default 2)"
-    )
-    parser.add_argument("--skip-accuracy", action="store_true", help="step times only")
-    parser.add_argument("--skip-step-time", action="store_true", help="accuracy runs only")
-    parser.add_argument(
-        "--resume-from",
-        default=None,
-        help="a previous (or partial: the report is written after every run) report with the same "
-        "settings: reuse its runs, and its step times unless they are measured again",
-    )
-    parser.add_argument(
-        "--out",
-        nargs="?",
-        const=str(Path(__file__).resolve().parent / "results" / "privacy.json"),
-        help="also write the JSON here (no path: benchmarks/results/privacy.json); written after every run too",
-    )
-    args = parser.parse_args()
-    quiet_libraries()
+    parser.add_argument("--out", nargs="?", const=str(REPO / "benchmarks" / "results" / "privacy.json"))
+    return parser.parse_args()
 
+
+def main() -> int:
+    args = parse()
+    quiet_libraries()
     import torch
 
-    torch.set_num_threads(max(1, min(2, args.threads)))  # the machine is shared: 2 threads at most
-
-    from fedlora.config import RunConfig
-    from fedlora.data import load_task_data
     from fedlora.data.synthetic import write_tiny_bert
-    from fedlora.process import process_state
     from fedlora.run.progress import Progress
-    from fedlora.strategies import STRATEGIES
 
-    quick = args.quick
-    settings = QUICK if quick else FULL
-    wanted = (args.strategies or ("fedavg" if quick else "fedavg,ffa,dpdylora")).split(",")
-    epsilons = [float(e) for e in (args.epsilons or ("3" if quick else "1,3,8")).split(",")]
-    repeats = args.repeats or (2 if quick else 7)
-    block = args.block or (3 if quick else 10)
-    strategies = [s for s in wanted if s in STRATEGIES]
+    torch.set_num_threads(1)
+    s = dict(QUICK if args.quick else FULL)
+    for key in ("train_examples", "eval_examples", "clients", "rounds", "central_clients", "central_rounds"):
+        if getattr(args, key) is not None:
+            s[key] = getattr(args, key)
+    modes = args.modes.split(",")
+    epsilons = [float(e) for e in (args.epsilons or ("3" if args.quick else "1,3,8")).split(",")]
+    lr = recipe()["federation.lr"]
+    lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else [lr] if args.quick else [lr, lr / 3]
     sst2 = Path(args.data_dir) / "sst2"
-    use_sst2 = not quick and sst2.is_dir()
-    data = data_section(sst2 if use_sst2 else None)
-
-    previous: dict[str, Any] = {}
-    if args.resume_from and Path(args.resume_from).is_file():
-        previous = json.loads(Path(args.resume_from).read_text())
-        if previous.get("settings") != json.loads(json.dumps(settings)) or previous.get("quick") != quick:
-            print("privacy.py: error: --resume-from report has other settings", file=sys.stderr)
-            return 2
-    ctx: dict[str, Any] = {
-        "quick": quick,
-        "settings": settings,
-        "wanted": wanted,
-        "epsilons": epsilons,
-        "skipped": {
-            s: "not registered in fedlora.strategies.STRATEGIES when this ran" for s in wanted if s not in STRATEGIES
-        },
-        "accuracy_data": (
-            f"SST-2 ({sst2}): {settings['max_train_examples']} training sentences, IID over "
-            f"{settings['clients']} clients; the whole dev set"
-            if use_sst2
-            else "synthetic:sentiment" + (" (quick)" if quick else " (SST-2 folder not found)")
-        ),
+    data = (
+        {"path": str(sst2), "text_column": "sentence", "label_column": "label"}
+        if sst2.is_dir() and not args.quick
+        else {"path": "synthetic:sentiment"}
+    )
+    report: dict[str, Any] = {
+        "benchmark": "privacy",
+        "quick": args.quick,
+        "settings": s,
+        "recipe": recipe(),
+        "data": data["path"],
     }
-
+    progress = Progress(quiet=args.quick, stream=sys.stderr)
     started = time.perf_counter()
-    earlier = float(previous.get("seconds", 0.0))
-    progress = Progress(quiet=quick, stream=sys.stderr)
-    step = previous.get("step_time")
-    runs: dict[str, dict] = dict(previous.get("runs", {}))
     with stdout_to_stderr(), tempfile.TemporaryDirectory(prefix="fedlora-privacy-") as tmp:
         root = Path(tmp)
-        model = write_tiny_bert(root / "tiny-bert") if quick else MINILM
-        raw = base_raw(settings, model, data)
-        evals = load_task_data(RunConfig.from_dict(raw)).eval
-        ctx["eval_examples"] = len(evals)
-        counts = Counter(evals["labels"])
-        ctx["majority_class_accuracy"] = max(counts.values()) / max(len(evals), 1)
-        if not args.skip_step_time:
-            step = step_times(model, data, block, repeats, 200 if quick else 2000)
-            progress.line(f"step time: {json.dumps(step['ms_per_step'])} ms, dp/plain {step['dp_over_plain']}")
-        process_state().clear()  # the accuracy runs start from a fresh model and data store
-        if not args.skip_accuracy:
-            for strategy in strategies:
-                for eps in [None, *epsilons]:
-                    key = run_key(strategy, eps)
-                    if key in runs:
-                        continue
-                    runs[key] = accuracy_run(raw, settings, strategy, eps, root, progress)
-                    runs[key]["torch_threads"] = torch.get_num_threads()
-                    r = runs[key]
-                    progress.line(
-                        f"=== {key}: accuracy {r['final_eval_accuracy']:.4f} epsilon {r['epsilon']} {r['seconds']}s"
-                    )
-                    if args.out:  # a checkpoint: --resume-from it continues an interrupted benchmark
-                        partial = build_report(ctx, step, runs, earlier + time.perf_counter() - started)
-                        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                        Path(args.out).write_text(json.dumps(partial, indent=2) + "\n")
-    measured = not (args.skip_step_time and args.skip_accuracy)  # a rebuild of the report costs no time
-    emit(build_report(ctx, step, runs, earlier + (time.perf_counter() - started if measured else 0.0)), args.out)
+        model = write_tiny_bert(root / "tiny-bert") if args.quick else MINILM
+        raw = base_raw(s, model, data, args.quick)
+        report["majority_class_accuracy"] = round(majority(raw), 4)
+        if "step" in modes:
+            report["step_time"] = step_table(model, data, s, args.repeats or (1 if args.quick else 3))
+        if "local" in modes:
+            report["local"] = local_table(raw, epsilons, root, progress)
+        if "ffa" in modes:
+            report["ffa_vs_fedavg"] = ffa_table(
+                raw, epsilons, lrs, root, progress, report["majority_class_accuracy"], report.get("local")
+            )
+        if "sweep" in modes:
+            report["sweep"] = sweep_table(raw, root, progress)
+        if "central" in modes:
+            report["central"] = central_table(raw, s, root, progress)
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    emit(report, args.out)
     return 0
 
 
