@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,8 @@ from .node import (
     train_examples,
 )
 from .privacy import NodePrivacy, ledger_file, state_file
+from .secagg import handle as secure_stage
+from .secagg import is_stage as is_secure_stage
 
 app = ClientApp()
 
@@ -84,11 +86,20 @@ def setup(msg: Message, context: Context) -> Setup:
             f"strategy '{run.strategy.name}' changes the frozen base weights, which this node's {model.quantization} "
             "base cannot hold exactly; train it with quantization none (fedlora-client --quantization none)"
         )
+    if model.name != run.model.name:
+        if not strategy.heterogeneous_models:
+            raise ConfigError(
+                f"--model {model.name!r}: strategy '{run.strategy.name}' aggregates adapters of the run's base "
+                f"({run.model.name!r}) only; drop --model, or run a strategy for clients of different bases"
+            )
+        # This node's run names its own base: its tokenization, exports and capability facts follow it.
+        run = run.model_copy(update={"model": run.model.replace(name=model.name)})
     loaded = load_model(
         model,
         num_labels=max(len(labels), 2),
         seed=run.seed,
         gradient_checkpointing=run.federation.gradient_checkpointing,
+        head=strategy.model_head(run),
     )
     spec = AdapterSpec.from_config(run.lora, run.model.task, rank=int(config[P.RANK]))
     if P.ALPHA in config:
@@ -157,16 +168,17 @@ def train_group(
     kept = s.hooks.kept(shapes, group.tensors, store)
     host.load_state(name, kept)
     params = host.params(name)
+    outside = s.hooks.outside(host, group)  # trained beside the adapter (entries of the frozen weights)
     task = f"  task {group.name}" if group.name else ""
     with s.hooks.training(host.peft_model, s.spec) as before_step:
         result = train_local(
             host.peft_model,
-            [params[k] for k in group.tensors] + [params[k] for k in kept],
+            [params[k] for k in group.tensors] + [params[k] for k in kept] + list(outside.values()),
             group.data,
             steps=steps,
             batch_size=int(config[P.BATCH_SIZE]),
             lr=float(config[P.LR]),
-            pad_id=s.loaded.tokenizer.pad_token_id,
+            pad_id=s.loaded.pad_id,
             causal=s.run.model.task == "causal_lm",
             seed=seed,
             regularizer=with_proximal(
@@ -181,7 +193,7 @@ def train_group(
         )
     # Live values: a hook that stores them serializes (copies) them at once, so no clone here.
     s.hooks.keep(store, {k: params[k].detach() for k in kept})
-    return result, {k: params[k].detach() for k in group.tensors}
+    return result, {**{k: params[k].detach() for k in group.tensors}, **{k: v.detach() for k, v in outside.items()}}
 
 
 def group_steps(config: ConfigRecord, group: TrainGroup) -> int:
@@ -219,23 +231,24 @@ def budget_stop(msg: Message, privacy: NodePrivacy, reached: float, index: int, 
 
 
 def handle_train(msg: Message, context: Context) -> Message:
-    """Train the received factors on this node's data and reply with them."""
+    """Train the received factors on this node's data and reply with them (a stage of secure
+    aggregation is answered by :func:`fedlora.client.secagg.handle`, which trains through here)."""
+    if is_secure_stage(msg):
+        return secure_stage(msg, context, handle_train)
     s = setup(msg, context)
     config = s.config
     trained, received_base = split_received(from_record(msg.content[P.ARRAYS]))
     # The base change this round builds to: whole in the message, or links after what this node holds.
     factors = resolve_base(received_base, config, context.state)
     raw = train_examples(s.run, context, s.labels, s.tasks)
-    data = encoded(raw, s.run, s.loaded.tokenizer)
+    data = encoded(raw, s.run, s.loaded.tokenizer, s.labels, train=True)
     index = node_index(context)
     seed = int(config[P.SEED]) + 7919 * index
     store = node_store(context, config)
     ledger = ledger_file(dict(context.node_config))
     privacy = NodePrivacy.load(s.run, context.state, ledger) if s.run.privacy.mode == "local" else None
     start = time.perf_counter()
-    arrays_out: dict[str, Any] = {}
-    metrics: dict[str, Any] = {}
-    loss_sum, examples, steps_total, next_rank = 0.0, 0, 0, s.spec.rank
+    tally = _TrainTally(next_rank=s.spec.rank)
     with s.host.lock:  # one adapter per rank is shared by the virtual clients of this process
         name = s.host.ensure(s.spec, seed=s.run.seed)
         s.host.set_base_delta(*s.hooks.base_delta(s.host, lora_modules(s.host.shapes(name)), factors))
@@ -259,39 +272,63 @@ def handle_train(msg: Message, context: Context) -> Message:
             # adapter is loaded into them next must this group's values be copied out first.
             if len(groups) > 1:
                 live = {k: v.clone() for k, v in live.items()}
-            out, extra = s.hooks.after_train(live, s.spec.rank)
-            next_rank = int(extra.get(P.RANK, next_rank))
-            for key, value in out.items():
-                arrays_out[P.task_key(group.name, key) if group.name else key] = value
-            if group.name:
-                metrics[P.task_metric(P.NUM_EXAMPLES, group.name)] = int(len(group.data))
-                metrics[P.task_metric(P.TRAIN_LOSS, group.name)] = float(result.loss)
-            loss_sum += float(result.loss) * len(group.data)
-            examples += len(group.data)
-            steps_total += result.steps
-        arrays = upload(arrays_out, trained, config, context.state)
-    metrics.update(
-        {
-            P.NUM_EXAMPLES: int(examples),
-            P.TRAIN_LOSS: loss_sum / max(examples, 1),
-            P.TRAIN_STEPS: int(steps_total),
-            P.TRAIN_SECONDS: float(time.perf_counter() - start),
-            P.RANK: int(next_rank),
-        }
-    )
-    if privacy is not None:
-        metrics[P.EPSILON] = privacy.epsilon()
+            tally.add(group, result, *s.hooks.after_train(live, s.spec.rank))
+        arrays = upload(tally.arrays, trained, config, context.state)
+    metrics = tally.metrics(time.perf_counter() - start, privacy)
     if is_device(context):
-        print(
-            f"fedlora-client: round {config[P.SERVER_ROUND]}: trained rank {next_rank} on {examples} examples, "
-            f"{steps_total} steps, loss {metrics[P.TRAIN_LOSS]:.4f}, {metrics[P.TRAIN_SECONDS]:.1f} s"
-            + (f", epsilon {metrics[P.EPSILON]:.4g}" if P.EPSILON in metrics else ""),
-            flush=True,
-        )
+        _announce(config, metrics)
     info = capabilities(s.run, context, s.labels, s.tasks)
     if held_digest(context.state) is not None:
         info[P.INFO_BASE_DIGEST] = held_digest(context.state)
     return Message(content=RecordDict({P.ARRAYS: arrays, P.METRICS: MetricRecord(metrics), P.INFO: info}), reply_to=msg)
+
+
+@dataclass
+class _TrainTally:
+    """What the groups of one train message add up to: the tensors to send and the metrics."""
+
+    next_rank: int
+    arrays: dict[str, Any] = field(default_factory=dict)
+    group_metrics: dict[str, Any] = field(default_factory=dict)
+    loss_sum: float = 0.0
+    examples: int = 0
+    steps: int = 0
+
+    def add(self, group: Any, result: Any, out: dict[str, Any], extra: dict[str, Any]) -> None:
+        """One trained group: its tensors (task-qualified when it has a name) and its counts."""
+        self.next_rank = int(extra.get(P.RANK, self.next_rank))
+        for key, value in out.items():
+            self.arrays[P.task_key(group.name, key) if group.name else key] = value
+        if group.name:
+            self.group_metrics[P.task_metric(P.NUM_EXAMPLES, group.name)] = int(len(group.data))
+            self.group_metrics[P.task_metric(P.TRAIN_LOSS, group.name)] = float(result.loss)
+        self.loss_sum += float(result.loss) * len(group.data)
+        self.examples += len(group.data)
+        self.steps += result.steps
+
+    def metrics(self, seconds: float, privacy: NodePrivacy | None) -> dict[str, Any]:
+        """The reply's metrics: per-group entries, then the totals (and epsilon under local DP)."""
+        metrics = {
+            **self.group_metrics,
+            P.NUM_EXAMPLES: int(self.examples),
+            P.TRAIN_LOSS: self.loss_sum / max(self.examples, 1),
+            P.TRAIN_STEPS: int(self.steps),
+            P.TRAIN_SECONDS: float(seconds),
+            P.RANK: int(self.next_rank),
+        }
+        if privacy is not None:
+            metrics[P.EPSILON] = privacy.epsilon()
+        return metrics
+
+
+def _announce(config: Any, metrics: dict[str, Any]) -> None:
+    """The device's one line about the round it trained."""
+    print(
+        f"fedlora-client: round {config[P.SERVER_ROUND]}: trained rank {metrics[P.RANK]} on "
+        f"{metrics[P.NUM_EXAMPLES]} examples, {metrics[P.TRAIN_STEPS]} steps, loss {metrics[P.TRAIN_LOSS]:.4f}, "
+        f"{metrics[P.TRAIN_SECONDS]:.1f} s" + (f", epsilon {metrics[P.EPSILON]:.4g}" if P.EPSILON in metrics else ""),
+        flush=True,
+    )
 
 
 def handle_evaluate(msg: Message, context: Context) -> Message:
@@ -301,7 +338,7 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
 
     s = setup(msg, context)
     received = from_record(msg.content[P.ARRAYS])
-    enc = encoded(eval_examples(s.run, context, s.labels, s.tasks), s.run, s.loaded.tokenizer)
+    enc = encoded(eval_examples(s.run, context, s.labels, s.tasks), s.run, s.loaded.tokenizer, s.labels)
     kwargs: dict[str, Any] = {}
     if s.tasks and s.run.model.task == "classification":
         task_labels = task_label_ids(s.labels, s.tasks)
@@ -316,7 +353,7 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
             s.host.peft_model,
             enc,
             batch_size=max(int(s.config[P.BATCH_SIZE]), 32),
-            pad_id=s.loaded.tokenizer.pad_token_id,
+            pad_id=s.loaded.pad_id,
             causal=s.run.model.task == "causal_lm",
             compute_dtype=s.loaded.compute_dtype,
             **kwargs,

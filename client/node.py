@@ -6,9 +6,9 @@ Where a node's data comes from, by ``context.node_config``:
 * else ``partition-id`` / ``num-partitions``: its partition of the run's dataset (simulation).
 
 What it trains, each from the first of: its node config (``fedlora-client --rank /
---quantization / --device``, or the simulation's device for one delivery), its device profile
+--quantization / --device / --model``, or the simulation's device for one delivery), its device profile
 (``[[federation.profiles]]``, assigned round-robin by partition id), the run's ``lora.rank`` /
-``model.quantization`` / ``model.device``. ``auto`` for the rank or the quantization measures
+``model.quantization`` / ``model.device`` / ``model.name``. ``auto`` for the rank or the quantization measures
 the memory this device has free and applies :func:`fedlora.model.capacity.choose` (once: the choice
 is kept in the node's state, so the model it then loads does not change the next answer).
 
@@ -20,16 +20,16 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from flwr.app import ConfigRecord, Context
 
-from fedlora.config import ClientProfile, ModelConfig, RunConfig
+from fedlora.config import ClientProfile, ModelConfig, RunConfig, is_image_task
 from fedlora.data import Encoded, load_device_data, load_partition, task_rows
-from fedlora.data.instruct import encode_rows
+from fedlora.data.images import encode_examples
 from fedlora.errors import ConfigError
 from fedlora.model.capacity import MARGIN, PRECISIONS, RANKS, choose, memory_needed
 from fedlora.model.devices import placement
@@ -107,10 +107,14 @@ def eval_examples(run: RunConfig, context: Context, labels: list[str], tasks: li
     return local_split(run, own_examples(run, context, labels, tasks), node_index(context))["test"]
 
 
-def encoded(ds: Any, run: RunConfig, tokenizer: Any) -> Encoded:
-    """``ds`` tokenized for ``run``'s model (once per process)."""
+def encoded(ds: Any, run: RunConfig, tokenizer: Any, labels: Sequence[str] = (), *, train: bool = False) -> Encoded:
+    """``ds`` tokenized for ``run``'s model (once per process); images stay undecoded
+    (:func:`fedlora.data.images.encode_examples`: ``labels`` make CLIP's prompts, ``train``
+    turns on ``data.augment``)."""
     key = (id(ds), run.model.name, run.model.max_length, run.data.format, run.data.template)
-    return process_state().get(ENCODED, key, lambda: encode_rows(ds, run.data, tokenizer, run.model.max_length))
+    if is_image_task(run.model.task):
+        key += (run.model.task, tuple(labels), run.data.prompt_template, train and run.data.augment)
+    return process_state().get(ENCODED, key, lambda: encode_examples(ds, run, tokenizer, list(labels), train=train))
 
 
 #: ``context.state`` record holding what ``auto`` chose for this node (kept across messages).
@@ -185,7 +189,7 @@ def choose_for_node(run: RunConfig, context: Context, labels: list[str]) -> dict
 
     where = placement(device, run.model.dtype)
     facts = model_facts(
-        run.model,
+        run.model.replace(name=node_model_name(run, context)),
         list(run.lora.target_modules),
         batch=run.federation.batch_size,
         num_labels=max(len(labels), 2),
@@ -236,7 +240,14 @@ def node_model(run: RunConfig, context: Context, labels: list[str] | None = None
         quant = str(choose_for_node(run, context, labels or [])["quantization"])
     if quant not in PRECISIONS:
         raise ConfigError(f"--quantization must be auto, {', '.join(PRECISIONS)}, got {quant!r}")
-    return run.model.replace(quantization=quant, device=device)
+    return run.model.replace(name=node_model_name(run, context), quantization=quant, device=device)
+
+
+def node_model_name(run: RunConfig, context: Context) -> str:
+    """The base this node trains on: ``fedlora-client --model``, else its profile's ``model``, else
+    ``model.name`` (another base than the run's only where the strategy allows it)."""
+    profile = node_profile(run, context)
+    return str(context.node_config.get(P.NODE_MODEL, "") or (profile.model if profile else "") or run.model.name)
 
 
 def memory_gb(device: str = "cpu") -> float:

@@ -79,6 +79,7 @@ class NodePrivacy:
             max_grad_norm=p.max_grad_norm,
             sample_rate=q,
             expected_batch_size=max(1, round(q * num_examples)),
+            physical_batch_size=p.physical_batch_size,
         )
 
     def epsilon(self) -> float:

@@ -57,7 +57,7 @@ def evaluate_view(prepared: Prepared, view: GlobalView, rows: list[int] | None =
             host.peft_model,
             data,
             batch_size=max(prepared.cfg.federation.batch_size, 32),
-            pad_id=prepared.loaded.tokenizer.pad_token_id,
+            pad_id=prepared.loaded.pad_id,
             causal=prepared.cfg.model.task == "causal_lm",
             compute_dtype=prepared.loaded.compute_dtype,
             **kwargs,

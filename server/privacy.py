@@ -18,18 +18,24 @@ far (local DP) or the federation's (central DP), at ``privacy.delta``.
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
 
 from fedlora.config import RunConfig
-from fedlora.model.adapters import is_base_delta
+from fedlora.files import atomic_write_bytes
+from fedlora.model.adapters import is_base_delta, is_lora_a, is_lora_b
 from fedlora.privacy.accounting import PrivacyLedger, guarantee, noise_for_target
 from fedlora.privacy.central import noisy_mean
+from fedlora.privacy.plan import PlanRow, central_row, format_plan, local_row
 from fedlora.strategies import ClientUpdate, LoRAStrategy
-from fedlora.strategies.base import decode_reply
+from fedlora.strategies.base import NodeInfo, decode_reply
+from fedlora.train.local import steps_for
 from fedlora.wire import protocol as P
 
 #: Central DP's accountant: RDP over rounds (the sampled-Gaussian mechanism at the node rate).
@@ -72,6 +78,10 @@ class CentralDP:
     def epsilon(self) -> float:
         return self.ledger.epsilon(self.cfg.privacy.delta, CENTRAL_ACCOUNTANT)
 
+    def noise_generator(self, server_round: int) -> torch.Generator:
+        """The source of ``server_round``'s noise (seeded per round: a run is reproducible)."""
+        return torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + server_round * 7_919 + 17)
+
     def aggregate_train(
         self, server_round: int, replies: list[Message], sent: dict[int, dict[str, torch.Tensor]], population: int
     ) -> tuple[ArrayRecord | None, MetricRecord | None, dict[int, dict[str, Any]]]:
@@ -105,7 +115,7 @@ class CentralDP:
         if not updates:
             return None, None, facts
         deltas = [{k: u.state[k] - common[k] for k in common} for u in updates]
-        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + server_round * 7_919 + 17)
+        gen = self.noise_generator(server_round)
         mean, norms, std = noisy_mean(
             deltas, clip_norm=self.clip_norm, noise_multiplier=self.noise_multiplier, sampled=sampled, generator=gen
         )
@@ -180,3 +190,77 @@ class PrivacyBook:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.node_epsilon = {int(k): float(v) for k, v in (state.get("node_epsilon") or {}).items()}
+
+
+# -- the DP plan, before round 1 ----------------------------------------------------------------
+
+#: The run directory's record of the plan (:func:`announce_plan`).
+PLAN_FILE = "privacy_plan.json"
+
+
+def trained_dim(payload: Mapping[str, torch.Tensor], rank: int) -> int:
+    """Coordinates a node of LoRA ``rank`` trains of ``payload`` (what the strategy sends it):
+    each LoRA factor at that rank (A is r x in, B is out x r), every other tensor (a head) whole;
+    a base-model delta is not trained. A strategy's node-kept tensors (FedSA's B) are not sent, so
+    not counted."""
+    total = 0
+    for key, value in payload.items():
+        if is_base_delta(key):
+            continue
+        if is_lora_a(key) and value.dim() == 2:
+            total += min(rank, value.shape[0]) * value.shape[1]
+        elif is_lora_b(key) and value.dim() == 2:
+            total += value.shape[0] * min(rank, value.shape[1])
+        else:
+            total += value.numel()
+    return int(total)
+
+
+def plan_rows(
+    cfg: RunConfig,
+    nodes: list[NodeInfo],
+    payload: Callable[[int], Mapping[str, torch.Tensor]],
+    name: Callable[[int], str] | None = None,
+) -> list[PlanRow]:
+    """The run's DP plan (:mod:`fedlora.privacy.plan`) from what the nodes reported.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        The run (``privacy.mode`` local or central).
+    nodes : list of NodeInfo
+        Every node's reported rank and examples (local: one row each, in this order).
+    payload : callable
+        A node id's tensors to train (``strategy.payload(node, state)``).
+    name : callable, optional
+        A node id's name in the plan (default ``node <id>``).
+    """
+    fed = cfg.federation
+    if cfg.privacy.mode == "central":
+        dim = max((trained_dim(payload(n.node_id), n.rank) for n in nodes), default=0)
+        return [central_row(cfg.privacy, fed.clients, expected_sampled(cfg), cfg.rounds, dim)]
+    rows = []
+    for n in nodes:
+        steps = steps_for(n.num_examples, fed.batch_size, fed.local_steps, fed.local_epochs)
+        who = name(n.node_id) if name is not None else f"node {n.node_id}"
+        dim = trained_dim(payload(n.node_id), n.rank)
+        rows.append(local_row(cfg.privacy, who, n.num_examples, fed.batch_size, steps, cfg.rounds, dim))
+    return rows
+
+
+def announce_plan(cfg: RunConfig, rows: list[PlanRow], run_dir: Path | None, line: Callable[[str], None]) -> None:
+    """Print the plan (one line per party, the "cannot learn" warning when the rule says so) and
+    record it as ``privacy_plan.json`` in ``run_dir`` (when given)."""
+    text = format_plan(rows, cfg.privacy.mode)
+    for entry in text:
+        line(entry)
+    if run_dir is not None:
+        record = {
+            "mode": cfg.privacy.mode,
+            "delta": cfg.privacy.delta,
+            "accountant": cfg.privacy.accountant if cfg.privacy.mode == "local" else CENTRAL_ACCOUNTANT,
+            "rows": [r.to_dict() for r in rows],
+            "can_learn": all(r.can_learn for r in rows),
+            "lines": text,
+        }
+        atomic_write_bytes(Path(run_dir) / PLAN_FILE, (json.dumps(record, indent=1) + "\n").encode())

@@ -54,9 +54,10 @@ from fedlora.wire.transport import Wire
 from .evaluation import evaluate_state
 from .intake import ReplyIntake, RoundBook, collect
 from .nodes import NodeBook, capability_table
-from .privacy import CentralDP, PrivacyBook
+from .privacy import CentralDP, PrivacyBook, announce_plan, plan_rows
 from .resume import adapter_shape
 from .resume import start as resume_start
+from .secure_round import SecureRound
 from .validation import NODE_GONE, ReplyError, check_eval_metrics
 
 if TYPE_CHECKING:
@@ -132,6 +133,12 @@ class RoundLoop:
         self.wire = Wire(self.cfg.federation.transport_dtype, self.cfg.federation.transport_quantize)
         #: User-level DP around the strategy's aggregation (``privacy.mode = "central"``).
         self.central = CentralDP(self.cfg, self.strategy) if self.cfg.privacy.mode == "central" else None
+        #: Secure aggregation (``[secure_aggregation]``): collect, check and aggregate are its stages.
+        self.secure = (
+            SecureRound(self.cfg, grid, self.strategy, progress, self.central)
+            if self.cfg.secure_aggregation.enabled
+            else None
+        )
         self.privacy = PrivacyBook(self.cfg)
         self.scalars: ScalarLog | None = None
         timeout = self.cfg.federation.round_timeout
@@ -149,6 +156,9 @@ class RoundLoop:
         self.query_new_nodes()  # what every node has, printed and kept before the first round
         for line in capability_table(self.nodes.all()):
             self.progress.line(line)
+        if self.cfg.privacy.enabled:  # the DP plan, printed and recorded before round 1
+            rows = plan_rows(self.cfg, self.nodes.all(), lambda node: self.strategy.payload(node, state))
+            announce_plan(self.cfg, rows, self.run_dir.path, self.progress.line)
         self.scalars = ScalarLog(self.run_dir.path)
         try:
             for server_round in range(first, self.cfg.rounds + 1):
@@ -170,6 +180,21 @@ class RoundLoop:
             self.query_new_nodes()
         messages = self.configure(server_round, state)
         book = RoundBook.of(messages, dict(self.strategy.sent))
+        if self.secure is not None:  # SecAgg+'s stages: the strategy sees the survivors' sum alone
+            state, train_loss = self.secure.aggregate(server_round, messages, book, state)
+        else:
+            self.collect_train(server_round, messages, book)
+            state, train_loss = self.aggregate(server_round, state, book)
+        eval_metrics = self.evaluate(server_round, state, book)
+        record = self.record(server_round, book, train_loss, eval_metrics, started, result)
+        self.checkpoint(server_round, state, result)
+        result.rounds.append(record)
+        return state
+
+    # -- the steps -----------------------------------------------------------------------------
+
+    def collect_train(self, server_round: int, messages: list[Message], book: RoundBook) -> None:
+        """Push the train messages, check each reply as it comes, drop the nodes that never reply."""
         gone: set[int] = set()
         replies = collect(
             self.grid,
@@ -187,14 +212,6 @@ class RoundLoop:
                 self.progress.line(f"round {server_round}/{self.cfg.rounds}  node {node}  DROPPED: {NODE_GONE}")
             elif node not in replied:
                 book.drop(node, "no reply before the round timeout", short="timeout")
-        state, train_loss = self.aggregate(server_round, state, book)
-        eval_metrics = self.evaluate(server_round, state, book)
-        record = self.record(server_round, book, train_loss, eval_metrics, started, result)
-        self.checkpoint(server_round, state, result)
-        result.rounds.append(record)
-        return state
-
-    # -- the steps -----------------------------------------------------------------------------
 
     def query_new_nodes(self) -> None:
         """Ask the nodes that have not reported what they have (:meth:`NodeBook.query_new`)."""
@@ -343,6 +360,7 @@ class RoundLoop:
             **eval_metrics,
             **self.strategy.round_metrics(),
             **self.privacy.round_fields(self.central),
+            **(self.secure.round_fields() if self.secure is not None else {}),
             "bytes_down": int(sum(c.get("bytes_down", 0) for c in clients.values())),
             "bytes_up": int(sum(c.get("bytes_up", 0) for c in clients.values())),
             "clients_sampled": len(book.sent),

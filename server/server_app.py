@@ -19,7 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedlora.config import RunConfig
 from fedlora.data import Encoded, TaskData, load_partition, load_task_data, partition_sizes_ok
-from fedlora.data.instruct import encode_rows
+from fedlora.data.images import encode_examples
 from fedlora.errors import ConfigError, DataError
 from fedlora.model.adapters import AdapterHost, AdapterSpec, get_host, lora_modules
 from fedlora.model.capacity import MARGIN, memory_needed
@@ -114,6 +114,7 @@ def prepare(cfg: RunConfig, *, check_partitions: bool = True) -> Prepared:
         num_labels=max(len(data.labels), 2),
         seed=cfg.seed,
         gradient_checkpointing=cfg.federation.gradient_checkpointing,
+        head=strategy_cls.model_head(cfg),
     )
     spec = AdapterSpec.from_config(cfg.lora, cfg.model.task)
     name = get_host(loaded).ensure(spec, seed=cfg.seed)
@@ -126,7 +127,7 @@ def prepare(cfg: RunConfig, *, check_partitions: bool = True) -> Prepared:
             host.ensure(spec, seed=cfg.seed)
             check_dp_model(host.peft_model, host.params(name).values())
     create(cfg, spec, tasks=list(getattr(data, "tasks", [])))
-    eval_data = encode_rows(data.eval, cfg.data, loaded.tokenizer, cfg.model.max_length)
+    eval_data = encode_examples(data.eval, cfg, loaded.tokenizer, data.labels)
     return Prepared(cfg=cfg, data=data, loaded=loaded, spec=spec, eval_data=eval_data)
 
 
@@ -147,7 +148,7 @@ def check_profiles(cfg: RunConfig, num_labels: int, *, here: bool) -> None:
         gpu = device.startswith(("cuda", "mps"))
         dtype = cfg.model.dtype if cfg.model.dtype != "auto" else "bfloat16" if gpu else "float32"
         facts = model_facts(
-            cfg.model,
+            cfg.model.replace(name=profile.model or cfg.model.name),  # the profile's own base, if it names one
             list(cfg.lora.target_modules),
             batch=cfg.federation.batch_size,
             num_labels=num_labels,

@@ -16,6 +16,7 @@ from .base import ClientUpdate, GlobalView, LoRAStrategy, NodeDirectory, NodeInf
 from .hooks import ClientHooks, NodeStore, TrainGroup
 from .options import StrategyOptions, option, require
 from .registry import STRATEGIES, create, get_strategy_class, register, unregister
+from .settings import StrategySettings
 
 # The built-in strategies register themselves on import.
 from .fedavg import FedAvgLoRA, weighted_mean  # noqa: E402  isort: skip
@@ -28,6 +29,8 @@ from .fedsa import FedSALoRA  # noqa: E402  isort: skip
 from .fedex import FedExLoRA, fedex_aggregate  # noqa: E402  isort: skip
 from .dpdylora import DPDyLoRA, dylora_aggregate, sample_round_rank  # noqa: E402  isort: skip
 from .dpdylora import truncate_adapter, truncate_adapter_dir  # noqa: E402  isort: skip
+from .pfedlora import PFedLoRA, load_bundle, pfedlora_aggregate  # noqa: E402  isort: skip
+from .slora import SLoRA  # noqa: E402  isort: skip
 
 __all__ = [
     "STRATEGIES",
@@ -49,7 +52,10 @@ __all__ = [
     "FLoRA",
     "FLTAC",
     "HetLoRA",
+    "PFedLoRA",
+    "SLoRA",
     "cluster_purity",
+    "StrategySettings",
     "create",
     "dylora_aggregate",
     "federa_init",
@@ -60,7 +66,9 @@ __all__ = [
     "get_strategy_class",
     "hetlora_aggregate",
     "kmeans",
+    "load_bundle",
     "option",
+    "pfedlora_aggregate",
     "register",
     "require",
     "sample_round_rank",

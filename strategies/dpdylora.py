@@ -51,6 +51,7 @@ from .options import StrategyOptions, option
 from .ranks import truncate
 from .registry import register
 from .robust import Reducer
+from .settings import StrategySettings
 
 #: Mixed into the round's seed for the per-step ranks, so they are not the draws of other
 #: generators seeded from the same number (dropout, batch order).
@@ -242,6 +243,9 @@ class DPDyLoRA(LoRAStrategy):
     rank when the run is done (:func:`truncate_adapter_dir`)."""
 
     name = "dpdylora"
+    #: Secure aggregation serves it: the round's rank-b_t slice is the weighted mean of the replies: the masked sum
+    #: gives it exactly.
+    secure_aggregation_refusal = ""
     options_class = DPDyLoRAOptions
     client_hooks = DPDyLoRAClient
     #: Every reply is the same rank-b_t slice, averaged coordinate-wise: any coordinate-wise reducer fits.
@@ -250,8 +254,8 @@ class DPDyLoRA(LoRAStrategy):
     #: above b_t, where the moments only decay); a server step is post-processing of the DP release.
     server_optimizer_refusal = ""
 
-    def __init__(self, cfg, spec: AdapterSpec, **kwargs: Any) -> None:
-        super().__init__(cfg, spec, **kwargs)
+    def __init__(self, settings: StrategySettings, spec: AdapterSpec, **kwargs: Any) -> None:
+        super().__init__(settings, spec, **kwargs)
         self._round: int | None = None
         # (round, the global state it was cut from, the payload): kept by reference, not by id().
         self._sent: tuple[int, Mapping[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
@@ -268,7 +272,7 @@ class DPDyLoRA(LoRAStrategy):
     def round_rank(self, server_round: int) -> int:
         """``b_t``: the rank every client trains in ``server_round``."""
         return sample_round_rank(
-            self.cfg.seed, server_round, min(self.options.min_rank, self.spec.rank), self.spec.rank
+            self.settings.seed, server_round, min(self.options.min_rank, self.spec.rank), self.spec.rank
         )
 
     def begin_round(self, server_round: int) -> None:

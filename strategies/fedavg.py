@@ -55,6 +55,9 @@ class FedAvgLoRA(LoRAStrategy):
     :class:`~fedlora.strategies.hooks.ClientHooks`: train what was received, send it back."""
 
     name = "fedavg"
+    #: Secure aggregation serves it: each factor is the weighted mean of the replies: the masked sum of the weighted
+    #: updates gives it exactly.
+    secure_aggregation_refusal = ""
     #: Each factor is averaged on its own, coordinate by coordinate: any coordinate-wise reducer fits.
     robust_aggregators = ("mean", "trimmed_mean", "median")
     #: Every factor is kept by the server and replaced by its average: aggregate - old is a

@@ -93,6 +93,8 @@ class FeDeRA(LoRAStrategy):
     """``federa``: SVD-initialised A and B, residual base, FedAvg of both factors."""
 
     name = "federa"
+    #: Secure aggregation serves it: FedIT's weighted mean of A and B: the masked sum gives it exactly.
+    secure_aggregation_refusal = ""
     needs_float_base = True
     client_hooks = FeDeRAClient
     #: FedIT's per-factor average: any coordinate-wise reducer fits.

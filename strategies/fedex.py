@@ -83,6 +83,7 @@ class FedExLoRA(HeterogeneousRankStrategy):
     client half folds the received residual factors into its frozen weights)."""
 
     name = "fedex"
+    secure_aggregation_refusal = "its residual is built from each node's own product B_k A_k"
     central_dp_refusal = (
         "its residual is built from each node's own product B_k A_k, which a single noisy mean of "
         "updates does not provide"

@@ -75,6 +75,9 @@ class FedSALoRA(LoRAStrategy):
     """``fedsa``: A (and head) averaged; every client keeps its own B; personalized evaluation."""
 
     name = "fedsa"
+    #: Secure aggregation serves it: the shared A (and head) is the weighted mean of the replies: the masked sum gives
+    #: it exactly.
+    secure_aggregation_refusal = ""
     personalized = True
     client_hooks = FedSAClient
     #: The shared A (and head) is averaged coordinate-wise: any coordinate-wise reducer fits.
@@ -98,14 +101,14 @@ class FedSALoRA(LoRAStrategy):
         """Every node evaluates its personalized model; on the last round it also exports it."""
         from fedlora.model.adapters import from_record
 
-        fed = self.cfg.federation
+        fed = self.settings.federation
         record = to_record(shared_part(from_record(arrays)), fed.transport_dtype, fed.transport_quantize, packed=True)
         messages = []
         for node_id in sorted(grid.get_node_ids()):
             entries = dict(config)
             entries.update(self.base_client_config(node_id, server_round))
             entries.update(self.client_config(node_id, server_round))
-            entries[P.EXPORT] = server_round == self.cfg.rounds
+            entries[P.EXPORT] = server_round == self.settings.rounds
             content = RecordDict({P.ARRAYS: record, P.CONFIG: ConfigRecord(entries)})
             messages.append(
                 Message(

@@ -71,6 +71,9 @@ class FFALoRA(LoRAStrategy):
     only B and the head travel."""
 
     name = "ffa"
+    #: Secure aggregation serves it: B (and the head) is the weighted mean of the replies over the shared A: the masked
+    #: sum gives it exactly.
+    secure_aggregation_refusal = ""
     options_class = FFAOptions
     client_hooks = FFAClient
     #: Averaging B over a shared A is coordinate-wise (and stays exact for any reducer: A is common).
@@ -81,7 +84,7 @@ class FFALoRA(LoRAStrategy):
 
     @property
     def a_seed(self) -> int:
-        return self.cfg.seed if self.options.a_seed is None else self.options.a_seed
+        return self.settings.seed if self.options.a_seed is None else self.options.a_seed
 
     def initialize(self, state: dict[str, torch.Tensor], host=None) -> dict[str, torch.Tensor]:
         shapes = {k: tuple(v.shape) for k, v in state.items()}

@@ -77,6 +77,7 @@ class FLoRA(HeterogeneousRankStrategy):
     weights and trains the fresh LoRA."""
 
     name = "flora"
+    secure_aggregation_refusal = "it stacks each node's own factors"
     central_dp_refusal = (
         "it stacks each node's own factors into the base, which a single noisy mean of updates does not provide"
     )
@@ -91,7 +92,7 @@ class FLoRA(HeterogeneousRankStrategy):
     def _fresh_lora(self, state: dict[str, torch.Tensor], server_round: int) -> dict[str, torch.Tensor]:
         shapes = {k: tuple(v.shape) for k, v in state.items() if is_lora_a(k)}
         state = dict(state)
-        state.update(seeded_lora_a(shapes, self.cfg.seed * 1_000_003 + 7_777 + server_round))
+        state.update(seeded_lora_a(shapes, self.settings.seed * 1_000_003 + 7_777 + server_round))
         for key in [k for k in state if is_lora_b(k)]:
             state[key] = torch.zeros_like(state[key])
         return state

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from fedlora.config import is_image_task
 from fedlora.data import subset
 from fedlora.errors import ConfigError
 from fedlora.model.adapters import AdapterSpec, is_lora_a, is_lora_b
@@ -33,6 +34,7 @@ from .hooks import ClientHooks, TrainGroup
 from .options import StrategyOptions, option
 from .registry import register
 from .robust import Reducer
+from .settings import StrategySettings
 
 #: Round config key: JSON list of the tasks whose adapters a node trains this round.
 TASKS = "tasks"
@@ -185,6 +187,7 @@ class FLTAC(LoRAStrategy):
     trains a task's adapter only with at least this many examples of it)."""
 
     name = "fltac"
+    secure_aggregation_refusal = "it clusters the nodes' individual adapters"
     central_dp_refusal = (
         "it clusters the nodes' individual adapters, which a single noisy mean of updates does not provide"
     )
@@ -198,8 +201,8 @@ class FLTAC(LoRAStrategy):
     #: average: a pseudo-gradient per task (zero for a task no node trained this round).
     server_optimizer_refusal = ""
 
-    def __init__(self, cfg, spec: AdapterSpec, **kwargs: Any) -> None:
-        super().__init__(cfg, spec, **kwargs)
+    def __init__(self, settings: StrategySettings, spec: AdapterSpec, **kwargs: Any) -> None:
+        super().__init__(settings, spec, **kwargs)
         self.purity: float | None = None
         self.cluster_sizes: list[dict[str, int]] = []
         self._payloads: dict[tuple, dict[str, torch.Tensor]] = {}
@@ -207,6 +210,11 @@ class FLTAC(LoRAStrategy):
     @classmethod
     def check_setup(cls, cfg, tasks: list[str]) -> None:
         super().check_setup(cfg, tasks)
+        if not tasks and is_image_task(cfg.model.task):
+            raise ConfigError(
+                f"config key 'strategy.name': strategy 'fltac' needs multi-task data, and image runs "
+                f"(model.task = {cfg.model.task!r}) are single-task"
+            )
         if not tasks:
             raise ConfigError(
                 "config key 'data.task_column': strategy 'fltac' needs multi-task data; "
@@ -264,7 +272,7 @@ class FLTAC(LoRAStrategy):
                     owners.append(update.node_id)
         k = self.options.clusters or len(self.tasks)
         per_task, labels, purity = fltac_aggregate(
-            adapters, tags, weights, k, seed=self.cfg.seed + server_round, mean=self.average(weighted_mean)
+            adapters, tags, weights, k, seed=self.settings.seed + server_round, mean=self.average(weighted_mean)
         )
         for task, adapter in per_task.items():
             state.update({task_key(task, key): v for key, v in adapter.items()})

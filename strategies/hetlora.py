@@ -34,6 +34,7 @@ from .hooks import ClientHooks
 from .options import StrategyOptions, option, require
 from .ranks import HeterogeneousRankStrategy
 from .registry import register
+from .settings import StrategySettings
 
 # Round config keys: the pruning settings the server sends with every train message.
 PRUNE_GAMMA = "prune-gamma"
@@ -221,6 +222,7 @@ class HetLoRA(HeterogeneousRankStrategy):
     ``min_rank``; ``prune_gamma = 1`` turns pruning off)."""
 
     name = "hetlora"
+    secure_aggregation_refusal = "it weights each node's update by that node's own norms and sizes payloads by rank"
     central_dp_refusal = (
         "it sizes each node's payload by that node's rank and weights updates by their norms, so one "
         "clipped, equally weighted mean cannot stand for its aggregate"
@@ -237,8 +239,8 @@ class HetLoRA(HeterogeneousRankStrategy):
         "the ranks the nodes prune to"
     )
 
-    def __init__(self, cfg, spec: AdapterSpec, **kwargs: Any) -> None:
-        super().__init__(cfg, spec, **kwargs)
+    def __init__(self, settings: StrategySettings, spec: AdapterSpec, **kwargs: Any) -> None:
+        super().__init__(settings, spec, **kwargs)
         self.ranks: dict[int, int] = {}  # ranks the clients pruned themselves to
 
     @classmethod

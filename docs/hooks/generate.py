@@ -536,6 +536,7 @@ def shared_options() -> str:
 _SUPPORT: dict[str, tuple[str, Callable[[type], str]]] = {
     "server_optimizer": ("`strategy.server_optimizer`", lambda c: c.server_optimizer_refusal),
     "central_dp": ('`privacy.mode = "central"`', lambda c: c.central_dp_refusal),
+    "secure_aggregation": ('`secure_aggregation.mode = "secagg+"`', lambda c: c.secure_aggregation_refusal),
     "aggregator": (
         "`robustness.aggregator`",
         lambda c: "" if tuple(c.robust_aggregators) != ("mean",) else "only `mean`: its aggregate is not a plain mean",
@@ -779,14 +780,20 @@ def _fig_aggregation(d):
 
 
 def _fig_privacy(d):
-    st = d["step_time"]
-    rows = [
-        ("client step, plain / DP-SGD", f"{st['ms_per_step']['plain']} ms / {st['ms_per_step']['dp']} ms"),
-        ("DP / plain step time", f"{st['dp_over_plain']} (median of {st['repeats']} interleaved pairs)"),
-        ("majority-class accuracy", number(d["majority_class_accuracy"])),
-    ]
-    for strategy, cells in d["accuracy"].items():
-        rows.append((f"{strategy} accuracy ({', '.join(cells)})", " / ".join(number(v) for v in cells.values())))
+    rows = [("majority-class accuracy", number(d["majority_class_accuracy"]))]
+    st = d.get("step_time")
+    if st:
+        rows.append(
+            (
+                f"DP step of {st['batch']} in micro-batches of {st['physical_batch_size']} / plain step",
+                f"{st['dp_over_plain']} ({st['ms_per_logical_step']['dp']} / {st['ms_per_logical_step']['plain']} ms)",
+            )
+        )
+    for table in ("sweep", "local", "central"):
+        for key, run in d.get(table, {}).get("runs", {}).items():
+            rows.append((f"{table}: {key}", f"accuracy {number(run['final_eval_accuracy'])}"))
+    for strategy, cells in d.get("ffa_vs_fedavg", {}).get("best_accuracy", {}).items():
+        rows.append((f"{strategy} best accuracy ({', '.join(cells)})", " / ".join(number(v) for v in cells.values())))
     return rows
 
 

@@ -29,7 +29,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     result = simulate(
         cfg, out=args.out, backend=args.backend, resume=args.resume, progress=progress, ray_address=args.ray_address
     )
-    metric = "eval_accuracy" if cfg.model.task == "classification" else "eval_perplexity"
+    metric = "eval_perplexity" if cfg.model.task == "causal_lm" else "eval_accuracy"
     print(f"\nResults in {result.run_dir}/ (metrics.jsonl, config.toml, checkpoints/, adapter/)")
     print(f"{metric} per round:")
     if result.initial:

@@ -15,6 +15,7 @@ from fedlora.cli.commands import (
     cmd_truncate,
 )
 from fedlora.cli.common import _add_debug, _Parser, _quiet_libraries, _run
+from fedlora.cli.privacy_plan import add_privacy_plan
 from fedlora.config import DATA_FORMATS, DTYPES, TEMPLATES
 
 
@@ -22,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedlora", description="Federated LoRA fine-tuning on Flower.")
     _add_debug(parser)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_add_simulate, _add_runs_tools, _add_evaluate, _add_deploy_tools):
+    for add in (_add_simulate, _add_runs_tools, _add_evaluate, _add_deploy_tools, add_privacy_plan):
         add(sub)
     return parser
 

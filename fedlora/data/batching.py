@@ -41,6 +41,8 @@ def encode(ds: Any, tokenizer: Any, max_length: int) -> Encoded:
 def subset(enc: Encoded, indices: Iterable[int]) -> Encoded:
     """The rows ``indices`` of ``enc``, in that order (the lists are new, the rows shared)."""
     indices = list(indices)
+    if not isinstance(enc, Encoded):  # image examples (fedlora.data.images) select their own rows
+        return enc.subset(indices)
     return Encoded(
         input_ids=[enc.input_ids[i] for i in indices],
         labels=None if enc.labels is None else [enc.labels[i] for i in indices],
@@ -77,7 +79,10 @@ def split_by_task(enc: Encoded) -> dict[int, Encoded]:
 
 def collate(enc: Encoded, indices: list[int], pad_id: int, causal: bool) -> dict[str, torch.Tensor]:
     """Pad the chosen rows into a batch; causal LM targets are the inputs with padding (and, for
-    instruction data, each row's prompt) ignored."""
+    instruction data, each row's prompt) ignored. Image examples (:mod:`fedlora.data.images`)
+    decode their own batch."""
+    if not isinstance(enc, Encoded):
+        return enc.collate(indices)
     rows = [enc.input_ids[i] for i in indices]
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fedlora.config import RunConfig
+from fedlora.config import RunConfig, labelled
 from fedlora.data.sources import partition_by
 from fedlora.data.tasks import TaskData, load_task_data
 from fedlora.errors import DataError
@@ -101,7 +101,7 @@ def make_partitioner(cfg: RunConfig, num_partitions: int):
     by = partition_by(cfg)
     if d.partitioner == "dirichlet":
         # Over the labels unless a column is named: partition_column = "task" skews the mix of tasks.
-        by = by or ("labels" if cfg.model.task == "classification" else "")
+        by = by or ("labels" if labelled(cfg.model.task) else "")
         if not by:
             # Causal LM text has no labels to skew: the non-IID-ness left is how much data each
             # client holds (quantity skew, Dirichlet(alpha) over the clients' sizes), which is

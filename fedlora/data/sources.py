@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from fedlora.config import DataConfig, RunConfig, has_tasks
+from fedlora.config import DataConfig, RunConfig, has_tasks, is_image_task, labelled
 from fedlora.errors import DataError
 
 LOCAL_SUFFIXES = {".csv", ".tsv", ".json", ".jsonl", ".parquet"}
@@ -62,7 +62,7 @@ def check_cells(ds: Any, columns: list[tuple[str, str]], where: str) -> None:
     from fedlora.data.instruct import check_messages
 
     for key, column in columns:
-        if column not in ds.column_names:
+        if column not in ds.column_names or key.endswith("image_column"):  # images: resolve_images
             continue
         if key.endswith("messages_column"):
             for row, value in enumerate(ds[column]):
@@ -105,13 +105,16 @@ def _load_raw(cfg: DataConfig, seed: int, prefix: str = "data.") -> tuple[Any, A
     from datasets import Dataset
 
     if cfg.path.startswith(SYNTHETIC_PREFIX):
+        from fedlora.data.shapes import IMAGE_GENERATORS
         from fedlora.data.synthetic import GENERATORS
 
         kind = cfg.path[len(SYNTHETIC_PREFIX) :]
-        if kind not in GENERATORS:
+        generators = {**GENERATORS, **IMAGE_GENERATORS}
+        if kind not in generators:
             known = ", ".join(SYNTHETIC_PREFIX + name for name in sorted(GENERATORS))
+            known += "; images: " + ", ".join(SYNTHETIC_PREFIX + name for name in sorted(IMAGE_GENERATORS))
             raise DataError(f"{prefix}path: unknown synthetic task {kind!r} (known: {known})")
-        generate = GENERATORS[kind]
+        generate = generators[kind]
         n_train = cfg.max_train_examples or 2400
         n_eval = cfg.max_eval_examples or 400
         train = Dataset.from_dict(generate(n_train, seed=seed))
@@ -121,6 +124,8 @@ def _load_raw(cfg: DataConfig, seed: int, prefix: str = "data.") -> tuple[Any, A
         path = Path(cfg.path).expanduser()
         if path.is_dir():
             train_file = _find_in_dir(path, ("train",))
+            if train_file is None and _image_dir(path):
+                return _read_image_dir(path, cfg, prefix)
             if train_file is None:
                 raise DataError(f"{prefix}path: directory {path} has no train.csv/.tsv/.json/.jsonl/.parquet")
             eval_file = _find_in_dir(path, EVAL_STEMS)
@@ -148,12 +153,46 @@ def _load_raw(cfg: DataConfig, seed: int, prefix: str = "data.") -> tuple[Any, A
     return splits["train"], (splits[eval_name] if eval_name else None), cfg.path
 
 
+def _image_dir(path: Path) -> bool:
+    """Whether a directory holds images: a ``datasets`` folder (``save_to_disk``) or an image folder."""
+    from fedlora.data.images import looks_like_image_folder
+
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file() or looks_like_image_folder(path)
+
+
+def _read_image_dir(path: Path, cfg: DataConfig, prefix: str) -> tuple[Any, Any | None, str]:
+    """(train, eval or None, description) of an image folder or a ``datasets`` folder."""
+    from fedlora.data.images import read_image_folder
+
+    if not ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+        train, evals = read_image_folder(path, cfg.image_column, cfg.label_column, prefix)
+        return train, (evals if not cfg.eval_path else None), str(path)
+    from datasets import DatasetDict, load_from_disk
+
+    try:
+        loaded = load_from_disk(str(path))
+    except Exception as err:  # noqa: BLE001
+        raise DataError(f"{prefix}path: cannot load the dataset folder {path}: {str(err).splitlines()[0]}") from None
+    if not isinstance(loaded, DatasetDict):
+        return loaded, None, str(path)
+    if "train" not in loaded:
+        raise DataError(f"{prefix}path: dataset folder {path} has no 'train' split ({', '.join(loaded)})")
+    eval_name = cfg.eval_split or next((s for s in ("validation", "test") if s in loaded), "")
+    return loaded["train"], (loaded[eval_name] if eval_name and not cfg.eval_path else None), str(path)
+
+
 def _require_columns(ds: Any, columns: list[tuple[str, str]], where: str) -> None:
     for key, column in columns:
         if column not in ds.column_names:
             raise DataError(
                 f"{where}: no column {column!r} (config key '{key}'); columns are: {', '.join(ds.column_names)}"
             )
+
+
+def _folder_of(source: str) -> Path | None:
+    """The folder a data file's relative image paths start from (None for a hub dataset)."""
+    path = Path(source).expanduser()
+    return path.parent.resolve() if path.is_file() else path.resolve() if path.is_dir() else None
 
 
 def _cap(ds: Any, cap: int, seed: int) -> Any:
@@ -172,7 +211,7 @@ _Column = tuple[str, str, str, bool]
 
 def _derived_columns(cfg: RunConfig) -> set[str]:
     """Columns made while loading, which ``partition_column`` may name without the data having them."""
-    derived = {"labels"} if cfg.model.task == "classification" else set()
+    derived = {"labels"} if labelled(cfg.model.task) else set()
     if has_tasks(cfg.data):
         derived |= {"task", "task_id"}
     return derived
@@ -190,7 +229,7 @@ def partition_by(cfg: RunConfig) -> str:
         return ""
     if has_tasks(d) and column == d.task_column:
         return "task"
-    if cfg.model.task == "classification" and not d.tasks and column == d.label_column:
+    if labelled(cfg.model.task) and not d.tasks and column == d.label_column:
         return "labels"
     return column
 
@@ -218,8 +257,11 @@ def drop_absent_optional(columns: list[Any], ds: Any) -> list[Any]:
 
 def _source_columns(cfg: RunConfig, prefix: str, text_column: str, label_column: str) -> list[_Column]:
     d = cfg.data
-    columns: list[_Column] = format_columns(d, text_column, prefix)
-    if cfg.model.task == "classification":
+    if is_image_task(cfg.model.task):  # the image instead of the text (image runs are single-task)
+        columns: list[_Column] = [(f"{prefix}image_column", d.image_column, "image", True)]
+    else:
+        columns = format_columns(d, text_column, prefix)
+    if labelled(cfg.model.task):
         columns.append((f"{prefix}label_column", label_column, "label", True))
     if d.task_column:
         columns.append(("data.task_column", d.task_column, "task", True))
@@ -261,6 +303,17 @@ def _load_source(src: DataConfig, seed: int, columns: list[_Column], prefix: str
         split = train.train_test_split(test_size=src.eval_fraction, seed=seed, shuffle=True)
         train, evals = split["train"], split["test"]
     train, evals = _cap(train, src.max_train_examples, seed), _cap(evals, src.max_eval_examples, seed)
+    image = next((col for key, col, _, _ in columns if key.endswith("image_column")), "")
+    if image:  # after the caps: only the images a run uses are checked
+        from fedlora.data.images import class_names, resolve_images
+
+        label = next((col for key, col, _, _ in columns if key.endswith("label_column")), "")
+        if label:
+            train, evals = class_names(train, label), class_names(evals, label)
+        key = f"{prefix}image_column"
+        train = resolve_images(train, image, _folder_of(source), f"data file {source}", key)
+        held = Path(src.eval_path).expanduser() if src.eval_path else Path(source)
+        evals = resolve_images(evals, image, _folder_of(str(held)), "evaluation data", key)
 
     keep = list(dict.fromkeys(col for _, col, _, _ in columns))
     train = train.select_columns(keep)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedlora.config import DataConfig, RunConfig
+from fedlora.config import DataConfig, RunConfig, is_image_task, labelled
 from fedlora.data.labels import LabelEncoder, _as_str, labels_from_training, tasks_from_column
 from fedlora.data.sources import (
     _cap,
@@ -85,11 +85,15 @@ def load_device_data(cfg: RunConfig, path: str | Path, labels: list[str], tasks:
         The run's task names (empty for single-task runs).
     """
     path = Path(path).expanduser()
+    if is_image_task(cfg.model.task):
+        from fedlora.data.images import read_device_images
+
+        return LabelEncoder(labels, []).encode(read_device_images(cfg.data, path), f"data {path}")
     if not path.is_file():
         raise DataError(f"--data {path}: no such file")
     ds = _read_local(path)
     d = cfg.data
-    classification = cfg.model.task == "classification"
+    classification = labelled(cfg.model.task)
     # The text columns of data.format (an instruction's input only when the file has it).
     columns = [(key, col, new) for key, col, new, _ in drop_absent_optional(format_columns(d, d.text_column), ds)]
     if classification:
@@ -125,7 +129,7 @@ def _concatenate(parts: list[Any], what: str) -> Any:
 
 def _load_task_data(cfg: RunConfig) -> TaskData:
     d = cfg.data
-    classification = cfg.model.task == "classification"
+    classification = labelled(cfg.model.task)
     tasks: list[str] = []
     if d.tasks:
         trains, evals_list, sources = [], [], []

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from fedlora.errors import DataError, FedLoraError
+from fedlora.eval.images import evaluate_images, image_task
 from fedlora.eval.inputs import (
     ANSWER_COLUMN,
     CHOICES_COLUMN,
@@ -331,6 +332,9 @@ def evaluate_adapter(
         ``accuracy`` (classification).
     """
     opts = options or EvalOptions()
+    if image_task(adapter):  # an image classifier or CLIP: its own reader and metrics
+        sizes = {"batch_size": opts.batch_size, "max_examples": opts.max_examples}
+        return evaluate_images(adapter, data, base=base, columns=columns, device=device, dtype=dtype, **sizes)
     info = read_adapter(adapter)
     ds = read_data(data)
     where = f"data file {Path(data).expanduser()}"

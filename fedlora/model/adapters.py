@@ -17,13 +17,13 @@ import hashlib
 import threading
 import zlib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
-from fedlora.config import LoRAConfig
+from fedlora.config import LoRAConfig, is_image_task
 from fedlora.errors import ConfigError
 from fedlora.model.loading import LoadedModel
 from fedlora.process import HOST, process_state
@@ -112,6 +112,9 @@ class AdapterSpec:
     task: str
     rank_pattern: tuple[tuple[str, int], ...] = ()
     alpha_pattern: tuple[tuple[str, float], ...] = ()
+    #: CLIP's towers that get LoRA (``lora.towers``); empty for every other task. Out of the
+    #: repr, so the adapter names of the other tasks are what they were.
+    towers: tuple[str, ...] = field(default=(), repr=False)
 
     @property
     def scaling(self) -> float:
@@ -119,8 +122,8 @@ class AdapterSpec:
 
     @property
     def name(self) -> str:
-        digest = hashlib.sha1(repr(self).encode()).hexdigest()[:8]
-        return f"r{self.rank}_{digest}"
+        digest = hashlib.sha1((repr(self) + (f"towers={self.towers}" if self.towers else "")).encode()).hexdigest()
+        return f"r{self.rank}_{digest[:8]}"
 
     @classmethod
     def from_config(cls, lora: LoRAConfig, task: str, rank: int | None = None) -> AdapterSpec:
@@ -130,6 +133,7 @@ class AdapterSpec:
             dropout=float(lora.dropout),
             target_modules=tuple(lora.target_modules),
             task=task,
+            towers=tuple(lora.towers) if task == "clip" else (),
         )
 
 
@@ -170,6 +174,8 @@ class AdapterHost:
     def _peft_config(self, spec: AdapterSpec):
         from peft import LoraConfig, TaskType
 
+        if is_image_task(spec.task):
+            return self._image_peft_config(spec)
         return LoraConfig(
             r=spec.rank,
             lora_alpha=spec.alpha,
@@ -178,6 +184,24 @@ class AdapterHost:
             rank_pattern=dict(spec.rank_pattern),
             alpha_pattern=dict(spec.alpha_pattern),
             task_type=TaskType.SEQ_CLS if spec.task == "classification" else TaskType.CAUSAL_LM,
+        )
+
+    def _image_peft_config(self, spec: AdapterSpec):
+        """An image model's LoRA: no peft task type (its forward takes pixels), targets per
+        architecture (:func:`fedlora.model.vision.default_targets`), the fresh head trained in full."""
+        from peft import LoraConfig
+
+        from fedlora.model.vision import IMAGE_HEAD, default_targets
+
+        targets = default_targets(self.loaded.model, spec.task, spec.towers, spec.target_modules)
+        return LoraConfig(
+            r=spec.rank,
+            lora_alpha=spec.alpha,
+            lora_dropout=spec.dropout,
+            target_modules=targets,
+            rank_pattern=dict(spec.rank_pattern),
+            alpha_pattern=dict(spec.alpha_pattern),
+            modules_to_save=[IMAGE_HEAD] if spec.task == "image_classification" else None,
         )
 
     def ensure(self, spec: AdapterSpec, seed: int = 0) -> str:

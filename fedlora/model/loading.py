@@ -8,14 +8,14 @@ virtual client and the server's evaluation share it, and only adapter factors ch
 from __future__ import annotations
 
 import importlib
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Hashable
 from typing import Any
 
 import torch
 
-from fedlora.config import ModelConfig
+from fedlora.config import ModelConfig, is_image_task
 from fedlora.errors import ConfigError, ModelError
 from fedlora.model.capacity import ModelFacts
 from fedlora.model.devices import Placement, placement
@@ -39,6 +39,10 @@ def skeleton(source: str, task: str, num_labels: int) -> torch.nn.Module | None:
     try:
         config = AutoConfig.from_pretrained(source)
         with torch.device("meta"):
+            if is_image_task(task):
+                from fedlora.model.vision import skeleton as image_skeleton
+
+                return image_skeleton(config, task, num_labels)
             if task == "classification":
                 config.num_labels = num_labels
                 return AutoModelForSequenceClassification.from_config(config)
@@ -115,9 +119,11 @@ def model_facts(
         if _is_linear(m) and not any(name == h or name.endswith("." + h) for h in heads)
     )
     config = model.config
-    layers = int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0) or 1)
-    embeddings = model.get_input_embeddings()
-    hidden = int(getattr(embeddings, "embedding_dim", 0) or getattr(config, "hidden_size", 0) or 1)
+    layers, hidden = _depth_width(model)
+    if not targets and is_image_task(cfg.task):  # both CLIP towers: the larger of the choices
+        from fedlora.model.vision import default_targets
+
+        targets = default_targets(model, cfg.task, ("text", "vision"))
     if not targets:
         from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
@@ -141,6 +147,19 @@ def model_facts(
     )
 
 
+def _depth_width(model: torch.nn.Module) -> tuple[int, int]:
+    """(blocks, hidden size) of a model's architecture; a CLIP's image tower stands for it."""
+    config = model.config
+    tower = getattr(config, "vision_config", None)
+    layers = getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0)
+    try:
+        embeddings = model.get_input_embeddings()
+    except NotImplementedError:  # CLIP has two towers, no one input embedding
+        embeddings = None
+    hidden = getattr(embeddings, "embedding_dim", 0) or getattr(config, "hidden_size", 0)
+    return int(layers or getattr(tower, "num_hidden_layers", 1)), int(hidden or getattr(tower, "hidden_size", 1))
+
+
 @dataclass
 class LoadedModel:
     """A frozen base model with its tokenizer, shared by every adapter in this process.
@@ -159,11 +178,21 @@ class LoadedModel:
     def compute_dtype(self) -> torch.dtype:
         return self.placement.torch_dtype
 
+    @property
+    def pad_id(self) -> int:
+        """The token id batches are padded with (0 for an image processor, which pads nothing)."""
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        return int(pad) if pad is not None else 0
+
 
 def resolve_model_source(name: str) -> str:
     """Local directory if ``name`` is one, else a packaged offline copy, else the hub name."""
     if Path(name).expanduser().is_dir():
         return str(Path(name).expanduser())
+    from fedlora.model.tiny import SYNTHETIC_MODELS, synthetic_model_dir
+
+    if name in SYNTHETIC_MODELS:  # a tiny random model, built offline (the image quickstart)
+        return synthetic_model_dir(name)
     if name in OFFLINE_COPIES:
         module, attr = OFFLINE_COPIES[name]
         try:
@@ -234,7 +263,7 @@ def load_model(
     key = (
         cfg.name,
         cfg.task,
-        num_labels if cfg.task == "classification" else 0,
+        num_labels if cfg.task in ("classification", "image_classification") else 0,
         cfg.quantization,
         cfg.quant_type if cfg.quantization == "4bit" else "",
         seed,
@@ -257,7 +286,6 @@ def _load(
     head: Any = None,
 ) -> LoadedModel:
     """Read the model and tokenizer from disk or the hub (what :func:`load_model` caches)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     source = resolve_model_source(cfg.name)
@@ -275,20 +303,14 @@ def _load(
     hf_logging.set_verbosity_error()  # "newly initialized head" is expected here, not news
     try:
         torch.manual_seed(seed)
-        if cfg.task == "classification":
-            model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels, **kwargs)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        model, tokenizer = _read(source, cfg.task, num_labels, kwargs)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"model.name: cannot load {cfg.name!r}: {first}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    if not is_image_task(cfg.task):
+        _set_padding(model, tokenizer)
     if head is not None:  # before peft wraps the model: its head then is what every adapter copies
         head.install(model)
     if qconfig is None:
@@ -308,6 +330,29 @@ def _load(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, key=key, placement=where)
+
+
+def _read(source: str, task: str, num_labels: int, kwargs: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
+    """(model, tokenizer) of ``task`` from ``source``; an image task's "tokenizer" is its processor."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    if is_image_task(task):
+        from fedlora.model.vision import load_vision
+
+        return load_vision(source, task, num_labels, kwargs)
+    if task == "classification":
+        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    return model, AutoTokenizer.from_pretrained(source)
+
+
+def _set_padding(model: torch.nn.Module, tokenizer: Any) -> None:
+    """A text model pads with its tokenizer's pad token (its EOS or UNK when it has none)."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
 
 
 def check_bitsandbytes(device: str) -> None:

@@ -12,6 +12,7 @@ Two units of privacy, never mixed up in what a run reports:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +62,9 @@ def epsilon(history: Sequence[Sequence[float]], delta: float, accountant: str) -
     return float(acc.get_epsilon(delta=delta))
 
 
+# Clients of one size plan the same noise, and a run's plan repeats their search: each bisection
+# over accountant runs (seconds) is done once per process.
+@functools.lru_cache(maxsize=1024)
 def noise_for_target(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
     """Smallest noise multiplier (Opacus's binary search) whose epsilon after ``steps`` steps at
     ``sample_rate`` is at most ``target_epsilon`` (within 0.01 below it)."""

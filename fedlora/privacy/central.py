@@ -83,9 +83,19 @@ def noisy_mean(
         clipped.append(c)
         norms.append(n)
     std = central_noise_std(noise_multiplier, clip_norm, sampled)
+    totals = {key: torch.stack([c[key].to(torch.float64) for c in clipped]).sum(0) for key in updates[0]}
+    return noisy_release(totals, sampled, std, generator), norms, std
+
+
+def noisy_release(
+    totals: Mapping[str, torch.Tensor], sampled: int, std: float, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """The released mean: each key's sum of clipped updates over ``sampled``, plus Gaussian noise of
+    ``std`` drawn key by key in sorted order (as :func:`noisy_mean` draws it, so a sum that arrives
+    whole, from secure aggregation, gets the very same noise)."""
     out = {}
-    for key in sorted(updates[0]):
-        total = torch.stack([c[key].to(torch.float64) for c in clipped]).sum(0)
+    for key in sorted(totals):
+        total = totals[key].to(torch.float64)
         noise = torch.normal(0.0, std, size=total.shape, generator=generator, dtype=torch.float64)
         out[key] = (total / sampled + noise).to(torch.float32)
-    return out, norms, std
+    return out

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from fedlora.config import RunConfig
+from fedlora.config import RunConfig, is_image_task
 from fedlora.model.adapters import AdapterHost, AdapterSpec, lora_keys
 
 PEFT_PREFIX = "base_model.model."
@@ -57,13 +57,17 @@ def data_layout(cfg: RunConfig) -> dict[str, Any]:
     ``model_task``, ``format``, ``template``, the column names and ``max_length`` (tokens)."""
     d = cfg.data
     keys = ("text_column", "label_column", "prompt_column", "input_column", "response_column", "messages_column")
-    return {
+    layout = {
         "model_task": cfg.model.task,
         "format": getattr(d, "format", "text"),
         "template": getattr(d, "template", ""),
         "columns": {key: getattr(d, key) for key in keys if isinstance(getattr(d, key, None), str)},
         "max_length": cfg.model.max_length,
     }
+    if is_image_task(cfg.model.task):  # fedlora.eval.images reads images and prompts the same way
+        layout["columns"]["image_column"] = d.image_column
+        layout["prompt_template"] = d.prompt_template
+    return layout
 
 
 def export_adapter(

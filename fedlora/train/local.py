@@ -11,7 +11,14 @@ import torch
 from fedlora.config import LR_SCHEDULES
 from fedlora.data import Encoded, collate
 from fedlora.model.devices import autocast, model_device
-from fedlora.train.dpsgd import DPSGD, DPSettings, check_moved, per_example_causal_loss, poisson_batches
+from fedlora.train.dpsgd import (
+    DPSGD,
+    DPSettings,
+    check_moved,
+    micro_batches,
+    per_example_causal_loss,
+    poisson_batches,
+)
 
 
 @dataclass
@@ -37,9 +44,15 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 def steps_for(num_examples: int, batch_size: int, local_steps: int, local_epochs: float) -> int:
-    """Local optimizer steps: ``local_epochs`` passes when set, else ``local_steps``."""
+    """Local optimizer steps: ``local_epochs`` passes when set, else ``local_steps``.
+
+    A pass is ``examples / batch`` steps, for shuffled batches and for Poisson ones alike (a
+    Poisson step at rate ``q = batch / examples`` sees ``q * examples`` rows on average, so
+    ``1 / q`` steps make an epoch). A batch of at least the whole data is one pass per step (and
+    a Poisson rate of 1), so it is counted as the data's size.
+    """
     if local_epochs > 0:
-        return max(1, math.ceil(local_epochs * num_examples / batch_size))
+        return max(1, math.ceil(local_epochs * num_examples / max(1, min(batch_size, num_examples))))
     return local_steps
 
 
@@ -89,36 +102,26 @@ def train_local(
 
     Parameters
     ----------
-    model : torch.nn.Module
-        The peft model, with the client's adapter active.
-    params : iterable of Parameter
-        The tensors to train; their ``requires_grad`` is set here and cleared afterwards.
+    model, params : torch.nn.Module, iterable of Parameter
+        The peft model with the client's adapter active, and the tensors to train (their
+        ``requires_grad`` is set here and cleared afterwards).
     data : Encoded
         The client's tokenized examples.
-    steps, batch_size, lr : int, int, float
-        Optimisation budget.
-    pad_id : int
-        Token id used for padding.
-    causal : bool
-        Next-token loss (causal LM) instead of classification.
+    steps, batch_size, lr, pad_id, causal : int, int, float, int, bool
+        Optimisation budget; the padding token id; next-token loss instead of classification.
     seed : int
-        Seeds dropout, the batch order (or Poisson sampling) and the DP noise, so a client's
-        round is reproducible.
-    on_step : callable, optional
-        Called with (step, loss) after every step, for progress display.
+        Seeds dropout, the batch order (or Poisson sampling) and the DP noise.
+    on_step, before_step : callable, optional
+        Called with (step, loss) after every step (progress), and with the 0-based step before
+        its forward pass (DyLoRA samples the step's rank).
     regularizer : callable, optional
-        Returns a penalty added to each step's loss (HetLoRA's rank regulariser); the reported
-        loss excludes it. Under DP-SGD its gradient, which depends on no example, is added to
-        the privatized gradient.
-    before_step : callable, optional
-        Called with the 0-based step before its forward pass (DyLoRA samples the step's rank).
+        A penalty added to each step's loss, not to the reported one (HetLoRA's); under DP-SGD
+        its gradient, which depends on no example, joins the privatized gradient.
     dp : DPSettings, optional
-        Train with DP-SGD (:class:`fedlora.train.dpsgd.DPSGD`): Poisson batches at
-        ``dp.sample_rate``, per-example clipping, Gaussian noise. After every step the trained
-        tensors must have moved, else RuntimeError.
+        DP-SGD (:class:`fedlora.train.dpsgd.DPSGD`): Poisson batches, per-example clipping,
+        Gaussian noise; the trained tensors must move every step, else RuntimeError.
     compute_dtype : torch.dtype, optional
-        Autocast the forward pass to it (bfloat16 / float16 bases); the trained tensors and the
-        optimizer state stay float32. Batches go to the model's device.
+        Autocast the forward pass to it; the trained tensors and optimizer state stay float32.
     """
     params = list(params)
     for p in params:
@@ -184,26 +187,36 @@ class _Steps:
         return seen
 
     def private(self, optimizer: torch.optim.Optimizer, steps: int, dp: DPSettings, seed: int) -> int:
-        """``steps`` DP-SGD steps on Poisson batches (an empty batch still adds noise); the
-        examples seen. Every step must move the trained tensors."""
+        """``steps`` DP-SGD steps on Poisson batches (an empty batch still adds noise), each in
+        micro-batches of ``dp.physical_batch_size`` with one noise draw; the examples seen. Every
+        step must move the trained tensors, and the noise draws must be the ``steps`` the
+        client's ledger recorded."""
         seen = 0
+        lengths = [len(row) for row in self.data.input_ids] if dp.physical_batch_size > 0 else None
         with DPSGD(self.model, self.params, optimizer, dp, seed) as engine:
             for step, idx in enumerate(poisson_batches(len(self.data), dp.sample_rate, steps, seed)):
                 if self.before_step is not None:
                     self.before_step(step)
                 before = [p.detach().clone() for p in self.params]
                 engine.optimizer.zero_grad(set_to_none=True)
-                value = self._private_backward(engine, idx)
+                pieces = micro_batches(idx, dp.physical_batch_size, lengths)
+                value = 0.0
+                for i, piece in enumerate(pieces):
+                    value += self._private_backward(engine, piece) * len(piece)
+                    if i < len(pieces) - 1:
+                        engine.accumulate()
                 extra = None
                 if self.regularizer is not None:
                     extra = torch.autograd.grad(self.regularizer(), self.params, allow_unused=True)
                 engine.step(extra)
                 check_moved(before, self.params, step + 1)
-                seen += self._done(step, value, len(idx))
+                seen += self._done(step, value / max(len(idx), 1), len(idx))
+            if engine.noised_steps != steps:
+                raise RuntimeError(f"DP-SGD drew noise {engine.noised_steps} times for {steps} logical steps")
         return seen
 
     def _private_backward(self, engine: DPSGD, idx: list[int]) -> float:
-        """Per-example gradients of one Poisson batch (none for an empty one); its mean loss."""
+        """Per-example gradients of one micro-batch (none for an empty batch); its mean loss."""
         if not idx:
             engine.empty_batch()
             return 0.0
@@ -234,10 +247,8 @@ def evaluate(
 
     Parameters
     ----------
-    model : torch.nn.Module
-        The model to evaluate, with the adapter to judge active.
-    data : Encoded
-        Tokenized held-out examples.
+    model, data : torch.nn.Module, Encoded
+        The model with the adapter to judge active; tokenized held-out examples.
     batch_size, pad_id : int
         Batching.
     causal : bool
