@@ -299,8 +299,8 @@ def summarize(run: dict[str, Any]) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 rounds: only checks that it runs")
-    parser.add_argument("--rounds", type=int, default=None, help="rounds per federation (default 6, quick 3)")
+    parser.add_argument("--quick", action="store_true", help="2 rounds: only checks that it runs")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds per federation (default 6, quick 2)")
     parser.add_argument("--clients", type=int, default=CLIENTS, help=f"devices (default {CLIENTS})")
     parser.add_argument("--insecure", action="store_true", help="no TLS / node authentication")
     parser.add_argument("--order", default="before,after", help="modes to run, in order (default before,after)")
@@ -313,7 +313,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     quiet_libraries()
-    rounds = args.rounds or (3 if args.quick else 6)
+    rounds = args.rounds or (2 if args.quick else 6)
     modes = [m.strip() for m in args.order.split(",") if m.strip()]
     if not set(modes) <= set(MODES):
         parser.error(f"--order: modes are {', '.join(MODES)}")

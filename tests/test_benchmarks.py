@@ -19,11 +19,11 @@ pytestmark = pytest.mark.simulation
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_quick(script: str, tmp_path: Path, timeout: float) -> dict:
-    """Run ``benchmarks/<script> --quick --out``; check stdout is exactly the JSON it wrote."""
+def run_quick(script: str, tmp_path: Path, timeout: float, *extra: str) -> dict:
+    """Run ``benchmarks/<script> --quick --out`` (and ``extra``); check stdout is exactly the JSON it wrote."""
     out = tmp_path / "x.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out)],
+        [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out), *extra],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -59,22 +59,21 @@ def test_memory_quick(tmp_path):
     assert report["target_ratio_100_over_2"] == 1.3
 
 
-@pytest.mark.ray
 def test_overhead_quick(tmp_path):
-    report = run_quick("overhead.py", tmp_path, timeout=300)
-    for key in ("plain_s", "fedlora_s", "flower_ray_s", "flower_ray_federation_s"):
+    # Flower's Ray simulation (part c) is left out here: starting Ray costs minutes of CI on 2
+    # cores, and tests/test_ray.py already checks that the Ray runtime trains fedlora's adapter.
+    report = run_quick("overhead.py", tmp_path, 300, "--skip-ray")
+    for key in ("plain_s", "fedlora_s"):
         assert report[key] > 0, key
+    assert report["flower_ray_s"] is None and report["ray_over_fedlora"] is None
     # The ratio is the median over (a)/(b) pairs of runs; with one pair it is that pair's ratio.
     assert report["fedlora_over_plain"] == pytest.approx(report["fedlora_s"] / report["plain_s"], rel=0.01)
     assert len(report["fedlora_over_plain_pairs"]) == report["repeats"] == 1
-    assert report["ray_over_fedlora"] == pytest.approx(report["flower_ray_s"] / report["fedlora_s"], rel=0.01)
     assert report["targets"] == {"fedlora_over_plain": 1.15, "ray_over_fedlora": 2.0}
-    assert isinstance(report["fedlora_over_plain_met"], bool) and isinstance(report["ray_over_fedlora_met"], bool)
-    assert report["flower_ray_client_calls"] == report["clients"] * report["rounds"]
-    # Same seeds, same data, same steps: the three runtimes must train the same adapter, or the
+    assert isinstance(report["fedlora_over_plain_met"], bool)
+    # Same seeds, same data, same steps: both runtimes must train the same adapter, or the
     # timings would not compare the same work.
     assert report["final_max_abs_diff_vs_plain"]["fedlora"] < 1e-5
-    assert report["final_max_abs_diff_vs_plain"]["flower_ray"] < 1e-5
 
 
 def test_communication_quick(tmp_path):
