@@ -110,6 +110,9 @@ class LoRAStrategy(Strategy):
     #: releases one noisy mean of clipped updates; a strategy whose aggregate is that mean, over
     #: one payload sent to every node, can take it as a single update (:meth:`aggregate_updates`).
     central_dp_refusal: ClassVar[str] = ""
+    #: Why the strategy cannot train under local DP-SGD (the rest of the sentence after its name,
+    #: ending with what to use instead), or "" when it can.
+    local_dp_refusal: ClassVar[str] = ""
     #: The ``robustness.aggregator`` values the strategy's math allows: a coordinate-wise median
     #: or trimmed mean needs an aggregate that is a mean of same-shape tensors, taken through
     #: :meth:`average`. ``update_clip`` works on the replies before any strategy sees them.

@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 
 def check_run(cls: type[LoRAStrategy], cfg: RunConfig) -> None:
     """Raise ConfigError naming the first key of ``cfg`` that strategy ``cls`` cannot serve."""
-    for rule in (_server_optimizer, _float_base, _central_dp, _secure_aggregation, _aggregator, _ranks, _models):
+    rules = (_server_optimizer, _float_base, _local_dp, _central_dp, _secure_aggregation, _aggregator, _ranks, _models)
+    for rule in rules:
         rule(cls, cfg)
 
 
@@ -40,18 +41,26 @@ def _server_optimizer(cls: type[LoRAStrategy], cfg: RunConfig) -> None:
         )
 
 
-def _float_base(cls: type[LoRAStrategy], cfg: RunConfig) -> None:
-    if not cls.needs_float_base:
-        return
+def quantized(cfg: RunConfig) -> list[tuple[str, str]]:
+    """The keys of ``cfg`` that ask for a quantized base (the run's and each profile's), with
+    the quantization asked: what a strategy that changes the base weights must refuse."""
     asked = [("model.quantization", cfg.model.quantization)] + [
         (f"federation.profiles[{i}].quantization", p.quantization) for i, p in enumerate(cfg.federation.profiles)
     ]
-    for key, quantization in asked:
-        if quantization not in ("", "none"):
-            raise ConfigError(
-                f"config key '{key}': strategy '{cls.name}' folds updates into the frozen base weights, "
-                f"which cannot be done exactly on a {quantization} base; use quantization = 'none'"
-            )
+    return [(key, quantization) for key, quantization in asked if quantization not in ("", "none")]
+
+
+def _float_base(cls: type[LoRAStrategy], cfg: RunConfig) -> None:
+    for key, quantization in quantized(cfg) if cls.needs_float_base else []:
+        raise ConfigError(
+            f"config key '{key}': strategy '{cls.name}' folds updates into the frozen base weights, "
+            f"which cannot be done exactly on a {quantization} base; use quantization = 'none'"
+        )
+
+
+def _local_dp(cls: type[LoRAStrategy], cfg: RunConfig) -> None:
+    if cfg.privacy.mode == "local" and cls.local_dp_refusal:
+        raise ConfigError(f"config key 'privacy.mode': strategy '{cls.name}' {cls.local_dp_refusal}")
 
 
 def _central_dp(cls: type[LoRAStrategy], cfg: RunConfig) -> None:

@@ -173,6 +173,10 @@ class PFedLoRA(FedSALoRA):
     options_class = PFedLoRAOptions
     client_hooks = PFedLoRAClient
     heterogeneous_models = True
+    local_dp_refusal = (
+        "freezes half of what it trains at every step, which DP-SGD's per-step privacy accounting does not "
+        "cover; use privacy.mode = 'central' or 'none'"
+    )
     #: The shared adapter is a mean of same-shape tensors: any coordinate-wise reducer fits.
     robust_aggregators = ("mean", "trimmed_mean", "median")
 
@@ -194,11 +198,6 @@ class PFedLoRA(FedSALoRA):
             raise ConfigError(
                 "config key 'federation.local_epochs': strategy 'pfedlora' trains strategy.local_model_steps then "
                 "strategy.adapter_steps per round; set local_epochs = 0"
-            )
-        if cfg.privacy.mode == "local":
-            raise ConfigError(
-                "config key 'privacy.mode': strategy 'pfedlora' freezes half of what it trains at every step, which "
-                "DP-SGD's per-step privacy accounting does not cover; use privacy.mode = 'central' or 'none'"
             )
         check_bases(cfg)
 

@@ -64,6 +64,7 @@ from fedlora.model.adapters import AdapterHost, from_record, is_lora_a, is_lora_
 from fedlora.model.lowrank import svd_init
 
 from .base import ClientUpdate, GlobalView, LoRAStrategy
+from .checks import quantized
 from .fedavg import weighted_mean
 from .hooks import ClientHooks, TrainGroup
 from .options import StrategyOptions, option
@@ -290,6 +291,10 @@ class SLoRA(LoRAStrategy):
     #: Central DP releases one noisy mean of the clipped updates of one payload sent to all: stage 1's
     #: values and head are such a payload, and the SVD start is post-processing of the release.
     central_dp_refusal = ""
+    local_dp_refusal = (
+        "trains sparse weight entries outside the model's parameters in stage 1, which DP-SGD (Opacus) cannot "
+        "clip per example; use privacy.mode = 'none'"
+    )
     server_optimizer_refusal = "at the stage boundary A and B are replaced by the SVD start, which is no update of them"
     #: The SVD start's share of the stage-1 update's energy, at the boundary round only.
     _energy: float | None = None
@@ -300,19 +305,10 @@ class SLoRA(LoRAStrategy):
 
     @classmethod
     def check_setup(cls, cfg: RunConfig, tasks: list[str]) -> None:
-        asked = [("model.quantization", cfg.model.quantization)] + [
-            (f"federation.profiles[{i}].quantization", p.quantization) for i, p in enumerate(cfg.federation.profiles)
-        ]
-        for key, quantization in asked:
-            if quantization not in ("", "none"):
-                raise ConfigError(
-                    f"config key '{key}': strategy 'slora' fine-tunes entries of the frozen weights in stage 1, "
-                    f"which a {quantization} base cannot train; use quantization = 'none'"
-                )
-        if cfg.privacy.mode == "local":
+        for key, quantization in quantized(cfg):
             raise ConfigError(
-                "config key 'privacy.mode': strategy 'slora' trains sparse weight entries outside the model's "
-                "parameters in stage 1, which DP-SGD (Opacus) cannot clip per example; use privacy.mode = 'none'"
+                f"config key '{key}': strategy 'slora' fine-tunes entries of the frozen weights in stage 1, "
+                f"which a {quantization} base cannot train; use quantization = 'none'"
             )
         super().check_setup(cfg, tasks)
 
