@@ -14,6 +14,7 @@ the data once and share one base model.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
 
@@ -29,6 +30,13 @@ ENCODED = "encoded"
 DERIVED = "derived"
 BASE_CHANGE = "base-change"  # the newest base change a node built (strategies.basechain)
 
+#: Kinds with one entry per virtual client (its partition, local split, tokens), and how many of
+#: each a process keeps, least recently used first out. A cross-device simulation samples a few
+#: dozen of a million clients per round: the entries of the clients sampled lately stay, the
+#: others are rebuilt when sampled again (a partition is a cheap view of the shared pool), so
+#: memory follows the clients sampled, not every client ever sampled.
+PER_NODE_LIMITS: dict[str, int] = {NODE_DATA: 2048, DERIVED: 2048, ENCODED: 2048}
+
 
 class ProcessState:
     """A keyed store of per-process objects, built once on first use.
@@ -37,17 +45,33 @@ class ProcessState:
     and a builder may itself ask for another entry (a partition asks for the task data).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, limits: dict[str, int] | None = None) -> None:
         self._lock = threading.RLock()
         self._entries: dict[tuple[str, Hashable], Any] = {}
+        #: Per bounded kind, its keys in order of last use (:data:`PER_NODE_LIMITS`).
+        self._limits = dict(PER_NODE_LIMITS if limits is None else limits)
+        self._recent: dict[str, OrderedDict[Hashable, None]] = {kind: OrderedDict() for kind in self._limits}
 
     def get(self, kind: str, key: Hashable, build: Callable[[], T]) -> T:
-        """The entry ``(kind, key)``, built with ``build()`` the first time it is asked for."""
+        """The entry ``(kind, key)``, built with ``build()`` the first time it is asked for (again
+        after a bounded kind let it go)."""
         with self._lock:
             full = (kind, key)
             if full not in self._entries:
                 self._entries[full] = build()
+            self._used(kind, key)
             return self._entries[full]
+
+    def _used(self, kind: str, key: Hashable) -> None:
+        """Mark ``key`` used now; drop the least recently used entries beyond the kind's limit."""
+        recent = self._recent.get(kind)
+        if recent is None:
+            return
+        recent[key] = None
+        recent.move_to_end(key)
+        while len(recent) > self._limits[kind]:
+            old, _ = recent.popitem(last=False)
+            self._entries.pop((kind, old), None)
 
     def peek(self, kind: str, key: Hashable) -> Any | None:
         """The entry if it exists, else None (never builds)."""
@@ -57,15 +81,20 @@ class ProcessState:
     def put(self, kind: str, key: Hashable, value: Any) -> None:
         with self._lock:
             self._entries[(kind, key)] = value
+            self._used(kind, key)
 
     def clear(self, kind: str | None = None) -> None:
         """Forget every entry, or those of one ``kind``."""
         with self._lock:
             if kind is None:
                 self._entries.clear()
+                for recent in self._recent.values():
+                    recent.clear()
             else:
                 for full in [k for k in self._entries if k[0] == kind]:
                     del self._entries[full]
+                if kind in self._recent:
+                    self._recent[kind].clear()
 
     def count(self, kind: str | None = None) -> int:
         """How many entries (of ``kind``) are held."""

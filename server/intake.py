@@ -115,7 +115,8 @@ def collect(
                     on_reply(reply, len(replies), len(owner))
         if gone is not None and pending and time.monotonic() >= next_roll_call:
             next_roll_call = time.monotonic() + ROLL_CALL_S
-            online = set(grid.get_node_ids())
+            listed = grid.get_node_ids()
+            online = listed if isinstance(listed, (range, set, frozenset)) else set(listed)
             for asked in [a for a in pending if owner[a] not in online]:
                 del pending[asked]
                 gone.add(owner[asked])

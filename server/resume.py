@@ -51,7 +51,8 @@ def _resume(
     if cfg.rounds < last:
         raise FedLoraError(f"--resume: rounds = {cfg.rounds} but the run has already done {last} rounds")
     check_adapter_shape(cfg, extra.get("adapter"), ckpt.state, fresh)
-    loop.node_book.restore(ckpt.nodes, loop.strategy.personalized)
+    chain = loop.run_dir.node_state_chain(last) if ckpt.nodes is not None else []
+    loop.node_book.restore(chain, loop.strategy.personalized)
     loop.run_uid = str(extra.get("run_uid", loop.run_uid))  # a device's saved state is this run's
     loop.run_dir.write_config(cfg)  # `rounds` may have been extended: config.toml says what runs
     loop.strategy.load_state_dict(extra.get("strategy", {}))

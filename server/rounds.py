@@ -3,8 +3,9 @@
 :meth:`RoundLoop.run` is the whole run; each round is :meth:`RoundLoop.round`::
 
     query_new_nodes   nodes not heard from report rank, device, precision, memory, examples,
-                      tasks (all nodes once before round 1: the capability table, nodes.json;
-                      later only for strategies whose payload depends on it)
+                      tasks (before round 1: every node of a small federation, the first
+                      round's draw of a large one; then, for strategies whose payload depends
+                      on it, the round's draw: costs follow the sampled clients)
     configure         strategy.configure_train: one message per sampled node
     collect           push, then pull replies as they arrive (until all are in or the timeout)
     check_reply       validate each against what that node was sent (payload, every metric and
@@ -12,8 +13,8 @@
                       drop bad ones, named
     aggregate         [robustness] clip each update, then strategy.aggregate_train over the
                       valid replies in sampling order; a non-finite result stops the run
-    evaluate          the global state on the server's held-out split (+ on the nodes for
-                      personalized strategies)
+    evaluate          the global state on the server's held-out split (+ for personalized
+                      strategies, on the nodes ``[evaluation]`` picks: :mod:`.personal`)
     record            one line in metrics.jsonl, TensorBoard scalars, a progress line
     checkpoint        the global state and the strategy's state, atomically
 
@@ -34,6 +35,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -53,12 +55,13 @@ from fedlora.wire.transport import Wire
 
 from .evaluation import evaluate_state
 from .intake import ReplyIntake, RoundBook, collect
-from .nodes import NodeBook, capability_table
+from .nodes import EAGER_QUERY_MAX, NodeBook, capability_table
+from .personal import evaluate_on_nodes
 from .privacy import CentralDP, PrivacyBook, announce_plan, plan_rows
 from .resume import adapter_shape
 from .resume import start as resume_start
 from .secure_round import SecureRound
-from .validation import NODE_GONE, ReplyError, check_eval_metrics
+from .validation import NODE_GONE
 
 if TYPE_CHECKING:
     from .server_app import Prepared
@@ -72,6 +75,9 @@ class RunResult:
     rounds: list[dict[str, Any]] = field(default_factory=list)
     initial: dict[str, float] = field(default_factory=dict)
     adapter_dir: str = ""
+    #: Wall seconds of the run's parts outside its rounds: ``start`` (round 0: the initial
+    #: evaluation or the resume, the nodes' capabilities, the DP plan) and ``end`` (the export).
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def check_trained(rounds: list[dict[str, Any]]) -> None:
@@ -151,20 +157,24 @@ class RoundLoop:
 
     def run(self, resume: bool = False) -> RunResult:
         """Every configured round, then the export."""
+        began = time.perf_counter()
         state, result, first = self.start(resume)
         self.shared[P.RUN_UID] = self.run_uid  # made or restored by start(): names what devices save
-        self.query_new_nodes()  # what every node has, printed and kept before the first round
-        for line in capability_table(self.nodes.all()):
+        self.query_first(first)
+        for line in capability_table(self.nodes.all(), len(self.grid.get_node_ids())):
             self.progress.line(line)
         if self.cfg.privacy.enabled:  # the DP plan, printed and recorded before round 1
             rows = plan_rows(self.cfg, self.nodes.all(), lambda node: self.strategy.payload(node, state))
             announce_plan(self.cfg, rows, self.run_dir.path, self.progress.line)
         self.scalars = ScalarLog(self.run_dir.path)
+        result.seconds["start"] = round(time.perf_counter() - began, 4)
         try:
             for server_round in range(first, self.cfg.rounds + 1):
                 state = self.round(server_round, state, result)
             check_trained(result.rounds)
+            began = time.perf_counter()
             self.export(state, result)
+            result.seconds["end"] = round(time.perf_counter() - began, 4)
         finally:
             self.scalars.close()
         return result
@@ -176,8 +186,8 @@ class RoundLoop:
     def round(self, server_round: int, state: dict[str, torch.Tensor], result: RunResult) -> dict[str, torch.Tensor]:
         """One round, step by step; returns the new global state."""
         started = time.perf_counter()
-        if self.strategy.needs_node_info:
-            self.query_new_nodes()
+        if self.strategy.needs_node_info:  # its payloads depend on it: ask the drawn nodes first
+            self.query_new_nodes(self.strategy.draw(self.grid, server_round))
         messages = self.configure(server_round, state)
         book = RoundBook.of(messages, dict(self.strategy.sent))
         if self.secure is not None:  # SecAgg+'s stages: the strategy sees the survivors' sum alone
@@ -213,9 +223,19 @@ class RoundLoop:
             elif node not in replied:
                 book.drop(node, "no reply before the round timeout", short="timeout")
 
-    def query_new_nodes(self) -> None:
-        """Ask the nodes that have not reported what they have (:meth:`NodeBook.query_new`)."""
-        self.node_book.query_new()
+    def query_first(self, first: int) -> None:
+        """Before the first round: what every node of a small federation has (the table and the DP
+        plan cover them all), or, beyond :data:`~fedlora.server.nodes.EAGER_QUERY_MAX` nodes, what
+        the first round's drawn nodes have; the others report when they are sampled."""
+        if len(self.grid.get_node_ids()) <= EAGER_QUERY_MAX:
+            self.query_new_nodes()
+        elif first <= self.cfg.rounds:
+            self.query_new_nodes(self.strategy.draw(self.grid, first))
+
+    def query_new_nodes(self, nodes: Iterable[int] | None = None) -> None:
+        """Ask the nodes (of ``nodes``; default every node) that have not reported what they have
+        (:meth:`NodeBook.query_new`)."""
+        self.node_book.query_new(nodes)
 
     def record_node(self, node: int, info: ConfigRecord) -> None:
         """Keep what ``node`` says it has (:meth:`NodeBook.record`)."""
@@ -250,7 +270,7 @@ class RoundLoop:
         for node, facts in self.clip(server_round, book).items():
             book.entry(node).update(facts)
         if self.central is not None:
-            population = len(list(self.grid.get_node_ids()))
+            population = len(self.grid.get_node_ids())
             arrays, agg, dp_facts = self.central.aggregate_train(server_round, book.valid, book.reference, population)
         else:
             arrays, agg = self.strategy.aggregate_train(server_round, book.valid)
@@ -309,38 +329,8 @@ class RoundLoop:
         return {**self.evaluate_on_nodes(server_round, state, book), **shared}
 
     def evaluate_on_nodes(self, server_round: int, state: dict[str, torch.Tensor], book: RoundBook) -> dict[str, float]:
-        """Every node evaluates its own model; each node's numbers land in its client entry."""
-        messages = list(
-            self.strategy.configure_evaluate(server_round, to_record(state), ConfigRecord(dict(self.shared)), self.grid)
-        )
-        replies = collect(self.grid, messages, self.cfg.federation.round_timeout)
-        sent = {m.metadata.dst_node_id for m in messages}
-        good = []
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            if reply.has_error() or P.METRICS not in reply.content.metric_records:
-                continue
-            got = dict(reply.content.metric_records[P.METRICS])
-            try:
-                if node not in sent:
-                    raise ReplyError("evaluate reply from a node that was not sent a message this round")
-                check_eval_metrics(got)
-            except ReplyError as err:  # its numbers stay out of the entry and the mean
-                book.entry(node)["eval_dropped"] = str(err)
-                self.progress.line(f"round {server_round}/{self.cfg.rounds}  evaluate  node {node}  DROPPED: {err}")
-                continue
-            # The mean over nodes is weighted by it; its own eval split, so only the run's cap applies.
-            cap = self.cfg.robustness.max_examples
-            if P.NUM_EXAMPLES in got:
-                if got[P.NUM_EXAMPLES] > cap:
-                    book.entry(node)["eval_examples_capped_from"] = got[P.NUM_EXAMPLES]
-                    reply.content.metric_records[P.METRICS][P.NUM_EXAMPLES] = cap
-            book.entry(node).update(
-                {k: float(v) for k, v in got.items() if k in ("eval_accuracy", "eval_loss", "eval_perplexity")}
-            )
-            good.append(reply)
-        agg = self.strategy.aggregate_evaluate(server_round, good)
-        return {k: float(v) for k, v in dict(agg).items()} if agg is not None else {}
+        """The nodes ``[evaluation]`` picks evaluate their own model (:func:`.personal.evaluate_on_nodes`)."""
+        return evaluate_on_nodes(self, server_round, state, book)
 
     def record(
         self,
@@ -391,6 +381,7 @@ class RoundLoop:
             extra["central_dp"] = self.central.state_dict()
         # The nodes' own state (FedSA's private B, HetLoRA's pruning, error-feedback residuals,
         # privacy ledgers) where the grid holds it in this process: the in-process simulation.
+        # Only the nodes served since the last checkpoint: the files of rounds 1..k hold them all.
         node_states = getattr(self.grid, "node_states", None)
         self.run_dir.save_checkpoint(
             server_round,
@@ -399,6 +390,8 @@ class RoundLoop:
             nodes=node_states() if node_states else None,
             server=self.strategy.tensor_state(),
         )
+        if node_states:  # on disk now: those nodes leave memory until they are sampled again
+            self.grid.node_states_saved(self.run_dir.node_state_path(server_round))
 
     def export(self, state: dict[str, torch.Tensor], result: RunResult) -> None:
         """The final adapter(s) in peft's format (base deltas folded in) and summary.json."""

@@ -18,7 +18,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora.config import RunConfig
-from fedlora.data import Encoded, TaskData, load_partition, load_task_data, partition_sizes_ok
+from fedlora.data import Encoded, TaskData, load_task_data, partition_sizes, partition_sizes_ok
 from fedlora.data.images import encode_examples
 from fedlora.errors import ConfigError, DataError
 from fedlora.model.adapters import AdapterHost, AdapterSpec, get_host, lora_modules
@@ -95,15 +95,14 @@ def prepare(cfg: RunConfig, *, check_partitions: bool = True) -> Prepared:
     check_profiles(cfg, max(len(data.labels), 2), here=check_partitions)
     if check_partitions:
         partition_sizes_ok(cfg, data)
-        smallest = None
-        for pid in range(cfg.federation.clients):
-            size = len(load_partition(cfg, pid, cfg.federation.clients))
-            if size == 0:
-                raise DataError(
-                    f"data.partitioner {cfg.data.partitioner!r} left client {pid} with no examples "
-                    f"(federation.clients = {cfg.federation.clients}); use fewer clients or more data"
-                )
-            smallest = size if smallest is None else min(smallest, size)
+        sizes = partition_sizes(cfg, cfg.federation.clients)
+        empty = next((pid for pid, size in enumerate(sizes) if size == 0), None)
+        if empty is not None:
+            raise DataError(
+                f"data.partitioner {cfg.data.partitioner!r} left client {empty} with no examples "
+                f"(federation.clients = {cfg.federation.clients}); use fewer clients or more data"
+            )
+        smallest = min(sizes, default=None)
         if cfg.privacy.mode == "local" and smallest is not None and cfg.privacy.delta >= 1 / smallest:
             raise ConfigError(
                 f"config key 'privacy.delta' = {cfg.privacy.delta:g} must be < 1/examples = {1 / smallest:.3g} "

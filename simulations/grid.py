@@ -34,6 +34,7 @@ import traceback
 import uuid
 from collections.abc import Iterable, Sequence
 from logging import ERROR
+from pathlib import Path
 
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -47,12 +48,13 @@ from fedlora.errors import RunFailed
 from fedlora.wire.protocol import NODE_DEVICE, NODE_NUM_PARTITIONS, NODE_PARTITION_ID
 
 from .lanes import WORKER_START_TIMEOUT_S, _error_reply, _LaneLost, _stamp, _transport_failure, _WorkerProcess
+from .node_store import NodeStateStore
 
 #: How long :meth:`InProcessGrid.pull_messages` waits for a reply before it answers "none yet":
 #: a reply that lands meanwhile is returned at once, and the caller sleeps after an empty answer.
 PULL_WAIT_S = 0.5
-#: First bytes of :meth:`InProcessGrid.node_states`' blob (then per node: id, length, protobuf).
-NODE_STATES_MAGIC = b"fedlora-node-states-1\n"
+#: The first virtual node's id (node ``FIRST_NODE_ID + i`` holds partition ``i``).
+FIRST_NODE_ID = 1_000_001
 
 
 class InProcessGrid(Grid):
@@ -87,21 +89,16 @@ class InProcessGrid(Grid):
         self.client_app = client_app
         self.devices = list(devices)
         self._run = Run.create_empty(run_id)
-        # Node ids start high and are not partition ids, as on a real SuperLink.
-        self._node_ids = [1_000_001 + i for i in range(num_nodes)]
+        # Node ids start high and are not partition ids, as on a real SuperLink. A range, not a
+        # list: a million nodes cost nothing until they are sampled.
+        self._node_ids = range(FIRST_NODE_ID, FIRST_NODE_ID + num_nodes)
+        self._num_nodes = num_nodes
         extra = dict(node_config or {})
         if len(self.devices) == 1:
             extra[NODE_DEVICE] = self.devices[0]
-        self._contexts = {
-            node_id: Context(
-                run_id=run_id,
-                node_id=node_id,
-                node_config={NODE_PARTITION_ID: i, NODE_NUM_PARTITIONS: num_nodes, **extra},
-                state=RecordDict(),
-                run_config={},
-            )
-            for i, node_id in enumerate(self._node_ids)
-        }
+        self._node_extra = extra
+        #: Every node's own state: in memory only for the nodes served since the last checkpoint.
+        self.store = NodeStateStore(self._node_ids)
         self._pending: dict[str, Message] = {}
         self._replies: dict[str, Message] = {}
         # Concurrent lanes (several devices) only, all guarded by _cond.
@@ -123,6 +120,17 @@ class InProcessGrid(Grid):
             except BaseException:
                 self.close()
                 raise
+
+    def _context(self, node_id: int, device: str | None = None) -> Context:
+        """Node ``node_id``'s Context for one delivery: its node config (partition, device) and its
+        own state from the store (the ClientApp mutates it in place; a worker lane's is put back)."""
+        node_config = {NODE_PARTITION_ID: node_id - FIRST_NODE_ID, NODE_NUM_PARTITIONS: self._num_nodes}
+        node_config.update(self._node_extra)
+        if device is not None:
+            node_config[NODE_DEVICE] = device
+        with self._cond:
+            state = self.store.state(node_id)
+        return Context(run_id=self._run.run_id, node_id=node_id, node_config=node_config, state=state, run_config={})
 
     # -- lanes -----------------------------------------------------------------------------------
 
@@ -200,14 +208,7 @@ class InProcessGrid(Grid):
     def _deliver_on(self, lane: int, msg: Message) -> Message:
         """``msg`` handled on ``lane``, in a copy of its node's Context that names the lane's
         device; the node's persistent Context keeps the state it leaves."""
-        node = self._contexts[msg.metadata.dst_node_id]
-        context = Context(
-            run_id=node.run_id,
-            node_id=node.node_id,
-            node_config={**node.node_config, NODE_DEVICE: self.devices[lane]},
-            state=node.state,
-            run_config=node.run_config,
-        )
+        context = self._context(msg.metadata.dst_node_id, self.devices[lane])
         try:
             if lane == 0:
                 return self.client_app(msg, context)
@@ -228,7 +229,8 @@ class InProcessGrid(Grid):
                 log(ERROR, "node %s (%s): %s: %s", msg.metadata.dst_node_id, where, type(ex).__name__, ex)
             return _error_reply(msg, ex)
         finally:
-            node.state = context.state  # the worker lane replaces the object; lane 0 mutates it
+            with self._cond:  # the worker lane replaces the object; lane 0 mutates it
+                self.store.put(msg.metadata.dst_node_id, context.state)
 
     def close(self) -> None:
         """Stop the lanes: the threads once they finish what they hold, the worker processes now
@@ -244,50 +246,28 @@ class InProcessGrid(Grid):
     # -- node state (checkpointed with the run) ---------------------------------------------------
 
     def node_states(self) -> bytes:
-        """Every node's ``Context.state`` in one blob (Flower's protobuf serde, length-prefixed,
-        by node id), for the run's checkpoint: a resumed simulation gets its nodes back as they
-        were (FedSA's private B, HetLoRA's pruning, error-feedback residuals, privacy ledgers)."""
-        from flwr.common.serde import recorddict_to_proto
-
+        """The nodes' own state for the run's checkpoint, as :mod:`.node_store` lays it out: the
+        nodes served since the last checkpoint only (a resumed simulation gets its nodes back as
+        they were: FedSA's private B, HetLoRA's pruning, error-feedback residuals, privacy
+        ledgers). Call :meth:`node_states_saved` once the bytes are on disk."""
         with self._cond:  # between rounds nothing runs, but a late lane must not swap a state mid-read
-            parts = [NODE_STATES_MAGIC]
-            for node_id in self._node_ids:
-                body = recorddict_to_proto(self._contexts[node_id].state).SerializeToString()
-                parts.append(node_id.to_bytes(8, "little") + len(body).to_bytes(8, "little") + body)
-        return b"".join(parts)
+            return self.store.delta()
 
-    def restore_node_states(self, blob: bytes) -> None:
-        """Put back what :meth:`node_states` saved; the nodes must be the same ones.
+    def node_states_saved(self, path: Path) -> None:
+        """:meth:`node_states`' bytes are in ``path``: those nodes leave memory until sampled again."""
+        with self._cond:
+            self.store.saved(path)
+
+    def restore_node_states(self, files: list[Path]) -> None:
+        """Put the nodes back as the checkpoint files of rounds 1..k (oldest first) left them.
 
         Raises
         ------
         RunFailed
-            The blob is malformed or names other nodes (a checkpoint of another federation).
+            A file is malformed or names other nodes (a checkpoint of another federation).
         """
-        from flwr.common.serde import recorddict_from_proto
-        from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
-
-        if not blob.startswith(NODE_STATES_MAGIC):
-            raise RunFailed("checkpoint node state: not a fedlora node-state file")
-        states: dict[int, RecordDict] = {}
-        pos = len(NODE_STATES_MAGIC)
-        while pos < len(blob):
-            node_id = int.from_bytes(blob[pos : pos + 8], "little")
-            size = int.from_bytes(blob[pos + 8 : pos + 16], "little")
-            body = blob[pos + 16 : pos + 16 + size]
-            if len(body) != size:
-                raise RunFailed("checkpoint node state: truncated")
-            proto = ProtoRecordDict()
-            proto.ParseFromString(body)
-            states[node_id] = recorddict_from_proto(proto)
-            pos += 16 + size
-        if set(states) != set(self._node_ids):
-            raise RunFailed(
-                f"checkpoint node state: saved for {len(states)} node(s), this federation has {len(self._node_ids)}"
-            )
         with self._cond:
-            for node_id, state in states.items():
-                self._contexts[node_id].state = state
+            self.store.restore(files)
 
     # -- Grid --------------------------------------------------------------------------------------
 
@@ -303,14 +283,19 @@ class InProcessGrid(Grid):
     ) -> Message:
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
+    def node_of_partition(self, partition_id: int) -> int | None:
+        """The node holding partition ``partition_id`` (None when there is no such partition)."""
+        return FIRST_NODE_ID + partition_id if 0 <= partition_id < self._num_nodes else None
+
     def get_node_ids(self) -> Iterable[int]:
-        return list(self._node_ids)
+        """The node ids, as a ``range`` (sorted, O(1) to hold and to test membership in)."""
+        return self._node_ids
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
         with self._cond:
             for msg in messages:
-                if msg.metadata.dst_node_id not in self._contexts:
+                if msg.metadata.dst_node_id not in self._node_ids:
                     raise ValueError(f"unknown node {msg.metadata.dst_node_id}")
                 msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
                 msg.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
@@ -322,12 +307,15 @@ class InProcessGrid(Grid):
         return ids
 
     def _deliver(self, msg: Message) -> Message:
-        context = self._contexts[msg.metadata.dst_node_id]
+        context = self._context(msg.metadata.dst_node_id)
         try:
             reply = self.client_app(msg, context)
         except Exception as ex:  # noqa: BLE001 - a client failure becomes an error reply, as in Flower
             log(ERROR, "node %s: %s", msg.metadata.dst_node_id, traceback.format_exc())
             reply = _error_reply(msg, ex)
+        finally:
+            with self._cond:
+                self.store.put(msg.metadata.dst_node_id, context.state)
         return _stamp(reply)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:

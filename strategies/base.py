@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import random
 from abc import abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from logging import INFO as LOG_INFO
 from typing import Any, ClassVar
 
@@ -304,14 +304,24 @@ class LoRAStrategy(Strategy):
 
     # -- Flower Strategy interface -------------------------------------------------------------
 
-    def sample(self, grid: Grid, server_round: int) -> list[int]:
-        """Seeded sample of ``round(fraction * N)`` nodes (at least one), reproducible per round."""
-        nodes = sorted(grid.get_node_ids())
+    def draw(self, grid: Grid, server_round: int) -> list[int]:
+        """Seeded draw of ``round(fraction * N)`` nodes (at least one), reproducible per round.
+
+        O(nodes drawn) on the in-process grid, whose node ids are a ``range`` (already sorted;
+        ``random.sample`` indexes it without building a list), so a million clients cost nothing.
+        """
+        nodes = grid.get_node_ids()
+        nodes = nodes if isinstance(nodes, range) else sorted(nodes)
         if not nodes:
             return []
         count = max(1, math.floor(self.settings.federation.fraction * len(nodes) + 0.5))
         rng = random.Random(self.settings.seed * 100_003 + server_round)
         return sorted(rng.sample(nodes, min(count, len(nodes))))
+
+    def sample(self, grid: Grid, server_round: int) -> list[int]:
+        """The nodes that train in ``server_round``: :meth:`draw`'s (a strategy may leave out the ones
+        it cannot serve, by what they reported: the server asks the drawn ones just before)."""
+        return self.draw(grid, server_round)
 
     def base_client_config(self, node_id: int, server_round: int) -> dict[str, Any]:
         """The round settings every strategy sends (local budget, lr, rank, seed, dtype)."""
@@ -409,9 +419,21 @@ class LoRAStrategy(Strategy):
         return to_record(new_state), MetricRecord({P.TRAIN_LOSS: loss, P.NUM_EXAMPLES: total})
 
     def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        grid: Grid,
+        *,
+        nodes: Sequence[int] | None = None,
+        export: Collection[int] = (),
     ) -> Iterable[Message]:
-        """fedlora evaluates the global adapter on the server's held-out split: no messages."""
+        """fedlora evaluates the global adapter on the server's held-out split: no messages.
+
+        A personalized strategy sends one message to each of ``nodes`` (the server picks them:
+        :func:`fedlora.server.personal.evaluation_nodes`; None: every node), asking those in
+        ``export`` to write their own adapter too.
+        """
         return []
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

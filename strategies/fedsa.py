@@ -20,7 +20,7 @@ deployed client writes it on its own device), each loadable with ``PeftModel.fro
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -96,19 +96,31 @@ class FedSALoRA(LoRAStrategy):
         return state
 
     def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        grid: Grid,
+        *,
+        nodes: Sequence[int] | None = None,
+        export: Collection[int] = (),
     ) -> Iterable[Message]:
-        """Every node evaluates its personalized model; on the last round it also exports it."""
+        """Each of ``nodes`` (default: every node, exporting on the last round) evaluates its
+        personalized model; those in ``export`` also write it."""
         from fedlora.model.adapters import from_record
 
         fed = self.settings.federation
         record = to_record(shared_part(from_record(arrays)), fed.transport_dtype, fed.transport_quantize, packed=True)
+        if nodes is None:
+            nodes = sorted(grid.get_node_ids())
+            export = nodes if server_round == self.settings.rounds else ()
+        export = set(export)
         messages = []
-        for node_id in sorted(grid.get_node_ids()):
+        for node_id in nodes:
             entries = dict(config)
             entries.update(self.base_client_config(node_id, server_round))
             entries.update(self.client_config(node_id, server_round))
-            entries[P.EXPORT] = server_round == self.settings.rounds
+            entries[P.EXPORT] = node_id in export
             content = RecordDict({P.ARRAYS: record, P.CONFIG: ConfigRecord(entries)})
             messages.append(
                 Message(

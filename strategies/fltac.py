@@ -236,7 +236,7 @@ class FLTAC(LoRAStrategy):
         return super().configure_train(server_round, arrays, config, grid)
 
     def sample(self, grid, server_round):
-        return [n for n in super().sample(grid, server_round) if self.node_tasks(n)]
+        return [n for n in self.draw(grid, server_round) if self.node_tasks(n)]
 
     def payload(self, node_id: int, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         tasks = tuple(self.node_tasks(node_id))

@@ -33,7 +33,7 @@ paper lists it); the local model's LoRA is trained in the local-model phase only
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -223,10 +223,18 @@ class PFedLoRA(FedSALoRA):
         return state
 
     def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        grid: Grid,
+        *,
+        nodes: Sequence[int] | None = None,
+        export: Collection[int] = (),
     ) -> Iterable[Message]:
-        """Every node evaluates its own local model with the global adapter (and exports it last)."""
-        return super().configure_evaluate(server_round, to_record(shared_adapter(from_record(arrays))), config, grid)
+        """Each of ``nodes`` evaluates its own local model with the global adapter (and exports it when asked)."""
+        shared = to_record(shared_adapter(from_record(arrays)))
+        return super().configure_evaluate(server_round, shared, config, grid, nodes=nodes, export=export)
 
 
 def check_bases(cfg: RunConfig) -> None:

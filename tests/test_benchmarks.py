@@ -59,6 +59,19 @@ def test_memory_quick(tmp_path):
     assert report["target_ratio_100_over_2"] == 1.3
 
 
+def test_scale_quick(tmp_path):
+    report = run_quick("scale.py", tmp_path, timeout=300)
+    rows = {(r["clients"], r["strategy"]): r for r in report["runs"]}
+    assert set(rows) == {(n, s) for n in (2, 5000) for s in ("fedavg", "fedsa")}
+    for (n, _), row in rows.items():
+        assert row["sampled_per_round"] == min(n, 20) and row["clients_ok"] == [min(n, 20)] * 2
+        assert row["peak_rss_mb"] > 0 and row["start_s"] > 0 and row["round_s"] > 0
+    # The personalized clients' own state is checkpointed for the clients served, not all 5,000.
+    assert 0 < rows[(5000, "fedsa")]["node_state_bytes_on_disk"] < 40 * rows[(2, "fedsa")]["node_state_bytes_on_disk"]
+    assert set(report["verdict"]) == {"fedavg", "fedsa"}
+    assert all(isinstance(v["targets_met"], bool) for v in report["verdict"].values())
+
+
 def test_overhead_quick(tmp_path):
     # Flower's Ray simulation (part c) is left out here: starting Ray costs minutes of CI on 2
     # cores, and tests/test_ray.py already checks that the Ray runtime trains fedlora's adapter.

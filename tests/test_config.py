@@ -157,4 +157,9 @@ def test_the_keys_a_resume_may_change_are_read_from_the_schema():
         "federation.round_timeout",
         "federation.max_reply_mb",
         "simulation.devices",
+        # who evaluates and exports its own model: not what the federation trains
+        "evaluation.clients",
+        "evaluation.fraction",
+        "evaluation.final_all_up_to",
+        "evaluation.export_clients",
     }

@@ -178,8 +178,15 @@ def test_the_capability_table():
     assert lines[1].split() == ["node", "device", "precision", "dtype", "rank", "memory", "GB", "examples"]
     assert lines[2].split() == ["1", "cuda:0", "none", "bfloat16", "8", "80", "100"]
     assert lines[3].split() == ["2", "cpu", "4bit", "(auto)", "float32", "2", "(auto)", "8", "40"]
-    many = capability_table([NodeInfo(node_id=i, rank=4) for i in range(TABLE_ROWS + 5)])
-    assert len(many) == TABLE_ROWS + 3 and many[-1].strip() == "... and 5 more (see nodes.json)"
+    # Beyond TABLE_ROWS nodes: a summary, one row per kind of node (largest group first).
+    many = [NodeInfo(node_id=i, rank=4, num_examples=10 + i) for i in range(TABLE_ROWS + 5)]
+    many += [NodeInfo(node_id=100 + i, rank=8, device="cuda:0", num_examples=7) for i in range(3)]
+    lines = capability_table(many, total=1_000_000)
+    assert lines[0] == f"{TABLE_ROWS + 8} node(s) of 1,000,000 (the others report when sampled):"
+    assert lines[2].split() == [str(TABLE_ROWS + 5), "cpu", "none", "float32", "4", f"10-{10 + TABLE_ROWS + 4}"]
+    assert lines[3].split() == ["3", "cuda:0", "none", "float32", "8", "7"]
+    assert lines[-1].strip() == "every node: nodes.json" and len(lines) == 5
+    assert capability_table([], total=5000) == ["5,000 node(s): capabilities are learnt as the nodes are sampled"]
 
 
 @pytest.mark.parametrize(

@@ -516,7 +516,8 @@ def test_personalized_evaluate_replies_are_checked(tmp_path, tiny_bert):
     def evaluate(msg, i):
         return Message(content=RecordDict({P.METRICS: MetricRecord(EVAL_REPLIES[i])}), reply_to=msg)
 
-    cfg = tiny_config(tiny_bert, strategy="fedsa", sets=("robustness.max_examples=10",))
+    # Every node evaluates (none trained in this book): each of their replies is checked.
+    cfg = tiny_config(tiny_bert, strategy="fedsa", sets=("robustness.max_examples=10", "evaluation.clients=all"))
     lines = Lines()
     grid = hostile_grid(evaluate=evaluate)
     loop = RoundLoop(grid, prepare(cfg), RunDirectory(tmp_path / "run"), lines)

@@ -206,7 +206,7 @@ def test_lane_errors_and_a_dead_worker(monkeypatch):
                 break
         assert len(replies) == 1 and replies[0].has_error()
         with pytest.raises(Exception) as direct:  # what the same message raises in this process
-            client_module.handle_train(bad, grid._contexts[nodes[1]])
+            client_module.handle_train(bad, grid._context(nodes[1]))
         assert replies[0].error.reason == f"{type(direct.value).__name__}: {direct.value}"
         assert grid.lane_deliveries == [0, 1]
 
@@ -220,8 +220,8 @@ def test_lane_errors_and_a_dead_worker(monkeypatch):
         release.set()
         grid.close()
     assert len(seen) == 1 and seen[0][NODE_DEVICE] == "cpu"  # lane 0 (preferred when free) ran node 0
-    assert "touched" in grid._contexts[nodes[0]].state  # ... and the node kept the state it left
-    assert NODE_DEVICE not in grid._contexts[nodes[0]].node_config  # the device is per delivery
+    assert "touched" in grid.store.state(nodes[0])  # ... and the node kept the state it left
+    assert NODE_DEVICE not in grid._context(nodes[0]).node_config  # the device is per delivery
     assert hold[0] in grid._replies  # lane 0 finished what it held once released
     assert all(not os.path.exists(w.directory) for w in grid._workers.values())
 

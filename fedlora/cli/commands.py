@@ -94,6 +94,16 @@ def _column_arg(value: str) -> tuple[str, str]:
     return key, name.strip()
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """``fedlora export RUN --client K``: one JSON object (adapter path, round, the client's metrics)."""
+    import json
+
+    from fedlora.simulations.export_client import export_client
+
+    print(json.dumps(export_client(args.run, args.client, args.out)))
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``fedlora evaluate``: one JSON object with the adapter's metrics on a data file, on stdout."""
     import json

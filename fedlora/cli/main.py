@@ -8,6 +8,7 @@ from fedlora.cli.commands import (
     _column_arg,
     cmd_certs,
     cmd_evaluate,
+    cmd_export,
     cmd_partition,
     cmd_presets,
     cmd_report,
@@ -67,6 +68,12 @@ def _add_runs_tools(sub) -> None:
     trunc.add_argument("--rank", type=int, required=True, help="the rank to keep (1..the adapter's rank)")
     trunc.add_argument("--out", help="output folder (default: <ADAPTER_DIR>-rank<K> beside it)")
     trunc.set_defaults(func=cmd_truncate)
+    exp = sub.add_parser("export", help="write one client's personalized adapter of a simulated run (fedsa, pfedlora)")
+    exp.add_argument("run", metavar="RUN_DIR", help="a run directory (runs/<name>)")
+    exp.add_argument("--client", type=int, required=True, metavar="K", help="the client's partition id")
+    exp.add_argument("--out", help="output folder: <OUT>/<K>/adapter (default: <RUN_DIR>/clients)")
+    exp.set_defaults(func=cmd_export)
+    _add_debug(exp, subcommand=True)
     for subparser in (pre, rep):
         _add_debug(subparser, subcommand=True)
 

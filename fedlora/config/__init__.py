@@ -10,6 +10,7 @@ loaded or written, whether the configuration comes from a preset or is built in 
 """
 
 from .errors import bounds_text, check, fail
+from .evaluation import EvaluationConfig
 from .loading import apply_overrides, load_config, parse_override, read_preset
 from .model import ConfigModel
 from .run import (
@@ -84,6 +85,7 @@ __all__ = [
     "RobustnessConfig",
     "RunConfig",
     "SecureAggregationConfig",
+    "EvaluationConfig",
     "SimulationConfig",
     "StrategyConfig",
     "TaskSource",

@@ -13,6 +13,7 @@ from pydantic import Field, model_validator
 from fedlora.errors import ConfigError
 
 from .errors import check
+from .evaluation import EvaluationConfig
 from .model import RESUMABLE, ConfigModel
 from .schema import (
     MAX_ROUNDS,
@@ -298,6 +299,9 @@ class RunConfig(ConfigModel):
     robustness: RobustnessConfig = Field(default_factory=RobustnessConfig, description="Defences.")
     secure_aggregation: SecureAggregationConfig = Field(
         default_factory=SecureAggregationConfig, description="Secure aggregation (SecAgg+)."
+    )
+    evaluation: EvaluationConfig = Field(
+        default_factory=EvaluationConfig, description="Per-client evaluation and export (personalized strategies)."
     )
 
     @model_validator(mode="after")

@@ -20,7 +20,14 @@ in one process read and partition the data once; ``process_state().clear()`` for
 
 from fedlora.data.batching import Encoded, collate, encode, split_by_task, subset, task_rows
 from fedlora.data.labels import LabelEncoder, labels_from_training, task_label_ids, tasks_from_column
-from fedlora.data.partition import load_partition, make_partitioner, partition_by, partition_sizes_ok, write_partitions
+from fedlora.data.partition import (
+    load_partition,
+    make_partitioner,
+    partition_by,
+    partition_sizes,
+    partition_sizes_ok,
+    write_partitions,
+)
 from fedlora.data.sources import EVAL_STEMS, LOCAL_SUFFIXES, SYNTHETIC_PREFIX
 from fedlora.data.sources import _read_local as _read_local  # the client launcher checks a device's file
 from fedlora.data.tasks import TaskData, load_device_data, load_task_data
@@ -40,6 +47,7 @@ __all__ = [
     "load_task_data",
     "make_partitioner",
     "partition_by",
+    "partition_sizes",
     "partition_sizes_ok",
     "split_by_task",
     "subset",

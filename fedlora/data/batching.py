@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from fedlora.data.columns import values
+
 
 @dataclass
 class Encoded:
@@ -56,7 +58,7 @@ def task_rows(ds: Any) -> dict[str, list[int]]:
     if "task" not in ds.column_names:
         return {}
     out: dict[str, list[int]] = {}
-    for i, task in enumerate(ds["task"]):
+    for i, task in enumerate(values(ds, "task")):
         out.setdefault(str(task), []).append(i)
     return out
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from fedlora.data.columns import values
 from fedlora.errors import DataError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -134,7 +135,7 @@ def resolve_images(ds: Any, column: str, base: Path | None, where: str, key: str
     if isinstance(ds.features.get(column), Image):
         ds = ds.cast_column(column, Image(decode=False))  # reading the column must not decode it
     cells = []
-    for row, value in enumerate(ds[column]):
+    for row, value in enumerate(values(ds, column)):
         got = _cell(value, base)
         if isinstance(got, str):
             raise DataError(f"{where}: row {row + 1}: {column!r} {got} (config key '{key}')")

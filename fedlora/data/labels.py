@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from fedlora.data.columns import values
 from fedlora.errors import DataError
 
 
@@ -38,8 +39,8 @@ def _as_str(ds: Any, column: str) -> Any:
 def _label_names(ds: Any, qualified: bool) -> list[str]:
     """Each row's class name: its label, or ``<task>:<label>`` with tasks."""
     if qualified:
-        return [f"{t}:{v}" for t, v in zip(ds["task"], ds["label"])]
-    return [str(v) for v in ds["label"]]
+        return [f"{t}:{v}" for t, v in zip(values(ds, "task"), values(ds, "label"))]
+    return [str(v) for v in values(ds, "label")]
 
 
 def task_label_ids(labels: list[str], tasks: list[str]) -> dict[str, list[int]]:
@@ -60,7 +61,7 @@ def tasks_from_column(train: Any, evals: Any) -> tuple[Any, Any, list[str]]:
         scored on a task no client trains.
     """
     train, evals = _as_str(train, "task"), _as_str(evals, "task")
-    tasks = sorted(set(train["task"]), key=_label_sort_key)
+    tasks = sorted(set(values(train, "task")), key=_label_sort_key)
     LabelEncoder(None, tasks, from_training=True).check_tasks(evals, "evaluation data")
     return train, evals, tasks
 
@@ -91,15 +92,15 @@ def labels_from_training(
     labels: list[str] = []
     task_labels: dict[str, list[int]] = {}
     if tasks:
-        pairs = list(zip(train["label"], train["task"]))
+        pairs = list(zip(values(train, "label"), values(train, "task")))
         for name in tasks:
-            values = sorted({str(v) for v, t in pairs if t == name}, key=_label_sort_key)
-            if len(values) < 2:
+            names = sorted({str(v) for v, t in pairs if t == name}, key=_label_sort_key)
+            if len(names) < 2:
                 raise DataError(f"data file {source}: task {name!r} has fewer than 2 distinct labels")
-            task_labels[name] = list(range(len(labels), len(labels) + len(values)))
-            labels += [f"{name}:{v}" for v in values]
+            task_labels[name] = list(range(len(labels), len(labels) + len(names)))
+            labels += [f"{name}:{v}" for v in names]
     else:
-        labels = sorted({str(v) for v in train["label"]}, key=_label_sort_key)
+        labels = sorted({str(v) for v in values(train, "label")}, key=_label_sort_key)
         if len(labels) < 2:
             raise DataError(f"data file {source}: column {label_column!r} has fewer than 2 distinct labels")
     return labels, task_labels
@@ -136,7 +137,7 @@ class LabelEncoder:
         """
         if not self.tasks:
             return
-        unknown = sorted(set(ds["task"]) - set(self._task_ids))
+        unknown = sorted(set(values(ds, "task")) - set(self._task_ids))
         if not unknown:
             return
         if self.from_training:
@@ -183,5 +184,5 @@ class LabelEncoder:
             self._check_labels(names, where)
             ds = ds.remove_columns("label").add_column("labels", [self._label_ids[n] for n in names])
         if self.tasks:
-            ds = ds.add_column("task_id", [self._task_ids[t] for t in ds["task"]])
+            ds = ds.add_column("task_id", [self._task_ids[t] for t in values(ds, "task")])
         return ds

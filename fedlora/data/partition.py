@@ -19,6 +19,7 @@ __all__ = [
     "load_partition",
     "make_partitioner",
     "partition_by",
+    "partition_sizes",
     "partition_sizes_ok",
     "quantity_skew_partitioner",
     "write_partitions",
@@ -137,17 +138,44 @@ def partition_sizes_ok(cfg: RunConfig, data: TaskData) -> None:
         )
 
 
-def load_partition(cfg: RunConfig, partition_id: int, num_partitions: int) -> Any:
-    """Client ``partition_id``'s share of the training pool (the partitioner kept per process)."""
+def partition_sizes(cfg: RunConfig, num_partitions: int) -> list[int]:
+    """Every partition's size, without building a million partitions to count them.
+
+    IID shards are contiguous cuts of ``n // N`` or ``n // N + 1`` rows (flwr-datasets'
+    ``IidPartitioner``); the label- and quantity-skewed partitioners assign every row once, on the
+    first partition loaded, and their sizes are read from that assignment. A partitioner that
+    keeps no such assignment is counted partition by partition.
+    """
+    if cfg.data.partitioner == "iid":
+        n = len(load_task_data(cfg).train)
+        return [n // num_partitions + (1 if i < n % num_partitions else 0) for i in range(num_partitions)]
+    first = load_partition(cfg, 0, num_partitions)
+    partitioner = _bound(cfg, num_partitions)
+    # flwr-datasets' Dirichlet and pathological partitioners, and QuantitySkew above
+    assignment = getattr(partitioner, "_partition_id_to_indices", None) or getattr(partitioner, "_indices", None)
+    if isinstance(assignment, dict) and len(assignment) == num_partitions:
+        return [len(assignment.get(i, ())) for i in range(num_partitions)]
+    if isinstance(assignment, list) and len(assignment) == num_partitions:
+        return [len(rows) for rows in assignment]
+    return [len(first)] + [len(load_partition(cfg, i, num_partitions)) for i in range(1, num_partitions)]
+
+
+def _bound(cfg: RunConfig, num_partitions: int) -> Any:
+    """The process's partitioner of the config's training pool (built on first use)."""
     data = load_task_data(cfg)
 
-    def bound_partitioner():
+    def build():
         partitioner = make_partitioner(cfg, num_partitions)
         partitioner.dataset = data.train
         return partitioner
 
     key = (cfg.data.__repr__(), cfg.model.task, cfg.seed, num_partitions)
-    partitioner = process_state().get(PARTITIONER, key, bound_partitioner)
+    return process_state().get(PARTITIONER, key, build)
+
+
+def load_partition(cfg: RunConfig, partition_id: int, num_partitions: int) -> Any:
+    """Client ``partition_id``'s share of the training pool (the partitioner kept per process)."""
+    partitioner = _bound(cfg, num_partitions)
     try:
         return partitioner.load_partition(partition_id)
     except ValueError as err:

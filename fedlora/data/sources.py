@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.config import DataConfig, RunConfig, has_tasks, is_image_task, labelled
+from fedlora.data.columns import values
 from fedlora.errors import DataError
 
 LOCAL_SUFFIXES = {".csv", ".tsv", ".json", ".jsonl", ".parquet"}
@@ -65,14 +66,14 @@ def check_cells(ds: Any, columns: list[tuple[str, str]], where: str) -> None:
         if column not in ds.column_names or key.endswith("image_column"):  # images: resolve_images
             continue
         if key.endswith("messages_column"):
-            for row, value in enumerate(ds[column]):
+            for row, value in enumerate(values(ds, column)):
                 problem = check_messages(value)
                 if problem:
                     raise DataError(f"{where}: row {row + 1}: {column!r} {problem} (config key '{key}')")
             continue
         optional = key.endswith("input_column")
         text = optional or key.endswith(("text_column", "prompt_column", "response_column"))
-        for row, value in enumerate(ds[column]):
+        for row, value in enumerate(values(ds, column)):
             missing = value is None or (isinstance(value, float) and math.isnan(value))
             if missing or (text and isinstance(value, str) and not value.strip()):
                 if optional:

@@ -6,7 +6,7 @@ Layout of ``runs/<name>/``::
     config.toml          the resolved configuration (re-runnable as a preset)
     metrics.jsonl        one JSON object per round
     checkpoints/         round_0001.safetensors + round_0001.json (strategy state, sha256 of the round's
-                         files), round_0001.nodes.pb (simulation: every node's Context.state),
+                         files), round_0001.nodes.pb (simulation: the Context.state of the nodes served that round),
                          round_0001.server.safetensors (the strategy's tensor state: server optimizer
                          moments), latest.json
     adapter/             the final adapter in PEFT's save_pretrained layout
@@ -34,7 +34,7 @@ from safetensors.torch import save
 
 from fedlora.config import RunConfig
 from fedlora.config.model import resumable_keys
-from fedlora.errors import FedLoraError
+from fedlora.errors import FedLoraError, RunFailed
 from fedlora.files import atomic_write_bytes
 from fedlora.run.checkpoint import (
     CHECKPOINT_FORMAT,
@@ -212,6 +212,38 @@ class RunDirectory:
         atomic_write_bytes(self.checkpoint_dir / f"{stem}.json", json.dumps(sidecar, sort_keys=True).encode())
         atomic_write_bytes(self.checkpoint_dir / "latest.json", json.dumps({"round": server_round}).encode())
 
+    def node_state_path(self, server_round: int) -> Path:
+        """Round ``server_round``'s node-state file (simulation: the nodes served that round)."""
+        return self.checkpoint_dir / f"round_{server_round:04d}.nodes.pb"
+
+    def node_state_chain(self, server_round: int) -> list[Path]:
+        """The node-state files of rounds 1..``server_round``, oldest first, each checked against its
+        round's sidecar: each holds only the nodes served in its round, so a resume needs them all.
+
+        Raises
+        ------
+        RunFailed
+            One line naming the first file that is missing or fails its checksum.
+        """
+        chain = []
+        for r in range(1, server_round + 1):
+            path = self.node_state_path(r)
+            if not path.is_file():
+                continue  # a round of a run without node state (or before this format)
+            try:
+                sums = json.loads((self.checkpoint_dir / f"round_{r:04d}.json").read_bytes()).get("sha256", {})
+            except (OSError, ValueError, AttributeError):
+                raise RunFailed(
+                    f"--resume: the sidecar of round {r} is unreadable; the nodes' state cannot be restored"
+                ) from None
+            want = sums.get(path.name)
+            if want is not None and _file_sha256(path) != want:
+                raise RunFailed(
+                    f"--resume: {path.name} does not match its checksum; the nodes' state cannot be restored"
+                )
+            chain.append(path)
+        return chain
+
     def checkpoint_rounds(self) -> list[int]:
         """Rounds with any checkpoint file on disk, newest first (good or not: see :meth:`load_checkpoint`)."""
         rounds = set()
@@ -339,6 +371,15 @@ class RunDirectory:
 #: it computes (strategy, lora, model, data, federation.clients, seed, privacy, robustness are fixed).
 #: Read from the schema: the fields marked :data:`fedlora.config.model.RESUMABLE`.
 RESUME_MUTABLE = resumable_keys(RunConfig)
+
+
+def _file_sha256(path: Path) -> str:
+    """A file's sha256, read in blocks (node-state files may be large)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
