@@ -6,43 +6,38 @@ SuperLink/SuperNode with TLS (``fedlora certs``) and node authentication, as
 ``tiny_bert``) on the synthetic 4-topic task, FedAvg, rank 4, 2 local steps of batch 8, IID
 partitions written with ``fedlora partition``.
 
-The same federation runs twice, one after the other:
+The same federation runs once per mode, one after the other:
 
 ``before``
-    ``fedlora-client --no-worker``: Flower starts a fresh ClientApp process per message, which
-    imports torch/transformers/fedlora and loads the base model every time (the per-message
-    path every release before the worker had).
+    ``fedlora-client --no-worker``: Flower's SuperExec starts a fresh ClientApp process per
+    message, which imports torch/transformers/fedlora and loads the base model every time.
+``forward``
+    ``FEDLORA_CLIENT_WORKER=forward``: a long-lived worker holds the model; the per-message
+    ``flwr-clientapp`` process imports only Flower and forwards the message to it (the path
+    before the worker took the tasks itself).
 ``after``
-    the default: each ``fedlora-client`` owns a long-lived worker process
-    (:mod:`fedlora.client.worker`) that imports the stack and loads the model once; the
-    per-message ClientApp (:mod:`fedlora.client.entry`) imports only Flower and forwards the
-    message to it.
+    the default: the SuperNode runs with ``--isolation process`` and the worker takes its
+    tasks itself over Flower's Runtime API (:mod:`fedlora.client.executor`): no process per
+    message.
 
 What is measured, per round, from the server's ``runs/<name>/metrics.jsonl``: ``seconds`` (the
 round's wall time on the server: push, the clients' work, replies, aggregation, server-side
-evaluation, checkpoint) and each client's ``seconds`` (its ``train_seconds``, the time in
-``train_local``). The devices train in parallel, so the round's training time is the slowest
-device's; ``overhead_s`` = round seconds - max client train seconds is what the round costs a
-device beyond training. Round 1 is reported apart (``first_round``): it includes the nodes'
-capability query and, with the worker, its first model load. ``overhead_s`` of the ``after``
-mode is the median over rounds 2..N; the target is ``<= 2 s``. ``before_over_after`` is the
-ratio of the two medians (``round_before_over_after``: of the median round times). Without the
-worker, ``train_seconds`` also holds a fresh process's first-step warm-up (about 2 s here).
+evaluation) and each client's ``seconds`` (its ``train_seconds``, the time in ``train_local``).
+The devices train in parallel, so ``overhead_s`` = round seconds - max client train seconds is
+what the round costs beyond training. Round 1 is reported apart (``first_round``: the nodes'
+capability query and the first model load). ``overhead_s`` is the median over rounds 2..N; the
+target is ``<= 2 s``. ``<mode>_over_after`` is the ratio of the medians
+(``round_<mode>_over_after``: of the median round times).
 
-``breakdown_median`` splits the steady rounds (medians over rounds 2..N and devices) with the
-devices' SuperNode logs (``--verbose``, timestamped by this script as lines arrive):
-``clientapp_start_s`` (SuperNode "Receiving" -> Flower's "Start `flwr-clientapp` process": the
-SuperExec's poll, a Python start and Flower's own imports), ``handler_s`` (-> fedlora's
-"trained" line: FAB install, task pull, the ClientApp module's import, the handler; without the
-worker also torch/transformers and the model load), ``reply_wait_s`` (-> "Sending": the reply
-pushed to the SuperNode, which looks for it every 0.5 s), ``send_s`` (-> "Sent successfully"),
-``device_s`` (all of it); per round ``receive_spread_s`` (first to last device receiving: the
-SuperNodes pull every 3 s when idle, each at its own phase), ``devices_span_s`` (first
-"Receiving" to last "Sent") and ``outside_devices_s`` (round seconds minus that span: the
-server's push, pull, aggregation, evaluation and checkpoint, and the first device's pull wait).
+``breakdown_median`` splits the steady rounds with the devices' output (``--verbose``, stamped
+as it arrives), the worker's own marks and the moment each round's line reached
+metrics.jsonl (:mod:`_deploy_timeline` names every phase): per device, and along each round's
+critical path (the device that replied last), whose parts add up to the round's seconds
+(``critical_path_mean`` exactly, ``critical_path`` as medians); ``since_previous_reply_s`` shows
+the SuperNode's 3-s pull sleep.
 
 Usage: python benchmarks/deploy_latency.py [--quick] [--rounds N] [--clients N] [--insecure]
-       [--order before,after] [--logs DIR] [--out results.json]
+       [--order before,forward,after] [--logs DIR] [--out results.json]
 """
 
 from __future__ import annotations
@@ -65,11 +60,17 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import emit, quiet_libraries  # noqa: E402
+from _deploy_timeline import breakdown, timeline  # noqa: E402
 
 BIN = Path(sys.executable).parent
 CLIENTS = 3  # default --clients
 TARGET_OVERHEAD_S = 2.0
-MODES = {"before": ["--no-worker"], "after": []}
+#: mode: (fedlora-client arguments, its environment's additions)
+MODES: dict[str, tuple[list[str], dict[str, str]]] = {
+    "before": (["--no-worker"], {}),
+    "forward": ([], {"FEDLORA_CLIENT_WORKER": "forward"}),
+    "after": ([], {}),
+}
 RUN_TIMEOUT = 900
 
 
@@ -122,7 +123,7 @@ class Timestamped:
 
     def _read(self) -> None:
         for raw in iter(self.proc.stdout.readline, ""):
-            self.lines.append((time.monotonic(), re.sub(r"\x1b\[[0-9;]*m", "", raw.rstrip())))
+            self.lines.append((time.time(), re.sub(r"\x1b\[[0-9;]*m", "", raw.rstrip())))
         self.proc.stdout.close()
 
     def text(self) -> str:
@@ -137,13 +138,58 @@ class Timestamped:
             self.proc.wait(timeout=10)
 
 
+class MetricsWatch:
+    """When each round's line reached ``metrics.jsonl`` (wall clock, looked at every 10 ms): the
+    server's own end of a round, to the millisecond, where its printed lines come in batches."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.ends: dict[int, float] = {}
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        seen = 0
+        while not self.done.wait(0.01):
+            try:
+                lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+            except OSError:
+                continue
+            now = time.time()
+            for line in lines[seen:]:
+                try:
+                    self.ends.setdefault(int(json.loads(line)["round"]), now)
+                except (ValueError, KeyError):
+                    break  # a line still being written: read it again next time
+                seen += 1
+
+    def stop(self) -> dict[int, float]:
+        self.done.set()
+        self.thread.join(timeout=5)
+        return self.ends
+
+
+def client_command(root: Path, port: int, i: int, mode: str, insecure: bool, certs: Any) -> list[str]:
+    cmd = [
+        str(BIN / "fedlora-client"),
+        "--server",
+        f"127.0.0.1:{port}",
+        "--data",
+        str(root / "data" / f"client{i}.csv"),
+    ]
+    cmd += ["--partition-id", str(i), "--max-wait", "60", "--verbose"] + MODES[mode][0]
+    cmd += ["--insecure"] if insecure else ["--ca", str(certs.ca_cert), "--key", str(certs.node_keys[i])]
+    return cmd
+
+
 def deploy(root: Path, preset: Path, mode: str, insecure: bool, certs: Any, clients_n: int) -> dict[str, Any]:
     """One federation with the clients in ``mode``; its metrics.jsonl rounds and the logs."""
     env = dict(os.environ)
     env["FLWR_HOME"] = str(root / f"flwr-home-{mode}")
     env["PATH"] = str(BIN) + os.pathsep + env.get("PATH", "")
     env["PYTHONUNBUFFERED"] = "1"
-    client_env = dict(env)
+    client_env = {**env, **MODES[mode][1]}
     port = free_port()
     run_dir = root / "runs" / mode
     server_cmd = [str(BIN / "fedlora-server"), str(preset), "--host", "127.0.0.1", "--port", str(port)]
@@ -152,19 +198,11 @@ def deploy(root: Path, preset: Path, mode: str, insecure: bool, certs: Any, clie
         ["--insecure"] if insecure else ["--certs", str(certs.ca_cert.parent), "--auth-keys", str(root / "auth")]
     )
     server = Timestamped(server_cmd, root, env)
+    watch = MetricsWatch(run_dir / "metrics.jsonl")
     clients: list[Timestamped] = []
     try:
         for i in range(clients_n):
-            cmd = [
-                str(BIN / "fedlora-client"),
-                "--server",
-                f"127.0.0.1:{port}",
-                "--data",
-                str(root / "data" / f"client{i}.csv"),
-            ]
-            cmd += ["--partition-id", str(i), "--max-wait", "60", "--verbose"] + MODES[mode]
-            cmd += ["--insecure"] if insecure else ["--ca", str(certs.ca_cert), "--key", str(certs.node_keys[i])]
-            clients.append(Timestamped(cmd, root, client_env))
+            clients.append(Timestamped(client_command(root, port, i, mode, insecure, certs), root, client_env))
         rc = server.proc.wait(timeout=RUN_TIMEOUT)
         server.thread.join(timeout=10)
         for c in clients:
@@ -173,6 +211,7 @@ def deploy(root: Path, preset: Path, mode: str, insecure: bool, certs: Any, clie
         for c in clients:
             c.thread.join(timeout=10)
     finally:
+        ends = watch.stop()
         for p in [server, *clients]:
             p.kill()
     if rc != 0:
@@ -183,6 +222,7 @@ def deploy(root: Path, preset: Path, mode: str, insecure: bool, certs: Any, clie
     )
     return {
         "rounds": rounds,
+        "round_ends": ends,
         "server": server.lines,
         "clients": [c.lines for c in clients],
         "client_rcs": client_rcs,
@@ -215,84 +255,18 @@ def round_rows(rounds: list[dict[str, Any]]) -> list[dict[str, float]]:
     return rows
 
 
-MARKS = {
-    "recv": r"Receiving: train message",
-    "app_start": r"Start `flwr-clientapp` process",
-    "trained": r"fedlora-client: round \d+: trained",
-    "sending": r"Sending: train message",
-    "sent": r"Sent successfully",
-}
-PHASES = {  # name: (from mark, to mark)
-    "clientapp_start_s": ("recv", "app_start"),
-    "handler_s": ("app_start", "trained"),
-    "reply_wait_s": ("trained", "sending"),
-    "send_s": ("sending", "sent"),
-    "device_s": ("recv", "sent"),
-}
-
-
-def device_marks(lines: list[tuple[float, str]]) -> dict[int, dict[str, float]]:
-    """{round: {mark: time}} of one device's train messages, from its SuperNode log."""
-    marks: dict[int, dict[str, float]] = {}
-    current = None
-    for t, line in lines:
-        if m := re.search(r"\[RUN \d+, ROUND (\d+)\]", line):
-            current = int(m.group(1))
-            continue
-        if current is None:
-            continue
-        for name, pattern in MARKS.items():
-            if name not in marks.setdefault(current, {}) and re.search(pattern, line):
-                if name == "recv" or "recv" in marks[current]:
-                    marks[current][name] = t
-    return marks
-
-
-def timeline(run: dict[str, Any], rows: list[dict[str, float]]) -> list[dict[str, Any]]:
-    """Steady rounds (2..N) from the devices' logs: each device's phases, and what the round
-    spent outside the devices (the server's work, the SuperNodes' pull interval)."""
-    per_device = [device_marks(lines) for lines in run["clients"]]
-    out = []
-    for row in rows:
-        rnd = row["round"]
-        if rnd < 2:
-            continue
-        marks = [d.get(rnd, {}) for d in per_device]
-        if not all(all(k in m for k in MARKS) for m in marks):
-            continue
-        devices = [{name: round(m[b] - m[a], 3) for name, (a, b) in PHASES.items()} for m in marks]
-        span = max(m["sent"] for m in marks) - min(m["recv"] for m in marks)
-        out.append(
-            {
-                "round": rnd,
-                "devices": devices,
-                "receive_spread_s": round(max(m["recv"] for m in marks) - min(m["recv"] for m in marks), 3),
-                "devices_span_s": round(span, 3),
-                "outside_devices_s": round(row["round_s"] - span, 3),
-            }
-        )
-    return out
-
-
 def summarize(run: dict[str, Any]) -> dict[str, Any]:
     rows = round_rows(run["rounds"])
     steady = [r for r in rows if r["round"] >= 2] or rows
     tl = timeline(run, rows)
-
-    def med(values: list[float]) -> float | None:
-        return round(statistics.median(values), 3) if values else None
-
-    breakdown = {name: med([d[name] for r in tl for d in r["devices"]]) for name in PHASES}
-    for key in ("receive_spread_s", "devices_span_s", "outside_devices_s"):
-        breakdown[key] = med([r[key] for r in tl])
     return {
         "overhead_s": round(statistics.median(r["overhead_s"] for r in steady), 3),
         "round_s": round(statistics.median(r["round_s"] for r in steady), 3),
         "train_max_s": round(statistics.median(r["train_max_s"] for r in steady), 3),
         "first_round": rows[0],
         "rounds": rows,
-        "breakdown_median": breakdown,
-        "timeline": tl,
+        "breakdown_median": breakdown(tl) if tl else {},
+        "timeline": [{k: v for k, v in r.items() if k not in ("round_start", "round_end")} for r in tl],
         "client_rcs": run["client_rcs"],
     }
 
@@ -303,7 +277,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=None, help="rounds per federation (default 6, quick 2)")
     parser.add_argument("--clients", type=int, default=CLIENTS, help=f"devices (default {CLIENTS})")
     parser.add_argument("--insecure", action="store_true", help="no TLS / node authentication")
-    parser.add_argument("--order", default="before,after", help="modes to run, in order (default before,after)")
+    parser.add_argument("--order", help="modes to run, in order (default before,forward,after; quick before,after)")
     parser.add_argument("--logs", help="folder for the server's and clients' timestamped output")
     parser.add_argument(
         "--out",
@@ -314,7 +288,8 @@ def main() -> int:
     args = parser.parse_args()
     quiet_libraries()
     rounds = args.rounds or (2 if args.quick else 6)
-    modes = [m.strip() for m in args.order.split(",") if m.strip()]
+    order = args.order or ("before,after" if args.quick else "before,forward,after")
+    modes = [m.strip() for m in order.split(",") if m.strip()]
     if not set(modes) <= set(MODES):
         parser.error(f"--order: modes are {', '.join(MODES)}")
     import tomli_w
@@ -337,11 +312,11 @@ def main() -> int:
             for pub in certs.node_public_keys:
                 (root / "auth" / pub.name).write_bytes(pub.read_bytes())
         for mode in modes:
-            started = time.monotonic()
+            started = time.time()
             run = deploy(root, preset, mode, args.insecure, certs, args.clients)
             if args.logs:
                 write_logs(Path(args.logs), mode, run, started)
-            results[mode] = {**summarize(run), "wall_s": round(time.monotonic() - started, 1)}
+            results[mode] = {**summarize(run), "wall_s": round(time.time() - started, 1)}
     report: dict[str, Any] = {
         "setup": {
             "clients": args.clients,
@@ -360,13 +335,14 @@ def main() -> int:
     }
     if "after" in results:
         report["target_met"] = bool(results["after"]["overhead_s"] <= TARGET_OVERHEAD_S)
-    if "before" in results and "after" in results:
-        report["before_over_after"] = round(
-            results["before"]["overhead_s"] / max(results["after"]["overhead_s"], 1e-9), 2
-        )
-        report["round_before_over_after"] = round(
-            results["before"]["round_s"] / max(results["after"]["round_s"], 1e-9), 2
-        )
+    for mode in ("before", "forward"):
+        if mode in results and "after" in results:
+            report[f"{mode}_over_after"] = round(
+                results[mode]["overhead_s"] / max(results["after"]["overhead_s"], 1e-9), 2
+            )
+            report[f"round_{mode}_over_after"] = round(
+                results[mode]["round_s"] / max(results["after"]["round_s"], 1e-9), 2
+            )
     emit(report, args.out)
     return 0
 

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from fedlora.errors import RunFailed
 from fedlora.wire import protocol as P
 
+from .executor import RUNTIME_NAME, SECRET_NAME, superexec_secret, write_private
 from .worker import AUTHKEY_ENV, private_socket, spawn
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -36,6 +37,9 @@ _NO_KEY = "[code: 2001]"
 _UNKNOWN_KEY = ("Failed to activate SuperNode", "[code: 2004]")
 #: Flower's retry warning: the connection to the server is gone (said once, in fedlora's words).
 _RETRYING = "Connection attempt failed"
+#: Flower's warnings that say nothing to a device's user (shown with --verbose): the SuperNode's
+#: note on the SuperExec secret that guards its tasks for the worker.
+_QUIET = ("SuperExec authentication is experimental",)
 
 
 class Watcher:
@@ -83,7 +87,11 @@ class Watcher:
             if (
                 self.verbose
                 or line.startswith(PREFIX)
-                or (line.startswith(("WARNING", "ERROR")) and "Exit Code" not in line)
+                or (
+                    line.startswith(("WARNING", "ERROR"))
+                    and "Exit Code" not in line
+                    and not any(q in line for q in _QUIET)
+                )
             ):
                 self.emit(line)
         stream.close()
@@ -91,15 +99,26 @@ class Watcher:
 
 class Worker:
     """This device's worker process (:mod:`fedlora.client.worker`): its private directory,
-    socket and key, and the process itself (restarted on the same socket and key)."""
+    socket and key, and the process itself (restarted on the same socket and key).
 
-    def __init__(self, emit: Callable[[str], None], verbose: bool):
+    ``take_tasks``: the worker is also its SuperNode's ClientApp executor
+    (:mod:`fedlora.client.executor`); the directory then holds the SuperExec secret the SuperNode
+    checks (:attr:`secret_file`) and the current SuperNode's Runtime API address (:meth:`announce`).
+    """
+
+    def __init__(self, emit: Callable[[str], None], verbose: bool, take_tasks: bool = False):
         self.emit = emit
         self.verbose = verbose
+        self.take_tasks = take_tasks
         self.directory, self.address, self.authkey = private_socket()
+        self.secret_file = self.directory / SECRET_NAME
         self.process: subprocess.Popen | None = None
         self.watcher: Watcher | None = None
         self.restarts = 0
+
+    def announce(self, runtime_port: int) -> None:
+        """Tell the worker (running or restarted) where the SuperNode starting now serves tasks."""
+        write_private(self.directory / RUNTIME_NAME, f"127.0.0.1:{runtime_port}".encode())
 
     def env(self, base: dict[str, str]) -> dict[str, str]:
         """``base`` plus the key: the worker's and the SuperNode's environment (Flower's SuperExec
@@ -115,7 +134,10 @@ class Worker:
             os.unlink(self.address)
         except OSError:
             pass
-        self.process = spawn(self.address, self.authkey, tool_env(), preexec_fn=die_with_parent())
+        if self.take_tasks and not self.secret_file.exists():
+            write_private(self.secret_file, superexec_secret(self.authkey))
+        env = tool_env()
+        self.process = spawn(self.address, self.authkey, env, preexec_fn=die_with_parent(), take_tasks=self.take_tasks)
         self.watcher = Watcher(self.process.stdout, self.emit, self.verbose)
         deadline = time.monotonic() + WORKER_START_TIMEOUT
         while not os.path.exists(self.address) and self.process.poll() is None and time.monotonic() < deadline:

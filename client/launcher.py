@@ -10,14 +10,16 @@ What the command does, in order:
    instead of hanging;
 3. starts its worker (:mod:`fedlora.client.worker`): one long-lived process that imports
    torch/transformers/fedlora and loads the base model once and handles every message of the
-   run, on a Unix socket in a private directory with a random key (``FEDLORA_CLIENT_WORKER=0``:
-   no worker, every message in a fresh process as before);
+   run (``FEDLORA_CLIENT_WORKER=0``: no worker, every message in a fresh process as before);
 4. starts Flower's ``flower-supernode`` with the node config fedlora's ClientApp reads
-   (``data-path``, ``rank``, ``partition-id``, ``export-dir``, ``worker-address``). The
-   SuperNode asks the server for work, starts the light ClientApp (:mod:`fedlora.client.entry`)
-   for each message, which hands it to the worker, and sends back only adapter factors and
-   metrics; the file under ``--data`` never leaves the device. A message the device cannot
-   handle (its data file does not fit the run, say) is explained on the device in one line;
+   (``data-path``, ``rank``, ``partition-id``, ``export-dir``). With the worker, the SuperNode
+   runs with ``--isolation process`` and the worker is its ClientApp executor
+   (:mod:`fedlora.client.executor`): it takes each message from the SuperNode's local Runtime API
+   (guarded by a SuperExec secret in the worker's private directory) and runs fedlora's ClientApp
+   in place, with no process per message. Without it, the SuperNode starts a ClientApp process
+   per message. Only adapter factors and metrics go back; the file under ``--data`` never leaves
+   the device. A message the device cannot handle (its data file does not fit the run, say) is
+   explained on the device in one line;
 5. runs until the server says the run is over (it prints "the federation is over: ..." and
    exits 0), until stopped (Ctrl-C or SIGTERM: exit 0; the SuperNode, its ClientApp processes
    and the worker shut down with it), or until the server refuses it (one line at once, exit
@@ -58,6 +60,14 @@ def worker_default() -> bool:
     return os.environ.get(WORKER_SWITCH_ENV, "1").strip() not in ("0", "false", "no", "off")
 
 
+def take_tasks_default() -> bool:
+    """Whether the worker takes the SuperNode's tasks itself: yes, unless
+    ``FEDLORA_CLIENT_WORKER=forward``: Flower's SuperExec starts a ``flwr-clientapp`` process per
+    message that forwards it to the worker, the previous path, kept to measure against
+    (``benchmarks/deploy_latency.py``)."""
+    return os.environ.get(WORKER_SWITCH_ENV, "1").strip() != "forward"
+
+
 @dataclass
 class ClientOptions:
     """What ``fedlora-client`` was asked for (see ``fedlora-client --help``)."""
@@ -78,6 +88,7 @@ class ClientOptions:
     connect_timeout: float = 5.0
     verbose: bool = False
     worker: bool = field(default_factory=worker_default)
+    take_tasks: bool = field(default_factory=take_tasks_default)
 
 
 def parse_address(value: str) -> tuple[str, int]:
@@ -197,9 +208,16 @@ def node_config(opts: ClientOptions, worker_address: str | None = None) -> str:
     return " ".join(items)
 
 
-def supernode_command(opts: ClientOptions, runtime_port: int, worker_address: str | None = None) -> list[str]:
+def supernode_command(
+    opts: ClientOptions, runtime_port: int, worker_address: str | None = None, secret_file: Path | None = None
+) -> list[str]:
+    """Flower's ``flower-supernode`` for ``opts``. With ``secret_file`` (the worker takes the tasks
+    itself): ``--isolation process``, its Runtime API guarded by that SuperExec secret; else
+    ``--isolation subprocess`` (a ClientApp process per message, forwarding to ``worker_address``
+    when given)."""
     from fedlora.deploy.processes import tool
 
+    isolation = ["process", "--superexec-auth-secret-file", str(secret_file)] if secret_file else ["subprocess"]
     cmd = [
         tool("flower-supernode"),
         "--superlink",
@@ -207,7 +225,7 @@ def supernode_command(opts: ClientOptions, runtime_port: int, worker_address: st
         "--node-config",
         node_config(opts, worker_address),
         "--isolation",
-        "subprocess",
+        *isolation,
         "--host",
         "127.0.0.1",
         "--port",
@@ -227,16 +245,26 @@ def supernode_command(opts: ClientOptions, runtime_port: int, worker_address: st
 def _supernode(
     opts: ClientOptions, worker: Worker | None, emit: Callable[[str], None]
 ) -> tuple[subprocess.Popen, Watcher]:
-    """Start a SuperNode for ``opts`` (with ``worker``'s address and key) and watch its output."""
+    """Start a SuperNode for ``opts`` and watch its output. With a ``worker`` that takes the tasks,
+    it is told this SuperNode's Runtime API port first; with one that does not, the SuperNode's
+    ClientApp processes get its address and key."""
     from fedlora.deploy.processes import die_with_parent, tool_env
 
+    port = free_port()
+    if worker is None:
+        cmd, env = supernode_command(opts, port), tool_env()
+    elif worker.take_tasks:
+        worker.announce(port)
+        cmd, env = supernode_command(opts, port, secret_file=worker.secret_file), tool_env()
+    else:
+        cmd, env = supernode_command(opts, port, worker.address), worker.env(tool_env())
     proc = subprocess.Popen(
-        supernode_command(opts, free_port(), worker.address if worker is not None else None),
+        cmd,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
         text=True,
-        env=worker.env(tool_env()) if worker is not None else tool_env(),
+        env=env,
         start_new_session=True,
         # A SIGKILLed fedlora-client takes its SuperNode along (its ClientApps watch it).
         preexec_fn=die_with_parent(),
@@ -262,7 +290,7 @@ def run_client(
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous[sig] = signal.signal(sig, lambda *_: stop_event.set())
     emit(f"{PREFIX}starting a SuperNode for {host}:{port} ({_describe(opts)})")
-    worker = Worker(emit, opts.verbose) if opts.worker else None
+    worker = Worker(emit, opts.verbose, take_tasks=opts.take_tasks) if opts.worker else None
     try:
         if worker is not None:
             worker.start()

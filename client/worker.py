@@ -6,7 +6,10 @@ fedlora and a full load of the base model (the per-process cache of :mod:`fedlor
 with the process). So ``fedlora-client`` (:mod:`fedlora.client.launcher`) starts this worker
 once, before its SuperNode: it imports the stack once, keeps the process store (base model,
 adapters, tokenized data) across messages, and serves requests from the light per-message
-ClientApp (:mod:`fedlora.client.entry`), one at a time.
+ClientApp (:mod:`fedlora.client.entry`), one at a time. With ``--take-tasks`` (what
+``fedlora-client`` starts by default) it is also its SuperNode's ClientApp executor
+(:mod:`fedlora.client.executor`), so no per-message ClientApp process runs at all; the socket
+serves ``FEDLORA_CLIENT_WORKER=forward`` and a SuperNode started by hand with its address.
 
 Transport: :mod:`multiprocessing.connection` over a Unix socket in a private directory (mode
 0700, made by the launcher), authenticated with a random 32-byte key per ``fedlora-client``
@@ -51,6 +54,8 @@ from multiprocessing.connection import AuthenticationError, Client, Connection, 
 from pathlib import Path
 from typing import Any
 
+from .executor import RUNTIME_NAME, SECRET_NAME
+
 #: Node config key: the worker's Unix socket path (written by ``fedlora-client``).
 NODE_WORKER_ADDRESS = "worker-address"
 #: Environment variable holding the worker's authkey (hex) for the SuperNode's ClientApp processes.
@@ -87,16 +92,19 @@ def private_socket() -> tuple[Path, str, bytes]:
     return directory, str(directory / SOCKET_NAME), secrets.token_bytes(AUTHKEY_BYTES)
 
 
-def spawn(address: str, authkey: bytes, env: dict[str, str], preexec_fn: Any = None) -> Any:
+def spawn(address: str, authkey: bytes, env: dict[str, str], preexec_fn: Any = None, take_tasks: bool = False) -> Any:
     """Start a worker listening on ``address`` (a :class:`subprocess.Popen`, text output piped).
 
     It gets ``authkey`` through its environment (it pops it at once), ends when this process is
     no longer its parent (``--parent-pid``), and runs in its own session so a Ctrl-C in the
-    terminal reaches only its launcher, which stops it.
+    terminal reaches only its launcher, which stops it. ``take_tasks``: it also takes its
+    SuperNode's ClientApp tasks itself (:mod:`fedlora.client.executor`).
     """
     import subprocess
 
     cmd = [sys.executable, "-m", "fedlora.client.worker", "--address", address, "--parent-pid", str(os.getpid())]
+    if take_tasks:
+        cmd.append("--take-tasks")
     return subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
@@ -261,12 +269,18 @@ def handle(conn: Connection, module: Any) -> None:
         conn.send_bytes(frame)
 
 
-def _cleanup(address: str) -> None:
+#: What the launcher keeps beside the socket (the SuperNode's address and SuperExec secret):
+#: removed by an orphaned worker, kept for a restarted one.
+SESSION_FILES = (RUNTIME_NAME, SECRET_NAME)
+
+
+def _cleanup(address: str, orphaned: bool = False) -> None:
     path = Path(address)
-    try:
-        path.unlink()
-    except OSError:
-        pass
+    for name in (path.name, *(SESSION_FILES if orphaned else ())):
+        try:
+            (path.parent / name).unlink()
+        except OSError:
+            pass
     if path.parent.name.startswith(DIR_PREFIX):
         try:
             path.parent.rmdir()
@@ -277,13 +291,21 @@ def _cleanup(address: str) -> None:
 def _watch_parent(parent_pid: int, address: str) -> None:
     while True:
         if os.getppid() != parent_pid:
-            _cleanup(address)
+            _cleanup(address, orphaned=True)
             os._exit(0)
         time.sleep(PARENT_POLL_S)
 
 
-def serve(address: str, authkey: bytes, parent_pid: int | None = None, handlers: str = HANDLER_MODULE) -> None:
-    """Listen on ``address`` and serve requests one at a time, until killed or orphaned."""
+def serve(
+    address: str,
+    authkey: bytes,
+    parent_pid: int | None = None,
+    handlers: str = HANDLER_MODULE,
+    take_tasks: bool = False,
+) -> None:
+    """Listen on ``address`` and serve requests one at a time, until killed or orphaned;
+    ``take_tasks``: also run the SuperNode's ClientApp tasks (:mod:`fedlora.client.executor`),
+    one at a time with the socket's requests."""
     listener = Listener(address, family="AF_UNIX", backlog=16, authkey=authkey)
     os.chmod(address, 0o600)
     if parent_pid is not None:
@@ -297,6 +319,11 @@ def serve(address: str, authkey: bytes, parent_pid: int | None = None, handlers:
     try:
         started = time.perf_counter()
         module = importlib.import_module(handlers)  # the heavy import, once, before the first request
+        one_at_a_time = threading.Lock()
+        if take_tasks:
+            from .executor import Executor
+
+            Executor(Path(address).parent, authkey, one_at_a_time).start()
         print(
             f"{PREFIX}worker ready (pid {os.getpid()}, imports {time.perf_counter() - started:.1f} s)",
             flush=True,
@@ -307,7 +334,7 @@ def serve(address: str, authkey: bytes, parent_pid: int | None = None, handlers:
             except (AuthenticationError, EOFError, OSError) as err:
                 print(f"{PREFIX}worker refused a connection: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
                 continue
-            with conn:
+            with conn, one_at_a_time:
                 try:
                     handle(conn, module)
                 except (EOFError, OSError) as err:  # the ClientApp went away (its run was stopped)
@@ -322,12 +349,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", required=True, help="Unix socket path to listen on (in a 0700 directory)")
     parser.add_argument("--parent-pid", type=int, help="exit when this process is no longer the parent")
     parser.add_argument("--handlers", default=HANDLER_MODULE, help=argparse.SUPPRESS)  # tests
+    parser.add_argument("--take-tasks", action="store_true", help="also run the SuperNode's ClientApp tasks")
     args = parser.parse_args(argv)
     authkey = authkey_from_env()
     os.environ.pop(AUTHKEY_ENV, None)  # nothing this process starts needs it
     if args.parent_pid is not None and os.getppid() != args.parent_pid:
         return 0
-    serve(args.address, authkey, args.parent_pid, args.handlers)
+    serve(args.address, authkey, args.parent_pid, args.handlers, args.take_tasks)
     return 0
 
 

@@ -271,3 +271,72 @@ def test_simulation_through_a_worker_matches_direct(tiny_bert, make_config, tmp_
     # The clients' own (personalized) evaluation ran in the worker too, with the state it kept.
     direct_rounds = [r["eval_accuracy"] for r in RunDirectory(tmp_path / "direct").read_metrics()]
     assert [r["eval_accuracy"] for r in result.rounds] == pytest.approx(direct_rounds)
+
+
+# -- the worker as the SuperNode's ClientApp executor (fedlora.client.executor) --------------------
+
+
+def _fab(clientapp: str) -> bytes:
+    import tomli_w
+    from flwr.cli.build import build_fab_from_files
+
+    project = {
+        "project": {"name": "fab-test", "version": "1.0.0", "license": "Apache-2.0", "dependencies": []},
+        "tool": {"flwr": {"app": {"publisher": "test", "components": {"serverapp": "x:app", "clientapp": clientapp}}}},
+    }
+    fab, _ = build_fab_from_files({"pyproject.toml": tomli_w.dumps(project).encode()})
+    return fab
+
+
+def test_executor_files_are_private_and_agree_on_the_secret(socket_dir):
+    from fedlora.client import executor as X
+
+    key = secrets.token_bytes(W.AUTHKEY_BYTES)
+    secret = X.superexec_secret(key)
+    assert secret == X.superexec_secret(key) and secret != key and len(secret) == 32
+    assert X.read_runtime(socket_dir) is None
+    X.write_private(socket_dir / X.RUNTIME_NAME, b"127.0.0.1:4242")
+    assert X.read_runtime(socket_dir) == "127.0.0.1:4242"
+    assert (socket_dir / X.RUNTIME_NAME).stat().st_mode & 0o777 == 0o600
+    assert X.clientapp_reference(_fab(X.APP_REFERENCE)) == "fedlora.client.entry:app"
+
+
+def test_executor_runs_only_fedloras_clientapp(capsys):
+    """A run whose FAB names another ClientApp gets Flower's load error, and the device says why."""
+    from flwr.common.constant import ErrorCode, SubStatus
+
+    from fedlora.client import executor as X
+
+    msg = _message("train")
+    reply, status, _ = X.call_app(msg, _context(), _fab("evil.module:app"))
+    assert status == SubStatus.FAILED and reply.has_error()
+    assert reply.error.code == ErrorCode.LOAD_CLIENT_APP_EXCEPTION
+    assert reply.metadata.reply_to_message_id == msg.metadata.message_id
+    assert "names the ClientApp 'evil.module:app'" in capsys.readouterr().out
+
+
+def test_executor_error_reply_is_flwr_clientapps():
+    """fedlora's ClientApp raising in the worker gives the server the error reply a
+    ``flwr-clientapp`` process sends: the same code and ``<class ...>:<'message'>`` reason."""
+    from flwr.common.constant import ErrorCode, SubStatus
+
+    from fedlora.client import executor as X
+
+    msg = _message("train")  # no fedlora payload: the handler refuses it
+    reply, status, details = X.call_app(msg, _context(), _fab(X.APP_REFERENCE))
+    assert status == SubStatus.FAILED and reply.error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+    assert reply.error.reason == details and details.startswith("<class '") and ":<'" in details
+
+
+def test_watcher_keeps_flowers_secret_note_quiet():
+    import io
+
+    from fedlora.client.device import Watcher
+
+    lines = []
+    text = (
+        "WARNING :   EXPERIMENTAL: SuperExec authentication is experimental and may change.\n"
+        "WARNING :   something the user should see\n"
+    )
+    Watcher(io.StringIO(text), lines.append, verbose=False).thread.join(timeout=5)
+    assert lines == ["WARNING :   something the user should see"]
