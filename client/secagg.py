@@ -11,7 +11,8 @@ the protocol (:mod:`fedlora.server.secagg` sends them in order each round)::
                     of the seed
     masked-input    decrypt the shares addressed to this node; train as any round does (the
                     message without the record); reply the weighted, clipped, quantized update
-                    with the self mask and one pairwise mask per neighbour added, and no tensor
+                    (plus this node's share of the noise under distributed DP) with the self
+                    mask and one pairwise mask per neighbour added, and no tensor
     unmask          reply the seed shares of the neighbours that survived and the key shares of
                     those that dropped (never both for one node), then forget the round
 
@@ -79,6 +80,8 @@ class Secrets:
     key_shares: list[bytes] = field(default_factory=list)
     #: Central DP (``privacy.mode = "central"``): the L2 bound of the update; 0 without DP.
     clip_norm: float = 0.0
+    #: Distributed DP (``privacy.noise = "distributed"``): the std of this node's share of the noise; 0: none.
+    noise_std: float = 0.0
 
     @property
     def field_spec(self) -> S.FieldSpec:
@@ -132,9 +135,12 @@ def advertise(record: Any, node: int) -> tuple[Secrets, dict[str, Any]]:
         sk2=private_key_to_bytes(sk2),
         pk2=public_key_to_bytes(pk2),
         clip_norm=float(_typed(record, S.CLIP_NORM, float)),
+        noise_std=float(_typed(record, S.NOISE_STD, float)),
     )
     if (
         secrets.clip_norm < 0
+        or not 0 <= secrets.noise_std < math.inf
+        or (secrets.noise_std > 0 and secrets.clip_norm == 0)
         or secrets.threshold < 2
         or not 2 <= secrets.quantization_bits < secrets.modulus_bits <= 62
     ):
@@ -206,17 +212,29 @@ def receive_shares(secrets: Secrets, record: Any) -> list[int]:
 
 
 def masked_vector(
-    secrets: Secrets, partners: list[int], delta: np.ndarray, num_examples: int, loss: float, rng: np.random.Generator
+    secrets: Secrets,
+    partners: list[int],
+    delta: np.ndarray,
+    num_examples: int,
+    loss: float,
+    rng: np.random.Generator,
+    noise_rng: np.random.Generator | None = None,
 ) -> np.ndarray:
     """The masked summand of this node (:func:`fedlora.wire.secagg.mask_input`). Under central DP
     the update is first clipped to ``clip_norm`` (L2) and weighs as every other (DP-FedAvg's
-    equal weights: the sensitivity of the sum is the clip)."""
+    equal weights: the sensitivity of the sum is the clip). Under distributed DP this node's share
+    of the noise is added in the field (:func:`fedlora.wire.secagg.noised_input`), drawn from
+    ``noise_rng`` (default: seeded from the OS's entropy: the server knows the run's seeds, and a
+    noise it could replay it could subtract)."""
     spec = secrets.field_spec
     if secrets.clip_norm > 0:
         norm = float(np.linalg.norm(delta))
         delta = delta * min(1.0, secrets.clip_norm / norm) if norm > 0 else delta
         num_examples = math.ceil(spec.max_weight)
     encoded = S.encode_input(delta, num_examples, loss, spec, rng)
+    if secrets.noise_std > 0:
+        noise_rng = noise_rng if noise_rng is not None else np.random.default_rng(int.from_bytes(os.urandom(32)))
+        encoded = S.noised_input(encoded, secrets.noise_std, spec, noise_rng)
     keys = {p: S.pair_key(secrets.sk1, secrets.neighbour_pk1[secrets.neighbours.index(p)]) for p in partners}
     secrets.stage = S.MASKED_INPUT
     return S.mask_input(encoded, secrets.seed, keys, secrets.node, secrets.session, spec)

@@ -25,6 +25,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Iterable
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -70,11 +71,14 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float, progress: Progress, p
 END_NOTICE_TIMEOUT = 20.0
 
 
-def announce_end(grid: Grid, text: str, timeout: float = END_NOTICE_TIMEOUT) -> None:
+def announce_end(grid: Grid, text: str, timeout: float = END_NOTICE_TIMEOUT, skip: Iterable[int] = ()) -> None:
     """Tell every connected device that the run is over (one query carrying only
     :data:`~fedlora.wire.protocol.RUN_OVER`), so each ``fedlora-client`` prints ``text`` and exits 0
     instead of waiting for a server that is not coming back. A server stopped by the operator
-    (Ctrl-C, continued later with ``--resume``) sends nothing: its devices wait for it."""
+    (Ctrl-C, continued later with ``--resume``) sends nothing: its devices wait for it.
+
+    ``skip``: nodes the last round found gone or silent. Flower lists a dead device until its
+    heartbeat expires; waiting for its answer would hold the end of the run for ``timeout``."""
     from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
     from .rounds import collect
@@ -86,7 +90,7 @@ def announce_end(grid: Grid, text: str, timeout: float = END_NOTICE_TIMEOUT) -> 
             dst_node_id=node,
             group_id="end",
         )
-        for node in sorted(grid.get_node_ids())
+        for node in sorted(set(grid.get_node_ids()) - set(skip))
     ]
     try:
         collect(grid, messages, timeout)
@@ -139,7 +143,9 @@ def main(grid: Grid, context: Context) -> None:
         print(f"{ERROR_PREFIX}{err}", flush=True)
         announce_end(grid, f"the run failed on the server: {str(err)[:200]}")
         raise
-    announce_end(grid, f"run {cfg.name!r} completed {cfg.rounds} rounds")
+    last = result.rounds[-1] if result.rounds else {}
+    silent = [c.get("node_id") for c in last.get("clients", []) if c.get("dropped") in ("gone", "timeout")]
+    announce_end(grid, f"run {cfg.name!r} completed {cfg.rounds} rounds", skip=[n for n in silent if n is not None])
     try:
         from fedlora.run.report import write_report
 

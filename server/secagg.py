@@ -35,6 +35,7 @@ from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key, public_key_to_bytes
 
 from fedlora.config import SecureAggregationConfig
+from fedlora.privacy.central import distributed_noise_std
 from fedlora.wire import protocol as P
 from fedlora.wire import secagg as S
 
@@ -107,6 +108,11 @@ class Protocol:
         Seeds the neighbourhoods.
     clip_norm : float
         Central DP's L2 bound each client clips its update to (0: no DP).
+    sum_noise_std : float
+        Distributed DP: the std the sum must carry (``noise_multiplier x clip_norm``; 0: the
+        clients add none). Each client adds ``sum_noise_std / sqrt(threshold)``
+        (:func:`fedlora.privacy.central.distributed_noise_std`): a round never completes with
+        fewer than the threshold of survivors, so every sum it unmasks carries at least that std.
     """
 
     server_round: int
@@ -115,6 +121,7 @@ class Protocol:
     length: int
     seed: int = 0
     clip_norm: float = 0.0
+    sum_noise_std: float = 0.0
     session: str = field(default_factory=lambda: token.token_hex(16))
     pk1: dict[int, bytes] = field(default_factory=dict)
     pk2: dict[int, bytes] = field(default_factory=dict)
@@ -131,7 +138,17 @@ class Protocol:
         self.neighbours = ring(list(self.nodes), self.num_shares, self.seed * 100_003 + self.server_round)
         if len(self.nodes) << self.field.quantization_bits >= self.field.modulus:
             raise RoundSkipped(f"{len(self.nodes)} clients overflow the field of secure_aggregation.modulus_bits")
+        self.noise_std = distributed_noise_std(self.sum_noise_std, 1.0, self.threshold)
+        if self.noise_std > 0 and not S.holds_noise(len(self.nodes), self.noise_levels, self.field):
+            raise RoundSkipped(
+                f"{len(self.nodes)} clients' distributed noise overflows the field of secure_aggregation.modulus_bits"
+            )
         self.require(set(self.nodes), "nodes sampled")
+
+    @property
+    def noise_levels(self) -> float:
+        """The std, in levels of the field, of each client's share of the distributed noise."""
+        return S.noise_levels(self.noise_std, self.field)
 
     def require(self, alive: set[int], what: str, needing: set[int] | None = None) -> None:
         """RoundSkipped unless every node of ``needing`` (default: ``alive``) has at least the
@@ -159,6 +176,7 @@ class Protocol:
             S.MODULUS_BITS: f.modulus_bits,
             S.MAX_WEIGHT: float(f.max_weight),
             S.CLIP_NORM: float(self.clip_norm),
+            S.NOISE_STD: float(self.noise_std),
         }
 
     def take_keys(self, node: int, reply: Message) -> None:
@@ -316,7 +334,11 @@ class Protocol:
         """What the round's sum says (:func:`fedlora.wire.secagg.decode_sum`); RoundSkipped when
         the shares that came back leave a secret below the threshold or the sum is no sum."""
         self.require(set(self.masked), "nodes sent a masked input", set(self.masked) | set(self.dead))
+        if self.noise_std > 0 and len(self.masked) < self.threshold:  # what require implies, stated: the noise
+            raise RoundSkipped(  # is calibrated for the threshold, never for fewer survivors
+                f"{len(self.masked)} survivors carry less distributed noise than the {self.threshold} it is made for"
+            )
         try:
-            return S.decode_sum(self.total(), len(self.masked), self.field)
+            return S.decode_sum(self.total(), len(self.masked), self.field, self.noise_levels)
         except ValueError as err:
             raise RoundSkipped(str(err)) from None

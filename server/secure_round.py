@@ -11,6 +11,7 @@ update norm.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,9 +21,16 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedlora.config import RunConfig
-from fedlora.errors import RunFailed
+from fedlora.errors import ConfigError, RunFailed
 from fedlora.model.adapters import from_record
-from fedlora.privacy.central import central_noise_std, noisy_release
+from fedlora.privacy.central import (
+    central_noise_std,
+    distributed_noise_std,
+    effective_multiplier,
+    mean_release,
+    noisy_release,
+    skellam_excess,
+)
 from fedlora.run.progress import Progress
 from fedlora.strategies import ClientUpdate, LoRAStrategy
 from fedlora.wire import protocol as P
@@ -30,7 +38,7 @@ from fedlora.wire import secagg as S
 from fedlora.wire.transport import message_bytes
 
 from .intake import RoundBook, collect
-from .privacy import CentralDP
+from .privacy import CentralDP, expected_sampled
 from .secagg import Protocol, RoundSkipped, SecAggError
 from .validation import NODE_GONE
 
@@ -50,7 +58,9 @@ class SecureRound:
         Receives a line per dropped node and per stage that skips the round.
     central : CentralDP, optional
         User-level DP (``privacy.mode = "central"``): each client clips its update to
-        ``privacy.clip_norm`` and weighs 1; the server adds the noise to the unmasked sum.
+        ``privacy.clip_norm`` and weighs 1; the server adds the noise to the unmasked sum, or
+        with ``privacy.noise = "distributed"`` the clients add it, each its share, and the
+        server adds none.
     """
 
     def __init__(
@@ -61,6 +71,16 @@ class SecureRound:
         #: What the last round's record says of it (no per-client value).
         self.last: dict[str, Any] = {}
         self._server_s = 0.0
+        if self.sum_noise_std > 0:
+            check_noise_fits(cfg, self.sum_noise_std)
+
+    @property
+    def sum_noise_std(self) -> float:
+        """Distributed DP: the std the unmasked sum must carry (``z C``, with the noise multiplier
+        the ledger counts, restored on resume); 0 when the server adds the noise."""
+        if self.central is None or self.cfg.privacy.noise != "distributed":
+            return 0.0
+        return self.central.noise_multiplier * self.central.clip_norm
 
     def aggregate(
         self, server_round: int, messages: list[Message], book: RoundBook, state: dict[str, torch.Tensor]
@@ -95,18 +115,38 @@ class SecureRound:
             metrics={P.TRAIN_LOSS: result.loss},
         )
         arrays, _ = self.strategy.aggregate_updates(server_round, [update])
-        return (from_record(arrays) if arrays is not None else state), result.loss
+        loss = result.loss if self.sum_noise_std == 0 else None  # distributed DP: the clients keep their losses
+        return (from_record(arrays) if arrays is not None else state), loss
 
     def noisy_mean(self, server_round: int, result: S.DecodedSum, spec: S.Layout, sampled: int) -> dict:
         """Central DP's release from the unmasked sum of clipped updates: the sum over the
         ``sampled`` nodes plus the noise :class:`CentralDP` draws (the same draws as without
-        secure aggregation)."""
+        secure aggregation); under distributed DP the sum over ``sampled`` alone, the clients'
+        noise being in it already (the server draws none)."""
         central = self.central
         assert central is not None
         totals = S.unflatten(result.mean_update * result.total_weight, spec, torch.float64)
         std = central_noise_std(central.noise_multiplier, central.clip_norm, sampled)
-        central.last = {"noise_std": std, "clip_norm": central.clip_norm}
-        return noisy_release(totals, sampled, std, central.noise_generator(server_round))
+        central.last = {"noise_std": std, "clip_norm": central.clip_norm, "noise": self.cfg.privacy.noise}
+        if self.sum_noise_std == 0:
+            return noisy_release(totals, sampled, std, central.noise_generator(server_round))
+        central.last["distributed_noise"] = self.distributed_facts(S.length(spec) - S.EXTRAS)
+        return mean_release(totals, sampled)
+
+    def distributed_facts(self, dim: int) -> dict[str, Any]:
+        """What the round's record says of the distributed noise (no per-client value): how many
+        survivors added a share, for how many each share is made, each share's std, the noise
+        multiplier the sum carries, and the Skellam's Renyi excess over the Gaussian per round."""
+        central, sa, facts = self.central, self.settings, self.last["secure_aggregation"]
+        assert central is not None
+        z, clip, made_for = central.noise_multiplier, central.clip_norm, facts["threshold"]
+        return {
+            "clients": facts["survivors"],
+            "calibrated_for": made_for,
+            "client_std": distributed_noise_std(z, clip, made_for),
+            "effective_noise_multiplier": effective_multiplier(z, facts["survivors"], made_for),
+            "skellam_rdp_excess": skellam_excess(z, clip, dim, sa.clipping_range, sa.quantization_bits),
+        }
 
     def run(self, server_round: int, messages: list[Message], book: RoundBook, length: int) -> S.DecodedSum | None:
         """The four stages; the decoded sum, or None when the round is skipped (said in one line)."""
@@ -116,7 +156,9 @@ class SecureRound:
         proto: Protocol | None = None
         try:
             clip = self.central.clip_norm if self.central is not None else 0.0
-            proto = self._timed(lambda: Protocol(server_round, nodes, self.settings, length, self.cfg.seed, clip))
+            proto = self._timed(
+                lambda: Protocol(server_round, nodes, self.settings, length, self.cfg.seed, clip, self.sum_noise_std)
+            )
             keyed = self.stage(proto, S.ADVERTISE, nodes, lambda _: proto.advertise(), proto.take_keys, book)
             proto.require(keyed, "nodes sent keys")
             shared = self.stage(proto, S.SHARE_KEYS, sorted(keyed), proto.share_keys, proto.take_shares, book)
@@ -140,7 +182,8 @@ class SecureRound:
                 "dropped_after_masking": len(proto.dead),
                 "neighbours": proto.num_shares,
                 "threshold": proto.threshold,
-                "clipped_fraction": round(result.clipped_fraction, 6),
+                # Under distributed DP the clients keep it (no noise covers it): None.
+                "clipped_fraction": round(result.clipped_fraction, 6) if self.sum_noise_std == 0 else None,
                 "server_seconds": round(self._server_s, 4),
             }
         }
@@ -211,3 +254,26 @@ class SecureRound:
     def round_fields(self) -> dict[str, Any]:
         """The last round's secure-aggregation facts for metrics.jsonl."""
         return dict(self.last)
+
+
+def check_noise_fits(cfg: RunConfig, sum_noise_std: float) -> None:
+    """ConfigError naming ``secure_aggregation.modulus_bits`` when the field cannot hold the sum of
+    ``federation.clients`` summands with their distributed noise (each made for the threshold of
+    a round of the expected size), before round 1 rather than a skipped round each time."""
+    sa = cfg.secure_aggregation
+    field = S.FieldSpec(sa.clipping_range, sa.quantization_bits, sa.modulus_bits, sa.max_weight)
+    _, threshold = sa.round_threshold(expected_sampled(cfg))
+    clients = cfg.federation.clients
+    levels = S.noise_levels(distributed_noise_std(sum_noise_std, 1.0, threshold), field)
+    if levels > S.MAX_NOISE_LEVELS:
+        raise ConfigError(
+            f"config key 'secure_aggregation.quantization_bits' = {sa.quantization_bits} makes each client's "
+            f"distributed noise {levels:.3g} levels, more than the {S.MAX_NOISE_LEVELS:g} it can draw; lower it"
+        )
+    if not S.holds_noise(clients, levels, field):
+        need = math.ceil(math.log2(clients * field.target + 2 * S.noise_reach(clients, levels))) + 1
+        raise ConfigError(
+            f"config key 'secure_aggregation.modulus_bits' = {sa.modulus_bits} cannot hold the sum of {clients} "
+            f"clients with their distributed noise (std {levels:.3g} levels each); raise it to {need}, or lower "
+            "secure_aggregation.quantization_bits"
+        )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from scipy import stats
 
@@ -331,3 +332,123 @@ def test_served_strategies_take_it_and_the_others_refuse_in_one_line():
     for name in REFUSED:
         with pytest.raises(ConfigError, match=f"'secure_aggregation.mode': strategy '{name}' cannot run under"):
             get_strategy_class(name).check_setup(cfg.replace(strategy=cfg.strategy.replace(name=name)), [])
+
+
+# -- distributed DP noise (privacy.noise = "distributed") ------------------------------------------
+
+
+def _noisy_sum(field, deltas, std, rng):
+    """Decode the sum of clients' noised summands (weight 1 each, as under central DP)."""
+    from fedlora.wire.secagg import noise_levels
+
+    summands = [S.noised_input(S.encode_input(d, 10**6, 1.0, field, rng), std, field, rng) for d in deltas]
+    return S.decode_sum(S.sum_vectors(summands, field), len(deltas), field, noise_levels(std, field))
+
+
+@pytest.mark.parametrize("survivors", [3, 5])
+def test_distributed_noise_of_the_survivors_sums_to_at_least_the_central_std(survivors):
+    """Each client's share is made for the threshold (3): 3 survivors carry exactly central DP's
+    z C on the sum (z C / m on the mean of m = s), 5 carry sqrt(5/3) times it. A small field
+    (10 bits) makes the noisy sums wrap below 0 and above s T: they are read back all the same."""
+    from fedlora.privacy.central import central_noise_std, distributed_noise_std
+
+    z, clip, threshold, dim = 1.3, 0.5, 3, 20_000
+    field = S.FieldSpec(clipping_range=0.25, quantization_bits=10, modulus_bits=20, max_weight=1.0)
+    rng = np.random.default_rng(survivors)
+    deltas = [rng.normal(0, clip / np.sqrt(dim) / 2, dim) for _ in range(survivors)]  # norm ~ C / 2
+    std = distributed_noise_std(z, clip, threshold)
+    got = _noisy_sum(field, deltas, std, rng)
+    assert got.total_weight == survivors and got.loss == 0.0 and got.clipped_fraction == 0.0  # kept on the nodes
+    noise = got.mean_update * got.total_weight - sum(deltas)
+    levels = (
+        got.mean_update * got.total_weight / (2 * field.clipping_range / field.target) + survivors * field.target / 2
+    )
+    assert levels.min() < 0 and levels.max() > survivors * field.target  # the sum did wrap in the field
+    target = z * clip * np.sqrt(survivors / threshold)
+    # the sample variance of `dim` normal draws: chi-square with dim - 1 degrees of freedom
+    low, high = (np.sqrt(stats.chi2.ppf(p, dim - 1) / (dim - 1)) for p in (1e-6, 1 - 1e-6))
+    assert low * target < noise.std() < high * target, (noise.std(), target)
+    assert abs(noise.mean()) < 6 * target / np.sqrt(dim)
+    assert stats.kstest(noise / target, "norm").pvalue > 1e-4  # a Skellam this wide is Gaussian to the eye
+    if survivors == threshold:  # on the mean of the m = s sampled: central DP's std exactly
+        assert target / survivors == pytest.approx(central_noise_std(z, clip, survivors))
+
+
+def test_the_protocol_carries_the_distributed_noise_through_a_dropout():
+    """The real stages with noise on: the server tells each client its share's std, a client that
+    drops after sharing keys takes no noise into the sum, the 4 survivors' sum carries
+    sqrt(4/3) z C (threshold 3 of 5)."""
+    z, clip, size = 0.8, 1.0, 6000
+    r = Round(n=5, size=size)
+    r.proto = Protocol(1, r.nodes, r.settings, size + S.EXTRAS, clip_norm=clip, sum_noise_std=z * clip)
+    for node in r.nodes:
+        r.deltas[node] = r.deltas[node] * (0.5 / np.linalg.norm(r.deltas[node]))  # within the clip
+    got = r.run(lost=r.nodes[:1])
+    assert r.proto.threshold == 3 and all(
+        s.noise_std == pytest.approx(z * clip / np.sqrt(3)) for s in r.secrets.values()
+    )
+    noise = got.mean_update * got.total_weight - sum(r.deltas[n] for n in r.nodes[1:])
+    target = z * clip * np.sqrt(4 / 3)
+    assert 0.93 * target < noise.std() < 1.07 * target, (noise.std(), target)  # 6000 draws: +-7% is 5 sigma
+    assert got.loss == 0.0
+
+
+def test_the_server_adds_no_noise_under_distributed_dp():
+    """The release from one unmasked sum: the server's mode adds z C / m of its own, the
+    distributed mode releases the sum over m exactly (the clients' noise is in it)."""
+    from fedlora.privacy.central import mean_release
+    from fedlora.run.progress import Progress
+    from fedlora.server.privacy import CentralDP
+    from fedlora.server.secure_round import SecureRound
+
+    spec = [("a", (50, 40)), ("b", (30,))]
+    rng = np.random.default_rng(0)
+    total = rng.normal(0, 0.1, 2030)
+    result = S.DecodedSum(mean_update=total / 3, total_weight=3.0, loss=0.0, clipped_fraction=0.0)
+    releases = {}
+    for noise in ("server", "distributed"):
+        privacy = {"mode": "central", "noise_multiplier": 2.0, "clip_norm": 0.5, "noise": noise}
+        cfg = RunConfig.from_dict(
+            {"secure_aggregation": {"mode": "secagg+"}, "privacy": privacy, "federation": {"clients": 3}}
+        )
+        central = CentralDP(cfg, strategy=None)
+        secure = SecureRound(cfg, grid=None, strategy=None, progress=Progress(quiet=True), central=central)
+        secure.last = {"secure_aggregation": {"survivors": 3, "threshold": 2}}
+        releases[noise] = secure.noisy_mean(1, result, spec, sampled=3)
+        assert central.last["noise"] == noise and central.last["noise_std"] == pytest.approx(2.0 * 0.5 / 3)
+    exact = mean_release(S.unflatten(total, spec, torch.float64), 3)
+    assert all(torch.equal(releases["distributed"][k], exact[k]) for k in exact)
+    added = torch.cat([(releases["server"][k] - exact[k]).reshape(-1) for k in exact])
+    assert 0.9 < float(added.std()) / (2.0 * 0.5 / 3) < 1.1
+    facts = central.last["distributed_noise"]
+    assert facts["calibrated_for"] == 2 and facts["effective_noise_multiplier"] == pytest.approx(2.0 * np.sqrt(1.5))
+    assert facts["client_std"] == pytest.approx(2.0 * 0.5 / np.sqrt(2)) and 0 < facts["skellam_rdp_excess"] < 1e-3
+
+
+def test_distributed_noise_config_errors_name_the_key():
+    from fedlora.run.progress import Progress
+    from fedlora.server.privacy import CentralDP
+    from fedlora.server.secure_round import SecureRound
+
+    central = {"mode": "central", "noise_multiplier": 1.0, "noise": "distributed"}
+    cases = [
+        ({"privacy": central}, "secure_aggregation.mode = 'off'"),
+        ({"privacy": {"noise": "distributed"}, "secure_aggregation": {"mode": "secagg+"}}, "privacy.mode = 'off'"),
+    ]
+    for raw, why in cases:
+        with pytest.raises(
+            ConfigError, match=r"config key 'privacy\.noise' = 'distributed' needs privacy\.mode"
+        ) as err:
+            RunConfig.from_dict(raw)
+        assert why in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"'privacy\.noise' must be one of server, distributed"):
+        RunConfig.from_dict({"privacy": {"noise": "clients"}})
+    # a field too narrow for the noise is refused before round 1, naming the key to raise
+    small = {"mode": "secagg+", "quantization_bits": 16, "modulus_bits": 20}
+    cfg = RunConfig.from_dict({"privacy": {**central, "noise_multiplier": 4.0}, "secure_aggregation": small})
+    with pytest.raises(ConfigError, match=r"'secure_aggregation\.modulus_bits' = 20 cannot hold .* raise it to \d+"):
+        SecureRound(cfg, grid=None, strategy=None, progress=Progress(quiet=True), central=CentralDP(cfg, None))
+    fine = {"mode": "secagg+", "quantization_bits": 40, "modulus_bits": 62}
+    cfg = RunConfig.from_dict({"privacy": central, "secure_aggregation": fine})
+    with pytest.raises(ConfigError, match=r"'secure_aggregation\.quantization_bits' = 40 makes each client's"):
+        SecureRound(cfg, grid=None, strategy=None, progress=Progress(quiet=True), central=CentralDP(cfg, None))

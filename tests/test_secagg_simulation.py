@@ -160,3 +160,31 @@ def test_resume_after_the_server_died_in_the_middle_of_unmasking(tmp_path, tiny_
     assert RunDirectory(tmp_path / "cut").latest_checkpoint_round() == 1
     simulate(cfg, out=tmp_path / "cut", resume=True, progress=Progress(quiet=True), report=False)
     assert_same_run(tmp_path / "whole", tmp_path / "cut")
+
+
+def test_distributed_noise_the_clients_add_it_and_the_server_adds_none(tmp_path, tiny_bert, make_config):
+    """``privacy.noise = "distributed"``: with updates a millionth of the noise (lr 1e-9), the
+    released adapter is the start plus the clients' noise alone: std sqrt(s / k) z C / m on each
+    coordinate (s = 3 survivors, k = threshold 2, m = 3 sampled), not the larger std server noise
+    on top would give; the ledger's epsilon is the server mode's, the record names the noise, and
+    neither the train loss nor the clipped fraction leaves the clients."""
+    dp = ("rounds=1", "federation.local_steps=1", "federation.lr=1e-9", "privacy.mode=central")
+    dp += ("privacy.noise_multiplier=1.0", "privacy.clip_norm=0.03", SECURE)
+    runs = {"plain": ("rounds=1", "federation.local_steps=1", "federation.lr=1e-9")}
+    runs.update({"server": dp, "distributed": (*dp, "privacy.noise=distributed")})
+    states, records = {}, {}
+    for mode, sets in runs.items():
+        cfg = make_config(tiny_bert, sets=sets)
+        simulate(cfg, out=tmp_path / mode, progress=Progress(quiet=True), report=False)
+        states[mode], records[mode] = RunDirectory(tmp_path / mode).load_checkpoint()[1], rounds_of(tmp_path / mode)[0]
+    dist = records["distributed"]
+    assert dist["noise"] == "distributed" and records["server"]["noise"] == "server"
+    assert dist["epsilon"] == pytest.approx(records["server"]["epsilon"]) and dist["epsilon"] > 0
+    assert dist["noise_std"] == pytest.approx(records["server"]["noise_std"])
+    facts = dist["distributed_noise"]
+    assert facts["clients"] == 3 and facts["calibrated_for"] == 2
+    assert dist["train_loss"] is None and dist["secure_aggregation"]["clipped_fraction"] is None
+    diff = torch.cat([(states["distributed"][k] - states["plain"][k]).reshape(-1) for k in states["plain"]])
+    target = 1.0 * 0.03 * (3 / 2) ** 0.5 / 3
+    # 1,156 coordinates: the std is known to 2%; server noise on top would give sqrt(5 / 3) = 1.29 times it
+    assert diff.numel() > 1000 and 0.9 < float(diff.std()) / target < 1.1, (float(diff.std()), target)

@@ -186,6 +186,14 @@ class PrivacyConfig(ConfigModel):
     accountant: Accountant = Field(
         "rdp", description="``rdp`` or ``prv`` (Opacus accountants; ``central`` uses RDP over rounds)."
     )
+    noise: Literal["server", "distributed"] = Field(
+        "server",
+        description="``central`` under secure aggregation: who adds the Gaussian noise. ``server`` adds it to "
+        "the unmasked sum (trust the server to add it); ``distributed``: each client adds its share to its "
+        "masked summand, calibrated so that any set of at least ``secure_aggregation.reconstruction_threshold`` "
+        "survivors carries the full noise, and the server never sees a less noisy sum (trust that that many "
+        "clients are honest). See docs/secure-aggregation.md.",
+    )
     epsilon_budget: float | None = Field(
         None,
         gt=0,

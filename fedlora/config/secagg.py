@@ -111,6 +111,13 @@ class SecureAggregationConfig(ConfigModel):
 def secure_aggregation_rules(cfg: RunConfig) -> None:
     """The rules between ``[secure_aggregation]`` and the rest of the run (raises the key's error)."""
     sa = cfg.secure_aggregation
+    check(
+        cfg.privacy.noise == "server" or (sa.enabled and cfg.privacy.mode == "central"),
+        "privacy.noise",
+        "= 'distributed' needs privacy.mode = 'central' and secure_aggregation.mode = 'secagg+' (the clients "
+        f"noise a sum that only the masks hide); got privacy.mode = {cfg.privacy.mode!r}, "
+        f"secure_aggregation.mode = {sa.mode!r}",
+    )
     if not sa.enabled:
         return
     fed = cfg.federation

@@ -4,6 +4,11 @@ DP-FedAvg (McMahan et al. 2018): the server clips each client's whole update to 
 averages the clipped updates with equal weights over the sampled clients and adds Gaussian noise
 of std ``noise_multiplier * clip_norm / sampled`` to that mean (:func:`noisy_mean`). Pure
 functions over tensors.
+
+Under secure aggregation with ``privacy.noise = "distributed"`` the clients add the noise
+instead, each its share (:func:`distributed_noise_std`), so that the sum the server unmasks
+already carries it and the server releases that sum over ``sampled`` unchanged
+(:func:`mean_release`).
 """
 
 from __future__ import annotations
@@ -40,6 +45,37 @@ def clip_update(update: Mapping[str, torch.Tensor], clip_norm: float) -> tuple[d
 def central_noise_std(noise_multiplier: float, clip_norm: float, sampled: int) -> float:
     """Std of the Gaussian noise on the mean of ``sampled`` clipped updates: z * C / m."""
     return noise_multiplier * clip_norm / max(int(sampled), 1)
+
+
+def distributed_noise_std(noise_multiplier: float, clip_norm: float, clients: int) -> float:
+    """Std of one client's share of distributed noise: ``z C / sqrt(k)``, so that the noises of
+    any ``k`` or more clients add up to at least central DP's ``z C`` on the sum (the mean's
+    ``z C / m`` after the division by the ``m`` sampled). With ``s > k`` survivors the sum carries
+    ``sqrt(s / k)`` times that: more noise than the guarantee needs (:func:`effective_multiplier`)."""
+    return noise_multiplier * clip_norm / max(int(clients), 1) ** 0.5
+
+
+def effective_multiplier(noise_multiplier: float, survivors: int, clients: int) -> float:
+    """The noise multiplier the sum of ``survivors`` clients' shares (each made for ``clients``)
+    carries: ``z sqrt(s / k)``; the accountant counts ``z``, what any ``k`` honest clients give."""
+    return noise_multiplier * (max(int(survivors), 0) / max(int(clients), 1)) ** 0.5
+
+
+def skellam_excess(
+    noise_multiplier: float, clip_norm: float, dim: int, clipping_range: float, quantization_bits: int
+) -> float:
+    """A bound on what the Skellam noise's Renyi DP adds, at every order, to the Gaussian's that
+    the accountant counts, per round: ``3 Delta_1 / (2 sigma**2)`` (Agarwal et al. 2021,
+    Theorem 3.5) in the field's levels (``L = T / 2c`` per unit), with the sum's std
+    ``sigma = z C L`` and ``Delta_1 <= sqrt(d) C L``: ``3 sqrt(d) / (2 z**2 C L)``."""
+    levels_per_unit = (1 << quantization_bits) / (2 * clipping_range)
+    return 3 * dim**0.5 / (2 * noise_multiplier**2 * clip_norm * levels_per_unit)
+
+
+def mean_release(totals: Mapping[str, torch.Tensor], sampled: int) -> dict[str, torch.Tensor]:
+    """Each key's sum over ``sampled`` (float32): the release when the sum carries its noise
+    already (distributed DP), and the noiseless part of :func:`noisy_release`."""
+    return {key: (totals[key].to(torch.float64) / sampled).to(torch.float32) for key in sorted(totals)}
 
 
 def noisy_mean(

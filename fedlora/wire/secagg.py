@@ -17,6 +17,12 @@ weight ``sum_k f_k`` and the mean update ``sum_k u_k / sum_k f_k``: exactly the 
 FedAvg-type strategy takes, with weights ``f_k`` and each coordinate within :func:`error_bound`.
 ``M`` must exceed ``s * T`` (the configuration checks it against ``federation.clients``).
 
+Under distributed DP (``privacy.noise = "distributed"``) each client also adds integer Skellam
+noise to its update's entries (:func:`noised_input`) and zeroes its loss and clipped fraction;
+the noisy sum may wrap around the field, and :func:`decode_sum` reads each entry back as the
+value nearest the middle of ``[0, s T]`` (:func:`signed_levels`), which the field must hold
+with the noise's tails (:func:`holds_noise`).
+
 The masks are keystreams of ChaCha20 (from ``cryptography``) keyed by 32-byte secrets: the self
 mask's seed, or a pairwise key from Flower's ECDH + HKDF (:func:`pair_key`). Flower's own
 ``pseudo_rand_gen`` folds a seed into 32 bits of numpy's Mersenne Twister, which a curious
@@ -53,6 +59,7 @@ QUANTIZATION_BITS = "quantization-bits"
 MODULUS_BITS = "modulus-bits"
 MAX_WEIGHT = "max-weight"
 CLIP_NORM = "clip-norm"  # central DP: each client clips its update's L2 norm here and weighs 1 (0: no DP)
+NOISE_STD = "noise-std"  # distributed DP: the std (update units) of the noise each client adds (0: none)
 PK1, PK2 = "pk1", "pk2"  # pk1: pairwise masks; pk2: encrypting shares to a neighbour
 # share-keys (server -> node): its neighbours and their keys; reply: encrypted shares, a seed digest
 NEIGHBOURS = "neighbours"
@@ -82,6 +89,12 @@ SCALAR_BYTES = 48
 LOSS_RANGE = 64.0
 #: Entries after the update: weight, weighted loss, clipped fraction.
 EXTRAS = 3
+#: Distributed noise: the sum of ``s`` clients' noise is read back within this many of its stds
+#: (a coordinate beyond it has probability below 1e-30): what the field must hold besides the sum.
+NOISE_TAIL = 12.0
+#: The largest std, in levels, of one client's noise: numpy draws Poisson means up to about 9e18
+#: (a Skellam of std ``L`` draws two of mean ``L**2 / 2``); 1.4e9 levels keeps them below 1e18.
+MAX_NOISE_LEVELS = 1.4e9
 
 
 @dataclass(frozen=True)
@@ -206,24 +219,89 @@ class DecodedSum:
     clipped_fraction: float
 
 
-def decode_sum(total: np.ndarray, survivors: int, field: FieldSpec) -> DecodedSum:
+def decode_sum(total: np.ndarray, survivors: int, field: FieldSpec, noise_levels: float = 0.0) -> DecodedSum:
     """Read the unmasked sum (uint64, already mod M) of ``survivors`` summands; ValueError when
-    it cannot be one (a total weight of zero, an entry out of the range ``survivors`` give)."""
+    it cannot be one (a total weight of zero, an entry out of the range ``survivors`` give).
+    ``noise_levels``: the std, in levels, of the distributed noise each survivor added to its
+    update's entries (:func:`noised_input`), whose sum may wrap below 0 or above ``s T``."""
     c, t = field.clipping_range, field.target
     values = np.asarray(total, dtype=np.uint64)
-    if survivors < 1 or values.size < EXTRAS or int(values.max(initial=0)) > survivors * t:
+    if survivors < 1 or values.size < EXTRAS or int(values[-EXTRAS:].max()) > survivors * t:
         raise ValueError("the unmasked sum is out of range: the masks did not cancel")
+    if noise_levels > 0:
+        levels = signed_levels(values[:-EXTRAS], survivors, noise_levels, field)
+    elif int(values[:-EXTRAS].max(initial=0)) > survivors * t:
+        raise ValueError("the unmasked sum is out of range: the masks did not cancel")
+    else:
+        levels = values[:-EXTRAS].astype(np.float64)
     q_weight, q_loss, q_cut = (int(v) for v in values[-EXTRAS:])
     if q_weight == 0:
         raise ValueError("the survivors' total weight is zero")
     weight = q_weight / t
-    update_sum = values[:-EXTRAS].astype(np.float64) * (2 * c / t) - survivors * c
+    update_sum = levels * (2 * c / t) - survivors * c
     return DecodedSum(
         mean_update=update_sum / weight,
         total_weight=weight,
         loss=q_loss / t * LOSS_RANGE / weight,
         clipped_fraction=q_cut / t / survivors,
     )
+
+
+# -- distributed noise -----------------------------------------------------------------------------
+
+
+def noise_levels(std: float, field: FieldSpec) -> float:
+    """``std`` (in the update's units) in levels of the field: one level is ``2c / T``."""
+    return std * field.target / (2 * field.clipping_range)
+
+
+def noise_reach(survivors: int, levels: float) -> float:
+    """How far, in levels, the sum of ``survivors`` clients' noise of ``levels`` std each is read
+    back from the noiseless sum (:data:`NOISE_TAIL` of its stds)."""
+    return NOISE_TAIL * float(np.sqrt(survivors)) * levels
+
+
+def holds_noise(survivors: int, levels: float, field: FieldSpec) -> bool:
+    """Whether the field tells the noisy sum of ``survivors`` summands apart from its wraps: the
+    sum's range ``[0, s T]`` widened by :func:`noise_reach` on both sides fits below M."""
+    return survivors * field.target + 2 * noise_reach(survivors, levels) < field.modulus
+
+
+def skellam(size: int, levels: float, rng: np.random.Generator) -> np.ndarray:
+    """``size`` draws of the symmetric Skellam distribution of std ``levels`` (int64): the
+    difference of two Poisson draws of mean ``levels**2 / 2``. Integer-valued, so it is added in
+    the field exactly, and closed under sums: the survivors' noises add up to a Skellam of the
+    summed variance, whose Renyi DP is the Gaussian's up to a small term (Agarwal, Kairouz, Liu,
+    "The Skellam Mechanism for Differentially Private Federated Learning", NeurIPS 2021)."""
+    if levels > MAX_NOISE_LEVELS:
+        raise ValueError(f"a noise of {levels:.3g} levels is beyond the Poisson sampler (at most {MAX_NOISE_LEVELS:g})")
+    mean = levels * levels / 2
+    return rng.poisson(mean, size).astype(np.int64) - rng.poisson(mean, size).astype(np.int64)
+
+
+def noised_input(encoded: np.ndarray, std: float, field: FieldSpec, rng: np.random.Generator) -> np.ndarray:
+    """A summand of :func:`encode_input` with this client's share of the distributed noise: Skellam
+    noise of ``std`` (update units) on every update entry, mod M (uint64). The weighted loss and
+    the clipped fraction are set to 0: no noise covers them, so they stay on the node; the
+    weight (1 under central DP) stays, the server knows the survivors anyway."""
+    out = np.asarray(encoded, dtype=np.uint64).copy()
+    size = out.size - EXTRAS
+    noise = skellam(size, noise_levels(std, field), rng)
+    out[:size] = field.reduce(out[:size] + noise.astype(np.uint64))  # int64 -> uint64 wraps mod 2**64
+    out[-2:] = 0
+    return out
+
+
+def signed_levels(values: np.ndarray, survivors: int, levels: float, field: FieldSpec) -> np.ndarray:
+    """The noisy sum's update entries (mod M) as signed levels (float64): each read as the value
+    nearest the middle of ``[0, s T]`` (the noise may carry it below 0, which wraps to near M);
+    ValueError for an entry farther out than :func:`noise_reach` (the masks did not cancel)."""
+    middle, half = survivors * field.target // 2, field.modulus // 2
+    offset = (values.astype(np.int64) - middle) % field.modulus  # in [0, M); M <= 2**62
+    offset = np.where(offset >= half, offset - field.modulus, offset)
+    if offset.size and np.abs(offset).max() > middle + noise_reach(survivors, levels):
+        raise ValueError("the unmasked sum is out of range: the masks did not cancel")
+    return (offset + middle).astype(np.float64)
 
 
 def error_bound(survivors: int, total_weight: float, field: FieldSpec) -> float:
