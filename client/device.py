@@ -18,9 +18,10 @@ import time
 from collections.abc import Callable
 
 from fedlora.errors import RunFailed
+from fedlora.files import atomic_write_bytes
 from fedlora.wire import protocol as P
 
-from .executor import RUNTIME_NAME, SECRET_NAME, superexec_secret, write_private
+from .executor import RUNTIME_NAME, SECRET_NAME, superexec_secret
 from .worker import AUTHKEY_ENV, private_socket, spawn
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -118,7 +119,7 @@ class Worker:
 
     def announce(self, runtime_port: int) -> None:
         """Tell the worker (running or restarted) where the SuperNode starting now serves tasks."""
-        write_private(self.directory / RUNTIME_NAME, f"127.0.0.1:{runtime_port}".encode())
+        atomic_write_bytes(self.directory / RUNTIME_NAME, f"127.0.0.1:{runtime_port}".encode(), private=True)
 
     def env(self, base: dict[str, str]) -> dict[str, str]:
         """``base`` plus the key: the worker's and the SuperNode's environment (Flower's SuperExec
@@ -135,7 +136,7 @@ class Worker:
         except OSError:
             pass
         if self.take_tasks and not self.secret_file.exists():
-            write_private(self.secret_file, superexec_secret(self.authkey))
+            atomic_write_bytes(self.secret_file, superexec_secret(self.authkey), private=True)
         env = tool_env()
         self.process = spawn(self.address, self.authkey, env, preexec_fn=die_with_parent(), take_tasks=self.take_tasks)
         self.watcher = Watcher(self.process.stdout, self.emit, self.verbose)

@@ -35,7 +35,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import importlib
-import os
 import sys
 import threading
 import time
@@ -62,15 +61,6 @@ def superexec_secret(authkey: bytes) -> bytes:
     """The SuperExec auth secret of a worker with ``authkey``: derived, so the launcher and a
     restarted worker agree on it without a second secret in the environment."""
     return hmac.new(authkey, b"fedlora superexec auth", hashlib.sha256).digest()
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` (mode 0600) atomically: a reader sees the old or the new file."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-    os.replace(tmp, path)
 
 
 def read_runtime(directory: Path) -> str | None:

@@ -295,7 +295,9 @@ def test_executor_files_are_private_and_agree_on_the_secret(socket_dir):
     secret = X.superexec_secret(key)
     assert secret == X.superexec_secret(key) and secret != key and len(secret) == 32
     assert X.read_runtime(socket_dir) is None
-    X.write_private(socket_dir / X.RUNTIME_NAME, b"127.0.0.1:4242")
+    from fedlora.files import atomic_write_bytes
+
+    atomic_write_bytes(socket_dir / X.RUNTIME_NAME, b"127.0.0.1:4242", private=True)  # as the launcher writes it
     assert X.read_runtime(socket_dir) == "127.0.0.1:4242"
     assert (socket_dir / X.RUNTIME_NAME).stat().st_mode & 0o777 == 0o600
     assert X.clientapp_reference(_fab(X.APP_REFERENCE)) == "fedlora.client.entry:app"
